@@ -1,0 +1,2 @@
+//! Benchmark tooling: the corpus generator (`trustflow bench gen`).
+pub mod corpus;

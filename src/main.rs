@@ -1,0 +1,399 @@
+//! The `trustflow` command line: a thin layer over the library (anyhow lives here only).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use trustflow::bench::corpus::{GenLayout, GenOptions, generate};
+use trustflow::plan::{self, Overrides};
+use trustflow::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow::runtime::progress::Progress;
+use trustflow::runtime::{CancelToken, RunSnapshot};
+use trustflow::{Error, inspect, spec};
+
+/// Streaming image-caption pipelines over Parquet shards (TRUST domain adaptation).
+#[derive(Parser)]
+#[command(name = "trustflow", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline file over its shards (resumes: finished shards are skipped).
+    Run(RunArgs),
+    /// Check a pipeline file and print the resolved plan and output schema (reads
+    /// shard footers, not data).
+    Validate {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Print the JSON Schema of pipeline files.
+    Schema,
+    /// Summarise an output folder: rows per shard, quarantine reasons, columns.
+    Inspect {
+        out_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The embedded demo: generate a corpus with bad rows, run the demo pipeline,
+    /// show what came out.
+    Demo {
+        /// Where the corpus and outputs go.
+        #[arg(long, default_value = "out/demo")]
+        out: PathBuf,
+        /// Rows in the generated corpus.
+        #[arg(long, default_value_t = 2000)]
+        rows: usize,
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+    },
+    /// Benchmark tools.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Generate a realistic, deterministic corpus of Parquet shards.
+    Gen(GenArgs),
+}
+
+#[derive(Args)]
+struct OverrideArgs {
+    /// Replace `source.paths` (files, folders or globs; may repeat).
+    #[arg(long = "input", value_name = "PATH")]
+    inputs: Vec<String>,
+    /// Replace `sink.path`.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+impl OverrideArgs {
+    fn to_overrides(&self) -> Overrides {
+        Overrides {
+            inputs: (!self.inputs.is_empty()).then(|| self.inputs.clone()),
+            out_dir: self.out.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    pipeline: PathBuf,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    /// Redo every shard, even those whose manifest matches.
+    #[arg(long)]
+    force: bool,
+    /// Process only part I of N (shards with index % N == I), e.g. `--part 0/4`.
+    #[arg(long, value_parser = parse_part)]
+    part: Option<(usize, usize)>,
+    /// Where to write the JSON report (default: OUT_DIR/_report.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No live progress display.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct GenArgs {
+    #[arg(long)]
+    rows: usize,
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of rows whose caption is missing (null, empty or unusable).
+    #[arg(long, default_value_t = 0.05)]
+    missing_caption_rate: f64,
+    /// Share of rows with corrupt images (truncated, random bytes, empty, bomb header).
+    #[arg(long, default_value_t = 0.06)]
+    corrupt_rate: f64,
+    #[arg(long, default_value_t = 64)]
+    min_side: u32,
+    #[arg(long, default_value_t = 1024)]
+    max_side: u32,
+    /// Share of PNG images (the rest are JPEG).
+    #[arg(long, default_value_t = 0.25)]
+    png_share: f64,
+    /// bytes | hf | path | img2dataset
+    #[arg(long, default_value = "bytes")]
+    layout: GenLayout,
+}
+
+fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected I/N, e.g. 0/4, found `{s}`"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part index `{i}`"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part count `{n}`"))?;
+    if n == 0 || i >= n {
+        return Err(format!("part {i}/{n}: expected 0 <= I < N"));
+    }
+    Ok((i, n))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRUSTFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let cancelled = matches!(e.downcast_ref::<Error>(), Some(Error::Cancelled));
+            eprintln!("error: {e:#}");
+            if cancelled {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// SIGINT/SIGTERM set the cancel flag (the run stops cleanly, discarding unfinished
+/// shards); a second signal exits at once.
+fn cancel_on_signals() -> Result<CancelToken> {
+    let token = CancelToken::new();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, token.flag())
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, token.flag()).context("installing signal handler")?;
+    }
+    Ok(token)
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let plan = plan::load_and_plan(&args.pipeline, &args.overrides.to_overrides())?;
+            let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
+            print_report(&report);
+            if !report.invariant_holds {
+                anyhow::bail!("row accounting invariant broken (see report)");
+            }
+            Ok(())
+        }
+        Command::Validate {
+            pipeline,
+            overrides,
+        } => {
+            let plan = plan::load_and_plan(&pipeline, &overrides.to_overrides())?;
+            println!("{}", plan.describe());
+            println!("ok: {} is valid", pipeline.display());
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", spec::json_schema());
+            Ok(())
+        }
+        Command::Inspect { out_dir, json } => {
+            let found = inspect::inspect(&out_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                print!("{}", found.to_text());
+            }
+            Ok(())
+        }
+        Command::Demo { out, rows, shards } => demo(&out, rows, shards),
+        Command::Bench(BenchCommand::Gen(args)) => {
+            let opts = GenOptions {
+                rows: args.rows,
+                shards: args.shards,
+                out: args.out,
+                seed: args.seed,
+                missing_caption_rate: args.missing_caption_rate,
+                corrupt_rate: args.corrupt_rate,
+                min_side: args.min_side,
+                max_side: args.max_side,
+                png_share: args.png_share,
+                layout: args.layout,
+                ..GenOptions::default()
+            };
+            let summary = generate(&opts)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+    }
+}
+
+fn run_with_progress(
+    plan: plan::Plan,
+    force: bool,
+    part: Option<(usize, usize)>,
+    report_path: Option<PathBuf>,
+    quiet: bool,
+) -> Result<RunReport> {
+    let mut names = vec!["source".to_string()];
+    names.extend(plan.stages.iter().map(|s| s.stage.name().to_string()));
+    names.push("sink".into());
+    let total = plan.source.shards.len() as u64;
+    let tty = std::io::stderr().is_terminal();
+    let progress = (!quiet && tty).then(|| Progress::new(&names, total));
+    let on_progress: Option<ProgressFn> = match (&progress, quiet) {
+        (Some(p), _) => {
+            let p = p.clone();
+            Some(Box::new(move |s: &RunSnapshot| p.update(s)))
+        }
+        (None, false) => {
+            // Not a terminal (CI, logs): a plain line every few seconds.
+            let last = std::sync::Mutex::new(Instant::now());
+            Some(Box::new(move |s: &RunSnapshot| {
+                if let Ok(mut t) = last.lock()
+                    && t.elapsed().as_secs() >= 5
+                {
+                    *t = Instant::now();
+                    eprintln!("{}", progress_line(s));
+                }
+            }))
+        }
+        (None, true) => None,
+    };
+    let options = RunOptions {
+        cancel: cancel_on_signals()?,
+        force,
+        part,
+        report_path,
+        on_progress,
+    };
+    let result = execute(plan, options);
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    Ok(result?)
+}
+
+fn progress_line(s: &RunSnapshot) -> String {
+    let rows = s.steps.last().map_or(0, |x| x.rows_in);
+    format!(
+        "progress: {:.0}s, {}/{} shards, {rows} rows done, bottleneck {}",
+        s.elapsed_s,
+        s.shards_done,
+        s.shards_total,
+        s.bottleneck.as_deref().unwrap_or("-")
+    )
+}
+
+fn print_report(r: &RunReport) {
+    println!(
+        "{}: {} shard(s) processed, {} skipped (already done)",
+        r.pipeline, r.shards_processed, r.shards_skipped
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>12}  rows_in = rows_out + rows_quarantined",
+        "shard", "rows in", "rows out", "quarantined"
+    );
+    for s in &r.shards {
+        println!(
+            "{:<28} {:>10} {:>10} {:>12}  {} ({})",
+            s.stem,
+            s.rows_in,
+            s.rows_out,
+            s.rows_quarantined,
+            if s.invariant_holds { "holds" } else { "BROKEN" },
+            s.status
+        );
+    }
+    println!(
+        "total: {} in, {} out, {} quarantined; invariant {}",
+        r.rows_in,
+        r.rows_out,
+        r.rows_quarantined,
+        if r.invariant_holds { "holds" } else { "BROKEN" }
+    );
+    if !r.quarantine_reasons.is_empty() {
+        println!("quarantine reasons:");
+        for (reason, n) in &r.quarantine_reasons {
+            println!("  {n:>8}  {reason}");
+        }
+    }
+    println!("steps:");
+    for s in &r.steps {
+        println!(
+            "  {:<16} {:>9} rows  {:>9.0} rows/s  busy {:>5.1}%  blocked {:>5.1}%  starved {:>5.1}%",
+            s.name,
+            s.rows_out,
+            s.rows_per_s,
+            s.busy_fraction * 100.0,
+            s.blocked_fraction * 100.0,
+            s.starved_fraction * 100.0
+        );
+    }
+    println!(
+        "wall {:.2}s, {:.0} rows/s, peak RSS {}, bottleneck {}",
+        r.wall_s,
+        r.rows_per_s,
+        r.peak_rss_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "n/a".into()),
+        r.bottleneck.as_deref().unwrap_or("-")
+    );
+    println!("report: {}", r.out_dir.join("_report.json").display());
+}
+
+const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
+
+fn demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
+    let corpus = out.join("corpus");
+    let enriched = out.join("enriched");
+    eprintln!(
+        "1/3 generating {rows} rows in {shards} shard(s) under {}",
+        corpus.display()
+    );
+    let opts = GenOptions {
+        rows,
+        shards,
+        out: corpus.clone(),
+        seed: 7,
+        max_side: 512,
+        ..GenOptions::default()
+    };
+    let summary = generate(&opts)?;
+    eprintln!(
+        "    {} rows, bad images planted: {:?}, missing captions: {}",
+        summary.rows, summary.bad_rows, summary.missing_captions
+    );
+    eprintln!("2/3 running pipelines/demo.yaml (decode -> clean_caption -> Parquet)");
+    let pipeline = spec::parse_str(DEMO_PIPELINE, Path::new("pipelines/demo.yaml"))?;
+    spec::validate(&pipeline)?;
+    let overrides = Overrides {
+        inputs: Some(vec![corpus.to_string_lossy().into_owned()]),
+        out_dir: Some(enriched.clone()),
+    };
+    let plan = plan::build(pipeline, &overrides)?;
+    let report = run_with_progress(plan, true, None, None, false)?;
+    print_report(&report);
+    eprintln!("3/3 inspecting {}", enriched.display());
+    print!("{}", inspect::inspect(&enriched)?.to_text());
+    if !report.invariant_holds {
+        anyhow::bail!("row accounting invariant broken (see report)");
+    }
+    println!(
+        "done: outputs in {}, report {}",
+        enriched.display(),
+        enriched.join("_report.json").display()
+    );
+    Ok(())
+}
