@@ -187,6 +187,15 @@ impl Plan {
             for (logical, physical) in &first.mapping.columns {
                 let _ = writeln!(s, "  {logical:<8} <- {physical}");
             }
+            if !first.mapping.kept.is_empty() {
+                let kept: Vec<&str> = first
+                    .mapping
+                    .kept
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect();
+                let _ = writeln!(s, "  kept as is: {}", kept.join(", "));
+            }
             if let Some(image) = first.mapping.image {
                 let _ = writeln!(s, "  image layout: {image:?}");
             }

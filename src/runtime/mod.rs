@@ -430,7 +430,11 @@ fn read_all(
             metrics.rows_out.fetch_add(rows - quarantined, Relaxed);
             metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
             metrics.batches.fetch_add(1, Relaxed);
-            let bytes = batch.get_array_memory_size() as u64;
+            // Measured after conversion: DataFusion's batches are slices sharing a row
+            // group's buffers, so their own size would count those buffers many times.
+            let bytes = (ok.get_array_memory_size()
+                + bad.as_ref().map_or(0, |b| b.get_array_memory_size()))
+                as u64;
             shared.in_flight.enter(rows, bytes);
             let envelope = Envelope {
                 shard: index,

@@ -32,11 +32,17 @@ pub struct Mapping {
     /// (logical, physical) in canonical order.
     pub columns: Vec<(&'static str, String)>,
     pub image: Option<ImageSource>,
+    /// Shard columns carried through as they are (`source.keep_columns`).
+    pub kept: Vec<arrow::datatypes::Field>,
 }
 
 impl Mapping {
     pub fn physical_columns(&self) -> Vec<&str> {
-        self.columns.iter().map(|(_, p)| p.as_str()).collect()
+        self.columns
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .chain(self.kept.iter().map(|f| f.name().as_str()))
+            .collect()
     }
 
     pub fn logical_columns(&self) -> Vec<&'static str> {
@@ -44,7 +50,11 @@ impl Mapping {
     }
 
     pub fn canonical_schema(&self) -> SchemaRef {
-        columns::canonical_schema(&self.logical_columns())
+        let base = columns::canonical_schema(&self.logical_columns());
+        let mut fields: Vec<arrow::datatypes::Field> =
+            base.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.extend(self.kept.iter().cloned());
+        Arc::new(Schema::new(fields))
     }
 }
 
@@ -162,8 +172,33 @@ pub fn resolve(
             None => columns.push((logical, physical.to_string())),
         }
     }
+    let mut kept = Vec::new();
+    for (i, name) in spec.keep_columns.iter().enumerate() {
+        let at = format!("source.keep_columns[{i}]");
+        if columns::LOGICAL.contains(&name.as_str()) || columns.iter().any(|(_, p)| p == name) {
+            issues.push((
+                at,
+                format!("`{name}` is already a mapped column; list only other columns here"),
+            ));
+        } else if let Ok(field) = schema.field_with_name(name) {
+            // Read back as stored; DataFusion's view types are cast to the file's types.
+            kept.push(field.clone().with_nullable(true));
+        } else {
+            issues.push((
+                at,
+                format!(
+                    "column `{name}` not found in the shard; it has: {}",
+                    available()
+                ),
+            ));
+        }
+    }
     if issues.is_empty() {
-        Ok(Mapping { columns, image })
+        Ok(Mapping {
+            columns,
+            image,
+            kept,
+        })
     } else {
         Err(issues)
     }
@@ -255,6 +290,12 @@ impl Converter {
                     labels
                 }
                 (_, Some(col)) => {
+                    cast(col, field.data_type()).map_err(|e| shard_err(e.to_string()))?
+                }
+                (_, None) if self.mapping.kept.iter().any(|k| k.name() == logical) => {
+                    let col = batch.column_by_name(logical).ok_or_else(|| {
+                        shard_err(format!("kept column `{logical}` disappeared while reading"))
+                    })?;
                     cast(col, field.data_type()).map_err(|e| shard_err(e.to_string()))?
                 }
                 (_, None) => {

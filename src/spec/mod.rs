@@ -68,6 +68,10 @@ pub struct SourceSpec {
     /// logical name (or the preset's) and are used only when the shard has them.
     #[serde(default)]
     pub columns: ColumnMap,
+    /// Other shard columns to carry through unchanged (e.g. `url`, `license`), after
+    /// the logical ones. Each must exist in every shard.
+    #[serde(default)]
+    pub keep_columns: Vec<String>,
     /// How the image column stores images; `auto` decides from its Arrow type.
     #[serde(default)]
     pub image_layout: ImageLayout,
