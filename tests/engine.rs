@@ -484,3 +484,68 @@ fn sigint_stops_cleanly_and_keeps_only_complete_shards() {
     }
     assert!(count_manifests(&out) < 12);
 }
+
+#[test]
+fn inspect_reads_back_what_the_run_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    let out = dir.path().join("out");
+    corpus(&corpus_dir, 100, 2, 12, 96);
+    let file = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&corpus_dir, &out, ""),
+    );
+    run_ok(&["run", "--quiet", file.to_str().unwrap()]);
+    let r = report(&out);
+    let json = run_ok(&["inspect", "--json", out.to_str().unwrap()]).stdout;
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["rows_out"], r["rows_out"]);
+    assert_eq!(v["rows_quarantined"], r["rows_quarantined"]);
+    assert_eq!(v["quarantine_reasons"], r["quarantine_reasons"]);
+    assert_eq!(v["shards"].as_array().unwrap().len(), 2);
+    let width = v["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "width")
+        .expect("width summary");
+    assert!(width["min"].as_f64().unwrap() >= 48.0 && width["max"].as_f64().unwrap() <= 96.0);
+    let image = v["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "image")
+        .unwrap();
+    assert!(image["stored_bytes"].as_u64().unwrap() > 0);
+    let text = String::from_utf8(run_ok(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        text.contains("part-00001") && text.contains("quarantine reasons"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let res = run_ok(&[
+        "demo",
+        "--rows",
+        "120",
+        "--shards",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains("invariant holds"), "{stdout}");
+    let r = report(&out.join("enriched"));
+    assert_eq!(r["rows_in"], 120);
+    assert_eq!(r["invariant_holds"], true);
+    assert!(
+        r["rows_quarantined"].as_u64().unwrap() > 0,
+        "the demo corpus has bad rows"
+    );
+    check_quarantine_matches_ground_truth(&out.join("corpus"), &out.join("enriched"));
+}

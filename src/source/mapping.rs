@@ -164,6 +164,12 @@ pub fn resolve(
             "domain" | "split" if !is_string(t) => Some("a string column"),
             _ => None,
         };
+        // A layout the user chose explicitly is where the mismatch is.
+        let field_path = if logical == IMAGE && spec.image_layout != ImageLayout::Auto {
+            "source.image_layout".to_string()
+        } else {
+            field_path
+        };
         match expected {
             Some(what) => issues.push((
                 field_path,

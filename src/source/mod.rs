@@ -47,10 +47,27 @@ pub struct SourcePlan {
 /// (resolved against the current directory instead of the pipeline file).
 pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<SourcePlan> {
     let spec = &p.spec.source;
-    let files = match paths_override {
-        Some(paths) => shards::discover(std::path::Path::new("."), paths)?,
-        None => shards::discover(p.base_dir(), &spec.paths)?,
+    let (base, patterns) = match paths_override {
+        Some(paths) => (std::path::Path::new("."), paths),
+        None => (p.base_dir(), spec.paths.as_slice()),
     };
+    let mut files = Vec::new();
+    let mut issues = Vec::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        match shards::discover(base, std::slice::from_ref(pattern)) {
+            Ok(found) => files.extend(found),
+            // Patterns from the file are located in it; command-line ones are not.
+            Err(e) if paths_override.is_none() => {
+                issues.push(p.issue(&format!("source.paths[{i}]"), e.to_string()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !issues.is_empty() {
+        return Err(Error::Spec(SpecIssues(issues)));
+    }
+    files.sort();
+    files.dedup();
     shards::check_unique_stems(&files)?;
 
     let mut planned: Vec<ShardPlan> = Vec::with_capacity(files.len());
@@ -157,8 +174,20 @@ fn check_filter(shard: &std::path::Path, filter: &str) -> std::result::Result<()
         dataframe(&ctx, shard, Some(filter))
             .await
             .map(|_| ())
-            .map_err(|e| format!("invalid filter: {e}"))
+            .map_err(|e| format!("invalid filter: {}", tidy_datafusion_error(&e.to_string())))
     })
+}
+
+/// DataFusion's messages span lines and name its internal `?table?`.
+fn tidy_datafusion_error(message: &str) -> String {
+    let mut m = message.replace('\n', " ").replace("\"?table?\".", "");
+    if let Some(start) = m.find("ParserError(\"")
+        && m.ends_with("\")")
+    {
+        let inner = m[start + "ParserError(\"".len()..m.len() - 2].to_string();
+        m.replace_range(start.., &inner);
+    }
+    m
 }
 
 impl SourcePlan {

@@ -59,10 +59,19 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
         } else {
             base.join(pattern)
         };
+        // Only the user's pattern is a pattern: `[`, `*`, `?` in the base folder's
+        // name are literal.
+        let glob_text = if Path::new(pattern).is_absolute() {
+            pattern.clone()
+        } else {
+            format!(
+                "{}/{pattern}",
+                glob::Pattern::escape(&base.to_string_lossy())
+            )
+        };
         let before = found.len();
         if has_glob_chars(pattern) {
-            let text = full.to_string_lossy();
-            let paths = glob::glob(&text)
+            let paths = glob::glob(&glob_text)
                 .map_err(|e| Error::input(&full, format!("invalid glob pattern: {e}")))?;
             for entry in paths {
                 let path = entry.map_err(|e| Error::input(e.path(), e.error().to_string()))?;

@@ -8,12 +8,15 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{LoadedPipeline, Locations, PipelineSpec};
+use super::{LoadedPipeline, Locations, PipelineSpec, RuntimeSpec, SinkSpec, SourceSpec};
 use crate::error::{Error, SpecIssue, SpecIssues, SpecLocation};
 use crate::stages::{StageKind, StageSpec};
 
 /// Pipeline files larger than this are refused before parsing.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
+
+/// The sections of a pipeline file.
+const TOP_KEYS: [&str; 5] = ["name", "source", "stages", "sink", "runtime"];
 
 /// Keys every stage entry may carry besides its type's own settings.
 const STAGE_COMMON_KEYS: [&str; 3] = ["name", "workers", "queue_depth"];
@@ -51,7 +54,8 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let locations = Locations::index(text);
     let issue = |field: &str, message: String| locations.issue(file, field, message);
 
-    let options = serde_saphyr::options! { with_snippet: false };
+    // YAML 1.2 booleans only: `lowercase: yes` is an error, `name: no` a string.
+    let options = serde_saphyr::options! { with_snippet: false, strict_booleans: true };
     let value: Value = match serde_saphyr::from_str_with_options(text, options) {
         Ok(v) => v,
         Err(e) => {
@@ -65,7 +69,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
                     line,
                     column,
                 },
-                message: format!("invalid YAML: {e}"),
+                message: format!("invalid YAML: {}", friendly_yaml_error(&e.to_string())),
             }])));
         }
     };
@@ -83,9 +87,71 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
         )]));
     };
 
+    // Each section is read on its own so that one run reports a problem in every
+    // section, not just the first serde meets.
     let mut issues = Vec::new();
+    let mut misspelt = Vec::new();
+    for key in top.keys() {
+        if !TOP_KEYS.contains(&key.as_str()) {
+            let hint = match closest(key, &TOP_KEYS) {
+                Some(near) => {
+                    misspelt.push(near);
+                    format!("did you mean `{near}`?")
+                }
+                None => format!(
+                    "expected one of {}",
+                    TOP_KEYS.map(|k| format!("`{k}`")).join(", ")
+                ),
+            };
+            issues.push(issue(key, format!("unknown field `{key}`; {hint}")));
+        }
+    }
+    let mut section = |key: &str, required: bool| -> Option<Value> {
+        match top.remove(key) {
+            Some(v) => Some(v),
+            // A misspelling was reported already; "missing" would say it twice.
+            None if required && misspelt.contains(&key) => None,
+            None if required => {
+                issues.push(issue(
+                    "",
+                    format!("missing field `{key}`: a pipeline needs `source` and `sink`"),
+                ));
+                None
+            }
+            None => None,
+        }
+    };
+    let name = section("name", false);
+    let source = section("source", true);
+    let stages_value = section("stages", false);
+    let sink = section("sink", true);
+    let runtime = section("runtime", false);
+
+    let mut typed_issues = Vec::new();
+    let name: Option<Option<String>> = match name {
+        Some(v) => typed(v, "name", &mut typed_issues),
+        None => Some(None),
+    };
+    let source: Option<SourceSpec> = source.and_then(|mut v| {
+        // `paths: data/*.parquet` means a list of one.
+        if let Some(Value::String(one)) = v.get("paths").cloned()
+            && let Some(map) = v.as_object_mut()
+        {
+            map.insert("paths".into(), Value::Array(vec![Value::String(one)]));
+        }
+        typed(v, "source", &mut typed_issues)
+    });
+    let sink: Option<SinkSpec> = sink.and_then(|v| typed(v, "sink", &mut typed_issues));
+    let runtime: Option<RuntimeSpec> = match runtime {
+        Some(v) => typed(v, "runtime", &mut typed_issues),
+        None => Some(RuntimeSpec::default()),
+    };
+    for (field, message) in typed_issues {
+        issues.push(issue(&field, message));
+    }
+
     let mut stages = Vec::new();
-    match top.remove("stages") {
+    match stages_value {
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.into_iter().enumerate() {
@@ -100,26 +166,35 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
             format!("expected a list of stages, found {}", kind_of(&other)),
         )),
     }
-    top.insert("stages".into(), Value::Array(Vec::new()));
 
-    let spec = match from_value_at::<PipelineSpec>(Value::Object(top), "") {
-        Ok(mut spec) => {
-            spec.stages = stages;
-            Some(spec)
+    match (name, source, sink, runtime) {
+        (Some(name), Some(source), Some(sink), Some(runtime)) if issues.is_empty() => {
+            Ok(LoadedPipeline {
+                file: file.to_path_buf(),
+                spec: PipelineSpec {
+                    name,
+                    source,
+                    stages,
+                    sink,
+                    runtime,
+                },
+                locations,
+            })
         }
-        Err((field, message)) => {
-            issues.insert(0, issue(&field, message));
-            None
+        _ => {
+            issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
+            Err(spec_error(issues))
         }
-    };
-    match spec {
-        Some(spec) if issues.is_empty() => Ok(LoadedPipeline {
-            file: file.to_path_buf(),
-            spec,
-            locations,
-        }),
-        _ => Err(spec_error(issues)),
     }
+}
+
+/// `from_value_at`, with the error kept aside.
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    at: &str,
+    issues: &mut Vec<(String, String)>,
+) -> Option<T> {
+    from_value_at(value, at).map_err(|e| issues.push(e)).ok()
 }
 
 fn spec_error(issues: Vec<SpecIssue>) -> Error {
@@ -188,7 +263,7 @@ pub(crate) fn from_value_at<T: DeserializeOwned>(
         if path == "." {
             path.clear();
         }
-        let message = e.inner().to_string();
+        let message = friendly_serde_error(&e.inner().to_string());
         // serde names an unknown key in the message only; make it part of the path so
         // the location points at the offending line.
         if let Some(key) = message
@@ -220,4 +295,81 @@ fn kind_of(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
+}
+
+/// serde speaks Rust (`usize`, `struct SourceSpec`); users wrote YAML.
+fn friendly_serde_error(message: &str) -> String {
+    let mut m = message.to_string();
+    for rust in ["usize", "u64", "u32", "u16", "u8"] {
+        m = m.replace(&format!("expected {rust}"), "expected a whole number >= 0");
+    }
+    for spec in [
+        "SourceSpec",
+        "SinkSpec",
+        "RuntimeSpec",
+        "ColumnMap",
+        "Common",
+    ] {
+        m = m.replace(&format!("expected struct {spec}"), "expected a mapping");
+    }
+    if m.contains("expected a sequence") {
+        m = m.replace("expected a sequence", "expected a list, e.g. `[a, b]`");
+    }
+    m.replace("floating point", "number")
+}
+
+/// The YAML library's messages name its own API and repeat the position we print.
+fn friendly_yaml_error(message: &str) -> String {
+    let mut m = message.to_string();
+    if let Some(cut) = m.find(", set DuplicateKeyPolicy") {
+        m.truncate(cut);
+    }
+    if m.starts_with("multiple YAML documents") {
+        return "the file holds more than one YAML document (`---`); a pipeline file holds one"
+            .into();
+    }
+    if m.contains("budget breached") || m.contains("recursion limit") {
+        return format!(
+            "the YAML is too large or too deeply nested for a pipeline file (a guard against \
+             alias bombs): {m}"
+        );
+    }
+    if let Some(at) = m.rfind(" at line ") {
+        let tail = &m[at + " at line ".len()..];
+        if tail
+            .chars()
+            .all(|c| c.is_ascii_digit() || ", column".contains(c))
+        {
+            m.truncate(at);
+        }
+    }
+    m
+}
+
+/// The candidate within two edits of `word`, if exactly one is.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let near: Vec<&str> = candidates
+        .iter()
+        .copied()
+        .filter(|c| edit_distance(word, c) <= 2)
+        .collect();
+    match near.as_slice() {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }

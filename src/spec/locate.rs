@@ -66,6 +66,20 @@ impl Locations {
                         *expecting_key = false;
                         continue;
                     }
+                    // An alias in key position (`*k: v`) names a field we cannot spell
+                    // here; it must still take the key's turn.
+                    if let (
+                        Some(Frame::Map {
+                            key, expecting_key, ..
+                        }),
+                        Event::Alias(..),
+                    ) = (stack.last_mut(), &event)
+                        && *expecting_key
+                    {
+                        *key = Some("*".into());
+                        *expecting_key = false;
+                        continue;
+                    }
                     let value_path = match stack.last() {
                         Some(Frame::Map { path, key, .. }) => {
                             join(path, key.as_deref().unwrap_or("?"))

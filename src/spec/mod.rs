@@ -54,6 +54,8 @@ pub struct SourceSpec {
     pub kind: SourceType,
     /// Shard files or glob patterns (`data/*.parquet`), relative to the pipeline file.
     /// Each matching file is one shard; shards are processed in sorted path order.
+    /// A single string is a list of one.
+    #[schemars(with = "PathsSchema")]
     pub paths: Vec<String>,
     /// Optional SQL predicate over the shard's own column names, e.g.
     /// `split = 'train' AND length(caption) > 3`. Rows it rejects are not read at all
@@ -81,10 +83,20 @@ pub struct SourceSpec {
     pub image_root: Option<String>,
     /// Largest image file read for path layouts, in bytes.
     #[serde(default = "default_max_image_file_bytes")]
+    #[schemars(range(min = 1))]
     pub max_image_file_bytes: u64,
     /// What to do with rows whose label is null when a label column is mapped.
     #[serde(default)]
     pub null_labels: NullLabels,
+}
+
+/// Schema-only shape of `source.paths`: one pattern or a non-empty list.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum PathsSchema {
+    One(String),
+    Many(#[schemars(length(min = 1))] Vec<String>),
 }
 
 fn default_max_image_file_bytes() -> u64 {
@@ -185,9 +197,11 @@ pub struct SinkSpec {
     pub compression: Compression,
     /// Rows per Parquet row group at most.
     #[serde(default = "default_row_group_rows")]
+    #[schemars(range(min = 1))]
     pub row_group_rows: usize,
     /// Bytes buffered for an open row group before it is flushed.
     #[serde(default = "default_row_group_bytes")]
+    #[schemars(range(min = 1024))]
     pub row_group_bytes: usize,
     /// Columns left out of the output shards (e.g. `image` for metadata-only outputs).
     /// Quarantine shards keep every source column.
@@ -218,10 +232,12 @@ pub enum Compression {
 pub struct RuntimeSpec {
     /// Rows per batch read from the source.
     #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 1048576))]
     pub batch_size: usize,
     /// Default depth, in batches, of every queue between two steps. Rows in flight are
     /// bounded by about (queues x depth + workers) x batch_size.
     #[serde(default = "default_queue_depth")]
+    #[schemars(range(min = 1, max = 4096))]
     pub queue_depth: usize,
 }
 

@@ -147,6 +147,8 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
     if issues.is_empty() {
         Ok(())
     } else {
+        // In file order, as an editor would list them.
+        issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
         Err(Error::Spec(SpecIssues(issues)))
     }
 }

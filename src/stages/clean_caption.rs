@@ -80,6 +80,7 @@ pub struct CleanCaptionConfig {
     pub lowercase: bool,
     /// Longest cleaned caption kept, in characters; longer text is cut at the last
     /// whitespace before the limit (or at the limit inside one long word). Default 1000.
+    #[schemars(range(min = 1))]
     pub max_chars: usize,
     /// Cleaned captions with fewer characters than this count as missing. Default 1.
     pub min_chars: usize,

@@ -47,9 +47,11 @@ pub struct DecodeConfig {
     /// Largest `width * height` accepted, checked from the image header before any
     /// pixel is decoded (guards against decompression bombs). Default 40,000,000.
     #[serde(default = "default_max_pixels")]
+    #[schemars(range(min = 1))]
     pub max_pixels: u64,
     /// Largest encoded image accepted, in bytes. Default 33,554,432 (32 MiB).
     #[serde(default = "default_max_bytes")]
+    #[schemars(range(min = 1))]
     pub max_bytes: u64,
     /// Image formats accepted; others are quarantined. Default: jpeg, png, webp.
     #[serde(default = "default_formats")]

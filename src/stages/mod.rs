@@ -47,6 +47,7 @@ pub trait Stage: Send + Sync {
 /// splits the common keys from the type's own; this derive describes the same shape for
 /// the JSON Schema.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("unevaluatedProperties" = false))]
 pub struct StageSpec {
     /// Unique name of this stage (defaults to its type). Shown in metrics and in the
     /// `error_stage` column of quarantined rows.
@@ -54,9 +55,11 @@ pub struct StageSpec {
     pub name: Option<String>,
     /// Worker threads for this stage (default 1).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 256))]
     pub workers: Option<usize>,
     /// Depth, in batches, of this stage's input queue (default: `runtime.queue_depth`).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 4096))]
     pub queue_depth: Option<usize>,
     /// What the stage does, selected by `type`.
     #[serde(flatten)]

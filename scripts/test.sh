@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command (README, and CI through .ci/run): native setup, formatting, lints,
+# then every test. Works on a fresh machine of this kind: the setup script installs
+# what the build needs, and the debug build takes about 5 minutes cold.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked
