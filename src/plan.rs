@@ -32,8 +32,8 @@ pub struct Plan {
     /// What the output shards hold (`output_schema` minus `sink.drop_columns`).
     pub sink_schema: SchemaRef,
     pub out_dir: PathBuf,
-    /// Hash of everything in the spec that changes output values (not paths, workers,
-    /// queue depths or batch size); part of every manifest.
+    /// Hash of everything in the spec that can change output values (not paths,
+    /// workers or queue depths); part of every manifest.
     pub pipeline_hash: String,
 }
 
@@ -139,7 +139,11 @@ pub fn pipeline_hash(spec: &spec::PipelineSpec) -> String {
     let mut value = serde_json::to_value(spec).unwrap_or_default();
     if let Some(top) = value.as_object_mut() {
         top.remove("name");
-        top.remove("runtime");
+        // Queue depth changes timing, never values; batch size can (batch-level
+        // stages such as uncertainty groups), so it stays in the hash.
+        if let Some(rt) = top.get_mut("runtime").and_then(|r| r.as_object_mut()) {
+            rt.remove("queue_depth");
+        }
         if let Some(src) = top.get_mut("source").and_then(|s| s.as_object_mut()) {
             src.remove("paths");
         }

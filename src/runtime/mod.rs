@@ -414,14 +414,34 @@ fn read_all(
         let mut stream = rt.block_on(source.open(shard))?;
         StepMetrics::add(&metrics.busy_ns, t0.elapsed());
         let (mut seq, mut rows_in) = (0u64, 0u64);
+        // Batches leave the reader with exactly `batch_size` rows (the last of a shard
+        // may be shorter), whatever the shard's row groups: batch-level behaviour (such
+        // as uncertainty groups) then depends on the data alone.
+        let mut chunker = Chunker::new(source.batch_size);
+        let mut upstream_done = false;
         loop {
             if shared.cancel.is_cancelled() {
                 return Ok(());
             }
             let t0 = Instant::now();
-            let next = rt.block_on(stream.next());
-            let Some(batch) = next else { break };
-            let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
+            let next = match chunker.take_full() {
+                Some(full) => full,
+                None if upstream_done => match chunker.flush() {
+                    Some(rest) => rest,
+                    None => break,
+                },
+                None => {
+                    match rt.block_on(stream.next()) {
+                        Some(b) => {
+                            chunker.push(b.map_err(|e| Error::input(&shard.path, e.to_string()))?)
+                        }
+                        None => upstream_done = true,
+                    }
+                    StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+                    continue;
+                }
+            };
+            let batch = next.map_err(|e| Error::input(&shard.path, e.to_string()))?;
             let rows = batch.num_rows() as u64;
             let (ok, bad) = converter.convert(&batch, rows_in)?;
             StepMetrics::add(&metrics.busy_ns, t0.elapsed());
@@ -460,6 +480,52 @@ fn read_all(
         }
     }
     Ok(())
+}
+
+/// Re-cuts a stream of batches into batches of exactly `size` rows.
+struct Chunker {
+    size: usize,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+}
+
+impl Chunker {
+    fn new(size: usize) -> Self {
+        Chunker {
+            size: size.max(1),
+            pending: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    fn push(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.rows += batch.num_rows();
+            self.pending.push(batch);
+        }
+    }
+
+    /// A batch of exactly `size` rows, if that many are pending.
+    fn take_full(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
+        (self.rows >= self.size).then(|| self.take(self.size))
+    }
+
+    /// Whatever is pending (the end of a shard).
+    fn flush(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
+        (self.rows > 0).then(|| self.take(self.rows.min(self.size)))
+    }
+
+    fn take(&mut self, n: usize) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let schema = self.pending[0].schema();
+        let all = arrow::compute::concat_batches(&schema, &self.pending)?;
+        let out = all.slice(0, n);
+        self.pending.clear();
+        self.rows -= n;
+        if self.rows > 0 {
+            self.pending.push(all.slice(n, self.rows));
+        }
+        Ok(out)
+    }
 }
 
 fn stage_worker(
@@ -653,4 +719,44 @@ fn sink_worker(
         )));
     }
     finished
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::Chunker;
+
+    fn batch(values: std::ops::Range<i64>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(values))]).unwrap()
+    }
+
+    #[test]
+    fn chunker_recuts_to_exact_sizes_in_order() {
+        let mut c = Chunker::new(4);
+        let mut out = Vec::new();
+        for b in [batch(0..3), batch(3..13), batch(13..13), batch(13..14)] {
+            c.push(b);
+            while let Some(full) = c.take_full() {
+                out.push(full.unwrap());
+            }
+        }
+        while let Some(rest) = c.flush() {
+            out.push(rest.unwrap());
+        }
+        let sizes: Vec<usize> = out.iter().map(|b| b.num_rows()).collect();
+        assert_eq!(sizes, vec![4, 4, 4, 2]);
+        let values: Vec<i64> = out
+            .iter()
+            .flat_map(|b| {
+                let col = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                col.values().to_vec()
+            })
+            .collect();
+        assert_eq!(values, (0..14).collect::<Vec<_>>());
+    }
 }
