@@ -19,5 +19,6 @@ pub mod sink;
 pub mod source;
 pub mod spec;
 pub mod stages;
+pub mod train;
 
 pub use error::{Error, Result};
