@@ -53,7 +53,7 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
     let mut schema: Schema = source.canonical.as_ref().clone();
     for (i, stage_spec) in spec.stages.iter().enumerate() {
         let at = format!("stages[{i}]");
-        let stage = match stage_spec.build() {
+        let stage = match stage_spec.build(pipeline.base_dir()) {
             Ok(s) => s,
             Err(e) => {
                 issues.push(pipeline.issue(&at, e.to_string()));
@@ -81,6 +81,23 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
                 schema = Schema::new(all);
             }
             Err(e) => issues.push(pipeline.issue(&at, e.to_string())),
+        }
+        // Uncertainty groups are cut from batches; partial groups mid-shard would make
+        // weights depend on where the batches happen to end.
+        if let crate::stages::StageKind::Uncertainty(config) = &stage_spec.kind {
+            let group = config.group_size();
+            let batch = spec.runtime.batch_size;
+            if group > 0 && !batch.is_multiple_of(group) {
+                issues.push(pipeline.issue(
+                    "runtime.batch_size",
+                    format!(
+                        "batch_size {batch} is not a multiple of stage `{}`'s group_size {group}; \
+                         use e.g. {}",
+                        stage.name(),
+                        batch.div_ceil(group) * group
+                    ),
+                ));
+            }
         }
         stages.push(StageSlot {
             workers: stage_spec.workers.unwrap_or(1),
@@ -113,7 +130,12 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
         .out_dir
         .clone()
         .unwrap_or_else(|| pipeline.resolve(&spec.sink.path));
-    let pipeline_hash = pipeline_hash(spec);
+    // Model files are part of what a shard's output depends on.
+    let digests: Vec<String> = stages
+        .iter()
+        .filter_map(|slot| slot.stage.content_digest())
+        .collect();
+    let pipeline_hash = pipeline_hash(spec, &digests);
     Ok(Plan {
         source,
         stages,
@@ -135,7 +157,7 @@ fn names(schema: &Schema) -> String {
 }
 
 /// Hash of the output-relevant part of the spec.
-pub fn pipeline_hash(spec: &spec::PipelineSpec) -> String {
+pub fn pipeline_hash(spec: &spec::PipelineSpec, content_digests: &[String]) -> String {
     let mut value = serde_json::to_value(spec).unwrap_or_default();
     if let Some(top) = value.as_object_mut() {
         top.remove("name");
@@ -161,6 +183,9 @@ pub fn pipeline_hash(spec: &spec::PipelineSpec) -> String {
     let mut hasher = Sha256::new();
     hasher.update(env!("CARGO_PKG_VERSION").as_bytes());
     hasher.update(value.to_string().as_bytes());
+    for digest in content_digests {
+        hasher.update(digest.as_bytes());
+    }
     format!("{:x}", hasher.finalize())
 }
 

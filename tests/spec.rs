@@ -1715,7 +1715,12 @@ fn schema_describes_the_pipeline_types() {
         .iter()
         .filter_map(|v| v["properties"]["type"]["const"].as_str())
         .collect();
-    assert_eq!(types, BTreeSet::from(["decode", "clean_caption"]));
+    for expected in ["decode", "clean_caption", "clip_score", "uncertainty"] {
+        assert!(
+            types.contains(expected),
+            "schema lacks stage type {expected}"
+        );
+    }
     assert_eq!(
         types,
         trustflow::stages::StageKind::TYPES.into_iter().collect()

@@ -1,2 +1,6 @@
-//! Model-side building blocks shared by stages: image decoding with safety limits.
+//! Model-side building blocks shared by stages: image decoding with safety limits,
+//! ONNX Runtime sessions, CLIP image preprocessing and tokenisation.
+pub mod clip_preprocess;
 pub mod image;
+pub mod onnx;
+pub mod text;

@@ -572,7 +572,7 @@ mod tests {
                 ..CleanCaptionConfig::default()
             })
         );
-        assert_eq!(spec.build().unwrap().name(), "c");
+        assert_eq!(spec.build(std::path::Path::new(".")).unwrap().name(), "c");
     }
 
     #[test]

@@ -402,7 +402,10 @@ mod tests {
                 ..DecodeConfig::default()
             })
         );
-        assert_eq!(spec.build().unwrap().name(), "decode");
+        assert_eq!(
+            spec.build(std::path::Path::new(".")).unwrap().name(),
+            "decode"
+        );
         let typo = serde_json::from_str::<StageSpec>(r#"{"type": "decode", "max_pixel": 7}"#);
         assert!(typo.is_err());
     }

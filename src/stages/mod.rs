@@ -7,7 +7,9 @@
 //! variant, exhaustively.
 
 pub mod clean_caption;
+pub mod clip_score;
 pub mod decode;
+pub mod uncertainty;
 
 use std::sync::Arc;
 
@@ -41,6 +43,13 @@ pub trait Stage: Send + Sync {
 
     /// Process one batch. An `Err` is a whole-run failure; bad rows go in `rejected`.
     fn process(&self, batch: &RecordBatch) -> Result<StageOutput>;
+
+    /// A digest of the external files (models, tokenizers) the outputs depend on, so
+    /// that replacing a model in place invalidates finished shards. None for stages
+    /// that read no files.
+    fn content_digest(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The `stages:` entries of a pipeline file. (Files are loaded by `spec::load`, which
@@ -75,11 +84,17 @@ pub enum StageKind {
     /// Clean captions (URLs, HTML, handles, digits, punctuation); adds `caption_clean`
     /// and `caption_missing`.
     CleanCaption(clean_caption::CleanCaptionConfig),
+    /// CLIP image-caption agreement (ONNX Runtime): adds `clip_similarity` and, by
+    /// default, the unit embeddings `clip_image_embedding` and `clip_text_embedding`.
+    ClipScore(clip_score::ClipScoreConfig),
+    /// TRUST's trust weight from CLIP image and caption embeddings (softmax over groups
+    /// of `group_size` rows, or a named alternative); adds `pseudo_weight`.
+    Uncertainty(uncertainty::UncertaintyConfig),
 }
 
 impl StageKind {
     /// Every `type:` a stage entry may have.
-    pub const TYPES: [&'static str; 2] = ["decode", "clean_caption"];
+    pub const TYPES: [&'static str; 4] = ["decode", "clean_caption", "clip_score", "uncertainty"];
 
     /// Build the variant named by `type_name` from the entry's remaining keys; errors
     /// carry the field path under `at` (e.g. `stages[1].max_pixels`).
@@ -92,6 +107,8 @@ impl StageKind {
         match type_name {
             "decode" => from_value_at(config, at).map(StageKind::Decode),
             "clean_caption" => from_value_at(config, at).map(StageKind::CleanCaption),
+            "clip_score" => from_value_at(config, at).map(StageKind::ClipScore),
+            "uncertainty" => from_value_at(config, at).map(StageKind::Uncertainty),
             other => Err((
                 format!("{at}.type"),
                 format!(
@@ -107,6 +124,8 @@ impl StageKind {
         match self {
             StageKind::Decode(c) => c.validate(),
             StageKind::CleanCaption(c) => c.validate(),
+            StageKind::ClipScore(c) => c.validate(),
+            StageKind::Uncertainty(c) => c.validate(),
         }
     }
 
@@ -114,6 +133,8 @@ impl StageKind {
         match self {
             StageKind::Decode(_) => "decode",
             StageKind::CleanCaption(_) => "clean_caption",
+            StageKind::ClipScore(_) => "clip_score",
+            StageKind::Uncertainty(_) => "uncertainty",
         }
     }
 }
@@ -125,13 +146,22 @@ impl StageSpec {
             .unwrap_or_else(|| self.kind.type_name().to_string())
     }
 
-    /// Turn the configuration into a runnable stage.
-    pub fn build(&self) -> Result<Arc<dyn Stage>> {
+    /// Turn the configuration into a runnable stage; relative file paths in it (models)
+    /// are resolved against `base`, the pipeline file's folder.
+    pub fn build(&self, base: &std::path::Path) -> Result<Arc<dyn Stage>> {
         let name = self.resolved_name();
         Ok(match &self.kind {
             StageKind::Decode(config) => Arc::new(decode::DecodeStage::new(name, config.clone())),
             StageKind::CleanCaption(config) => {
                 Arc::new(clean_caption::CleanCaptionStage::new(name, config.clone())?)
+            }
+            StageKind::ClipScore(config) => {
+                let mut config = config.clone();
+                config.resolve_paths(base);
+                Arc::new(clip_score::ClipScoreStage::new(name, config)?)
+            }
+            StageKind::Uncertainty(config) => {
+                Arc::new(uncertainty::UncertaintyStage::new(name, config.clone()))
             }
         })
     }
