@@ -5,6 +5,7 @@
 //! soft-contrastive loss with caption-similarity weights), each its own function, plus
 //! [`losses::trust_loss`], which validates a batch and sums the switched-on terms.
 
+pub mod augment;
 pub mod losses;
 
 pub use losses::{LossError, LossTerms, LossValues, TrustBatch, trust_loss};
