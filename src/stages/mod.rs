@@ -9,6 +9,7 @@
 pub mod clean_caption;
 pub mod clip_score;
 pub mod decode;
+pub mod pseudo_label;
 pub mod uncertainty;
 
 use std::sync::Arc;
@@ -90,11 +91,22 @@ pub enum StageKind {
     /// TRUST's trust weight from CLIP image and caption embeddings (softmax over groups
     /// of `group_size` rows, or a named alternative); adds `pseudo_weight`.
     Uncertainty(uncertainty::UncertaintyConfig),
+    /// Pseudo-labels from the user's ONNX text classifier (e.g. a fine-tuned DistilBERT):
+    /// adds `pseudo_label` (argmax), `pseudo_prob` (its softmax probability),
+    /// `text_feature` (the pooled caption feature before the last linear layer) and, when
+    /// class names are given, `pseudo_label_name`.
+    PseudoLabel(pseudo_label::PseudoLabelConfig),
 }
 
 impl StageKind {
     /// Every `type:` a stage entry may have.
-    pub const TYPES: [&'static str; 4] = ["decode", "clean_caption", "clip_score", "uncertainty"];
+    pub const TYPES: [&'static str; 5] = [
+        "decode",
+        "clean_caption",
+        "clip_score",
+        "uncertainty",
+        "pseudo_label",
+    ];
 
     /// Build the variant named by `type_name` from the entry's remaining keys; errors
     /// carry the field path under `at` (e.g. `stages[1].max_pixels`).
@@ -109,6 +121,7 @@ impl StageKind {
             "clean_caption" => from_value_at(config, at).map(StageKind::CleanCaption),
             "clip_score" => from_value_at(config, at).map(StageKind::ClipScore),
             "uncertainty" => from_value_at(config, at).map(StageKind::Uncertainty),
+            "pseudo_label" => from_value_at(config, at).map(StageKind::PseudoLabel),
             other => Err((
                 format!("{at}.type"),
                 format!(
@@ -126,6 +139,7 @@ impl StageKind {
             StageKind::CleanCaption(c) => c.validate(),
             StageKind::ClipScore(c) => c.validate(),
             StageKind::Uncertainty(c) => c.validate(),
+            StageKind::PseudoLabel(c) => c.validate(),
         }
     }
 
@@ -135,6 +149,7 @@ impl StageKind {
             StageKind::CleanCaption(_) => "clean_caption",
             StageKind::ClipScore(_) => "clip_score",
             StageKind::Uncertainty(_) => "uncertainty",
+            StageKind::PseudoLabel(_) => "pseudo_label",
         }
     }
 }
@@ -162,6 +177,11 @@ impl StageSpec {
             }
             StageKind::Uncertainty(config) => {
                 Arc::new(uncertainty::UncertaintyStage::new(name, config.clone()))
+            }
+            StageKind::PseudoLabel(config) => {
+                let mut config = config.clone();
+                config.resolve_paths(base);
+                Arc::new(pseudo_label::PseudoLabelStage::new(name, config)?)
             }
         })
     }
