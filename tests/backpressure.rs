@@ -139,6 +139,19 @@ fn a_slow_stage_holds_the_reader_back() {
         slow.busy_fraction
     );
     assert_eq!(snap.bottleneck.as_deref(), Some("slow"));
+    // Queue fill is a share of capacity: a blocked producer is not counted in it.
+    for step in &snap.steps {
+        assert!(
+            step.queue_fill_max <= 1.0,
+            "{}: fill {}",
+            step.name,
+            step.queue_fill_max
+        );
+    }
+    assert!(
+        slow.queue_fill_mean > 0.5,
+        "the slow stage's input queue should sit full"
+    );
 
     // Bytes in flight are a small share of the corpus (the reader never buffered it).
     let total = corpus_bytes(&corpus_dir);

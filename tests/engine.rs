@@ -549,3 +549,70 @@ fn the_demo_runs_end_to_end() {
     );
     check_quarantine_matches_ground_truth(&out.join("corpus"), &out.join("enriched"));
 }
+
+#[test]
+fn the_enrichment_pipeline_runs_on_a_generated_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    let out = dir.path().join("out");
+    corpus_with(&corpus_dir, 96, 2, 21, 96, GenLayout::Bytes, 0.1);
+    let enrich = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/enrich.yaml");
+    run_ok(&[
+        "run",
+        "--quiet",
+        "--input",
+        corpus_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        enrich.to_str().unwrap(),
+    ]);
+    let r = report(&out);
+    assert_eq!(r["rows_in"], 96);
+    assert_eq!(r["invariant_holds"], true, "{r}");
+    check_quarantine_matches_ground_truth(&corpus_dir, &out);
+    let mut generated = 0;
+    for shard in shard_files(&out) {
+        let b = read_parquet(&shard);
+        for column in [
+            "caption_final",
+            "pseudo_label",
+            "pseudo_prob",
+            "text_feature",
+            "clip_similarity",
+            "pseudo_weight",
+        ] {
+            let col = b
+                .column_by_name(column)
+                .unwrap_or_else(|| panic!("no {column}"));
+            assert_eq!(
+                col.null_count(),
+                0,
+                "{column} has nulls in {}",
+                shard.display()
+            );
+        }
+        let missing = b
+            .column_by_name("caption_missing")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>()
+            .unwrap()
+            .clone();
+        for (i, source) in strings(&b, "caption_source").iter().enumerate() {
+            let expect = if missing.value(i) {
+                "generated"
+            } else {
+                "given"
+            };
+            assert_eq!(source.as_deref(), Some(expect), "row {i}");
+            generated += usize::from(missing.value(i));
+        }
+        let weights = b.column_by_name("pseudo_weight").unwrap();
+        let weights = weights.as_primitive::<arrow::datatypes::Float32Type>();
+        assert!(weights.values().iter().all(|w| (0.0..=1.0).contains(w)));
+    }
+    assert!(
+        generated > 0,
+        "the corpus has missing captions for the captioner"
+    );
+}

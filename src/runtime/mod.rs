@@ -343,9 +343,11 @@ pub fn run(
     })
 }
 
-/// Fill of one queue, kept beside the channel.
+/// Fill of one queue, kept beside the channel. Counted after a send completes (a
+/// producer blocked on a full queue is not "in" it) and before the matching receive is
+/// counted, so the value can dip below zero for an instant: it is clamped when read.
 struct QueueGauge {
-    len: std::sync::atomic::AtomicUsize,
+    len: std::sync::atomic::AtomicIsize,
     capacity: usize,
 }
 
@@ -358,7 +360,8 @@ impl QueueGauge {
     }
 
     fn fill(&self) -> f64 {
-        self.len.load(Relaxed) as f64 / self.capacity as f64
+        let len = self.len.load(Relaxed).clamp(0, self.capacity as isize);
+        len as f64 / self.capacity as f64
     }
 }
 
@@ -371,11 +374,9 @@ struct Outlet<'a> {
 impl Outlet<'_> {
     /// Blocks while the queue is full (backpressure); false once the consumers are gone.
     fn send(&self, msg: Message, metrics: &StepMetrics) -> bool {
-        // Count before sending so the consumer's decrement never underflows.
-        self.gauge.len.fetch_add(1, Relaxed);
         let ok = StepMetrics::timed(&metrics.blocked_ns, || self.tx.send(msg)).is_ok();
-        if !ok {
-            self.gauge.len.fetch_sub(1, Relaxed);
+        if ok {
+            self.gauge.len.fetch_add(1, Relaxed);
         }
         ok
     }

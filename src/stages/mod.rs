@@ -6,6 +6,7 @@
 //! The YAML registry is the tagged enum [`StageKind`]: `type: decode` maps to one
 //! variant, exhaustively.
 
+pub mod caption;
 pub mod clean_caption;
 pub mod clip_score;
 pub mod decode;
@@ -96,16 +97,22 @@ pub enum StageKind {
     /// `text_feature` (the pooled caption feature before the last linear layer) and, when
     /// class names are given, `pseudo_label_name`.
     PseudoLabel(pseudo_label::PseudoLabelConfig),
+    /// Captions for rows without one (`caption_missing` true or a null caption) from an
+    /// ONNX image-to-text model (VisionEncoderDecoder, greedy decoding): adds
+    /// `caption_final` (the given cleaned caption or the generated one) and
+    /// `caption_source` (`given` or `generated`).
+    Caption(caption::CaptionConfig),
 }
 
 impl StageKind {
     /// Every `type:` a stage entry may have.
-    pub const TYPES: [&'static str; 5] = [
+    pub const TYPES: [&'static str; 6] = [
         "decode",
         "clean_caption",
         "clip_score",
         "uncertainty",
         "pseudo_label",
+        "caption",
     ];
 
     /// Build the variant named by `type_name` from the entry's remaining keys; errors
@@ -122,6 +129,7 @@ impl StageKind {
             "clip_score" => from_value_at(config, at).map(StageKind::ClipScore),
             "uncertainty" => from_value_at(config, at).map(StageKind::Uncertainty),
             "pseudo_label" => from_value_at(config, at).map(StageKind::PseudoLabel),
+            "caption" => from_value_at(config, at).map(StageKind::Caption),
             other => Err((
                 format!("{at}.type"),
                 format!(
@@ -140,6 +148,7 @@ impl StageKind {
             StageKind::ClipScore(c) => c.validate(),
             StageKind::Uncertainty(c) => c.validate(),
             StageKind::PseudoLabel(c) => c.validate(),
+            StageKind::Caption(c) => c.validate(),
         }
     }
 
@@ -150,6 +159,7 @@ impl StageKind {
             StageKind::ClipScore(_) => "clip_score",
             StageKind::Uncertainty(_) => "uncertainty",
             StageKind::PseudoLabel(_) => "pseudo_label",
+            StageKind::Caption(_) => "caption",
         }
     }
 }
@@ -182,6 +192,11 @@ impl StageSpec {
                 let mut config = config.clone();
                 config.resolve_paths(base);
                 Arc::new(pseudo_label::PseudoLabelStage::new(name, config)?)
+            }
+            StageKind::Caption(config) => {
+                let mut config = config.clone();
+                config.resolve_paths(base);
+                Arc::new(caption::CaptionStage::new(name, config)?)
             }
         })
     }
