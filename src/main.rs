@@ -57,6 +57,58 @@ enum Command {
     /// Benchmark tools.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fit a text head (pseudo_label's `head`) on frozen MiniLM sentence embeddings of
+    /// captions with integer labels; prints train and held-out accuracy as JSON.
+    FitText(FitTextArgs),
+}
+
+#[derive(Args)]
+struct FitTextArgs {
+    /// Parquet shards with captions and labels.
+    #[arg(long, required = true, num_args = 1.., value_name = "SHARD")]
+    train: Vec<PathBuf>,
+    /// The head file to write (safetensors; the sidecar `<file>.json` goes beside it).
+    #[arg(long, value_name = "HEAD_FILE")]
+    out: PathBuf,
+    /// Caption column. Default: `caption_clean` when present, else `caption`.
+    #[arg(long)]
+    caption_column: Option<String>,
+    /// Integer label column.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Keep only rows whose `split` column equals this (e.g. `train`); shorthand for
+    /// `--where split=VALUE`.
+    #[arg(long)]
+    split: Option<String>,
+    /// Keep only rows where COLUMN (compared as text) equals VALUE, e.g.
+    /// `--where domain=source`; may repeat (all must hold).
+    #[arg(long = "where", value_name = "COLUMN=VALUE")]
+    filters: Vec<String>,
+    /// ONNX sentence encoder (file or folder). Default: $TRUSTFLOW_MINILM_DIR.
+    #[arg(long)]
+    encoder: Option<PathBuf>,
+    /// The encoder's tokenizer.json. Default: $TRUSTFLOW_MINILM_TOKENIZER.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Class names in label order, comma-separated. Default: 0..C-1.
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    /// Hidden width H (the caption feature's size).
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// Share of rows held out (seeded) for the held-out accuracy.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the metrics JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +270,53 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { out, rows, shards } => demo(&out, rows, shards),
+        Command::FitText(args) => {
+            use trustflow::train::text_head::{FitOptions, FitTextOptions, fit_text};
+            anyhow::ensure!(
+                (0.0..1.0).contains(&args.holdout),
+                "--holdout must be in [0, 1)"
+            );
+            anyhow::ensure!(
+                args.hidden >= 1 && args.epochs >= 1,
+                "--hidden and --epochs must be >= 1"
+            );
+            let mut filters = Vec::new();
+            for filter in &args.filters {
+                let (column, value) = filter
+                    .split_once('=')
+                    .with_context(|| format!("--where {filter:?}: expected COLUMN=VALUE"))?;
+                filters.push((column.trim().to_string(), value.to_string()));
+            }
+            if let Some(split) = args.split {
+                filters.push(("split".to_string(), split));
+            }
+            let opts = FitTextOptions {
+                train: args.train,
+                out: args.out,
+                caption_column: args.caption_column,
+                label_column: args.label_column,
+                filters,
+                encoder: args.encoder,
+                tokenizer: args.tokenizer,
+                classes: args.classes,
+                holdout: args.holdout,
+                fit: FitOptions {
+                    hidden: args.hidden,
+                    epochs: args.epochs,
+                    lr: args.lr,
+                    seed: args.seed,
+                    ..FitOptions::default()
+                },
+            };
+            let metrics = fit_text(&opts)?;
+            let text = serde_json::to_string_pretty(&metrics)?;
+            println!("{text}");
+            if let Some(path) = args.report {
+                std::fs::write(&path, &text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Gen(args)) => {
             let opts = GenOptions {
                 rows: args.rows,

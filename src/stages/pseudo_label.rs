@@ -12,6 +12,13 @@
 //! A plain Optimum export of a sequence classifier has only the `logits` output; the
 //! feature must be exported as a second output (scripts/fixtures/make_text_classifier.py
 //! shows how: wrap the model in a module returning both).
+//!
+//! The second classifier kind is a text head fitted by `trustflow fit-text`
+//! ([`crate::train::text_head`]): set `head` (the head file) instead of `model`. Captions
+//! are embedded by the frozen ONNX sentence encoder `encoder` (default: the environment
+//! variable `TRUSTFLOW_MINILM_DIR`) with the tokenizer `tokenizer` (default:
+//! `TRUSTFLOW_MINILM_TOKENIZER`), both set by scripts/setup.sh; the head gives the logits
+//! and `text_feature` is its ReLU hidden layer. The output columns are the same.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +41,7 @@ use crate::models::onnx::{
     ExecutionProviderName, Fallback, InputTensor, OnnxModel, SessionConfig, TensorSpec,
 };
 use crate::models::text::TextTokenizer;
+use crate::train::text_head::{self, SentenceEncoder, TextHead};
 
 /// Output column: the predicted class, `argmax` of the logits (Int64).
 pub const PSEUDO_LABEL: &str = "pseudo_label";
@@ -71,10 +79,21 @@ pub struct PseudoLabelConfig {
     /// `tokenizer` and `max_length` are given.
     #[serde(default)]
     pub model: Option<String>,
+    /// A text head fitted by `trustflow fit-text` (safetensors, with its `<head>.json`
+    /// sidecar beside it), used instead of `model`: exactly one of the two is set.
+    /// `text_feature` is then the head's ReLU hidden layer.
+    #[serde(default)]
+    pub head: Option<String>,
+    /// With `head`: the frozen ONNX sentence encoder, an `.onnx` file or a folder holding
+    /// one. Default: the environment variable `TRUSTFLOW_MINILM_DIR` (set by
+    /// scripts/setup.sh to paraphrase-MiniLM-L3-v2).
+    #[serde(default)]
+    pub encoder: Option<String>,
     /// Path of the ONNX classifier, overriding `<model>/model.onnx`.
     #[serde(default)]
     pub classifier_model: Option<String>,
-    /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
+    /// Path of the tokenizer, overriding `<model>/tokenizer.json`. With `head`: the
+    /// encoder's tokenizer, default the environment variable `TRUSTFLOW_MINILM_TOKENIZER`.
     #[serde(default)]
     pub tokenizer: Option<String>,
     /// Path of the model configuration (read for `max_position_embeddings`),
@@ -121,6 +140,8 @@ impl PseudoLabelConfig {
     pub fn for_model(model: impl Into<String>) -> Self {
         Self {
             model: Some(model.into()),
+            head: None,
+            encoder: None,
             classifier_model: None,
             tokenizer: None,
             config: None,
@@ -139,7 +160,23 @@ impl PseudoLabelConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        if self.model.is_none() {
+        if self.head.is_some() {
+            if self.model.is_some() {
+                problem(
+                    "head",
+                    "set exactly one of `model` (an ONNX classifier) and `head` (a text head)"
+                        .into(),
+                );
+            }
+            for (field, value) in [
+                ("classifier_model", &self.classifier_model),
+                ("config", &self.config),
+            ] {
+                if value.is_some() {
+                    problem(field, "applies to `model`, not to `head`".into());
+                }
+            }
+        } else if self.model.is_none() {
             let mut missing = Vec::new();
             if self.classifier_model.is_none() {
                 missing.push("classifier_model");
@@ -154,7 +191,8 @@ impl PseudoLabelConfig {
                 problem(
                     "model",
                     format!(
-                        "is required (an export folder) unless the files are given; missing: {}",
+                        "is required (an export folder) unless `head` or the files are given; \
+                         missing: {}",
                         missing.join(", ")
                     ),
                 );
@@ -162,6 +200,8 @@ impl PseudoLabelConfig {
         }
         for (field, value) in [
             ("model", &self.model),
+            ("head", &self.head),
+            ("encoder", &self.encoder),
             ("classifier_model", &self.classifier_model),
             ("tokenizer", &self.tokenizer),
             ("config", &self.config),
@@ -220,6 +260,8 @@ impl PseudoLabelConfig {
     pub fn resolve_paths(&mut self, base: &Path) {
         for path in [
             &mut self.model,
+            &mut self.head,
+            &mut self.encoder,
             &mut self.classifier_model,
             &mut self.tokenizer,
             &mut self.config,
@@ -282,14 +324,30 @@ fn read_model_config(path: &Path) -> Result<ModelFacts> {
     })
 }
 
+/// What computes the logits and features.
+// One per stage, built once: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Backend {
+    /// An exported ONNX sequence classifier.
+    Onnx {
+        model: OnnxModel,
+        has_mask: bool,
+        tokenizer: TextTokenizer,
+    },
+    /// A frozen sentence encoder and a fitted text head.
+    Head {
+        encoder: SentenceEncoder,
+        head: TextHead,
+    },
+}
+
 /// The built `pseudo_label` stage.
 #[derive(Debug)]
 pub struct PseudoLabelStage {
     name: String,
     config: PseudoLabelConfig,
-    model: OnnxModel,
-    has_mask: bool,
-    tokenizer: TextTokenizer,
+    backend: Backend,
     classes: usize,
     dim: usize,
     /// Fingerprints of the model files (see `Stage::content_digest`).
@@ -302,6 +360,9 @@ impl PseudoLabelStage {
     /// execution provider that is not available, class names that do not match the
     /// model) is an error naming the file.
     pub fn new(name: String, config: PseudoLabelConfig) -> Result<Self> {
+        if config.head.is_some() {
+            return Self::new_head(name, config);
+        }
         let err = |e: Error| Error::stage(&name, e);
         if let Some(folder) = &config.model
             && !Path::new(folder).is_dir()
@@ -465,13 +526,90 @@ impl PseudoLabelStage {
         Ok(Self {
             name,
             config,
-            model,
-            has_mask,
-            tokenizer,
+            backend: Backend::Onnx {
+                model,
+                has_mask,
+                tokenizer,
+            },
             classes,
             dim,
             digest,
         })
+    }
+
+    /// Build the text-head kind: `head` with the sentence encoder and tokenizer.
+    fn new_head(name: String, config: PseudoLabelConfig) -> Result<Self> {
+        let err = |e: Error| Error::stage(&name, e);
+        let head_path = PathBuf::from(config.head.clone().unwrap_or_default());
+        let head = TextHead::load(&head_path).map_err(err)?;
+        let encoder_path = text_head::path_or_env(
+            config.encoder.as_deref(),
+            text_head::MINILM_DIR_ENV,
+            "`encoder`",
+        )
+        .map_err(err)?;
+        let tokenizer_path = text_head::path_or_env(
+            config.tokenizer.as_deref(),
+            text_head::MINILM_TOKENIZER_ENV,
+            "`tokenizer`",
+        )
+        .map_err(err)?;
+        let session = SessionConfig {
+            intra_op_threads: config.intra_op_threads,
+            execution_provider: config.execution_provider,
+            fallback: config.fallback,
+        };
+        let encoder =
+            SentenceEncoder::load(&encoder_path, &tokenizer_path, &session).map_err(err)?;
+        if encoder.dim() != head.input_dim() {
+            return Err(err(Error::input(
+                &head_path,
+                format!(
+                    "head expects {}-dimensional embeddings but the encoder {} gives {}",
+                    head.input_dim(),
+                    encoder.model().path().display(),
+                    encoder.dim()
+                ),
+            )));
+        }
+        let classes = head.num_classes();
+        if let Some(labels) = &config.labels
+            && labels.len() != classes
+        {
+            return Err(err(Error::input(
+                &head_path,
+                format!(
+                    "head has {classes} classes but `labels` names {}",
+                    labels.len()
+                ),
+            )));
+        }
+        let mut digest = String::new();
+        for path in [
+            head_path.clone(),
+            text_head::sidecar_path(&head_path),
+            encoder.model().path().to_path_buf(),
+            tokenizer_path.clone(),
+        ] {
+            let print = crate::source::Fingerprint::of(&path).map_err(err)?;
+            digest.push_str(&print.tail_sha256);
+            digest.push_str(&print.size.to_string());
+        }
+        Ok(Self {
+            name,
+            config,
+            dim: head.hidden(),
+            classes,
+            backend: Backend::Head { encoder, head },
+            digest,
+        })
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        match &self.backend {
+            Backend::Onnx { tokenizer, .. } => tokenizer,
+            Backend::Head { encoder, .. } => encoder.tokenizer(),
+        }
     }
 
     /// Number of classes (logits per row).
@@ -486,12 +624,15 @@ impl PseudoLabelStage {
 
     /// Tokens kept per caption.
     pub fn max_length(&self) -> usize {
-        self.tokenizer.max_length()
+        self.tokenizer().max_length()
     }
 
     /// The execution provider the model runs on (CPU after a fallback).
     pub fn provider(&self) -> ExecutionProviderName {
-        self.model.provider()
+        match &self.backend {
+            Backend::Onnx { model, .. } => model.provider(),
+            Backend::Head { encoder, .. } => encoder.model().provider(),
+        }
     }
 
     /// The caption column read for an input with `schema`.
@@ -505,7 +646,7 @@ impl PseudoLabelStage {
 
     /// Token ids of one caption, as the stage feeds them (before padding).
     pub fn encode(&self, caption: &str) -> std::result::Result<Vec<u32>, String> {
-        self.tokenizer.encode(caption)
+        self.tokenizer().encode(caption)
     }
 
     /// Raw logits and features of `captions`, in one ONNX call (row-major).
@@ -518,10 +659,23 @@ impl PseudoLabelStage {
     }
 
     fn infer(&self, tokens: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (model, has_mask, tokenizer) = match &self.backend {
+            Backend::Onnx {
+                model,
+                has_mask,
+                tokenizer,
+            } => (model, *has_mask, tokenizer),
+            Backend::Head { encoder, head } => {
+                let x = encoder
+                    .embed_tokens(tokens)
+                    .map_err(|e| Error::stage(&self.name, e))?;
+                return Ok(head.forward(&x));
+            }
+        };
         let (logits, features) = run_model(
-            &self.model,
-            self.has_mask,
-            &self.tokenizer,
+            model,
+            has_mask,
+            tokenizer,
             tokens,
             &self.config.logits_output,
             &self.config.feature_output,
@@ -533,7 +687,7 @@ impl PseudoLabelStage {
         ] {
             if out.shape != [n, width] {
                 return Err(Error::input(
-                    self.model.path(),
+                    model.path(),
                     format!(
                         "output `{output}` has shape {:?}, expected [{n}, {width}]",
                         out.shape
@@ -557,7 +711,7 @@ impl PseudoLabelStage {
             let outcome = if captions.is_null(row) {
                 Err(format!("caption `{caption_name}` is null"))
             } else {
-                self.tokenizer.encode(captions.value(row))
+                self.tokenizer().encode(captions.value(row))
             };
             match outcome {
                 Ok(ids) => {

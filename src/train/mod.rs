@@ -7,5 +7,6 @@
 
 pub mod augment;
 pub mod losses;
+pub mod text_head;
 
 pub use losses::{LossError, LossTerms, LossValues, TrustBatch, trust_loss};
