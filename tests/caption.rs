@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, BooleanArray, LargeBinaryArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
+use common::require_ort;
 use serde_json::Value;
 use trustflow::plan::{self, Overrides};
 use trustflow::run::{self, RunOptions};
@@ -30,14 +31,6 @@ fn images_dir() -> PathBuf {
 
 fn model_dir() -> PathBuf {
     fixtures().join("model")
-}
-
-fn require_ort() {
-    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
-    assert!(
-        Path::new(&path).is_file(),
-        "these tests need ONNX Runtime: run `source scripts/setup.sh` first (ORT_DYLIB_PATH={path:?})"
-    );
 }
 
 fn reference() -> Value {

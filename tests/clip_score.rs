@@ -13,6 +13,7 @@ use arrow::array::{
     Array, ArrayRef, AsArray, FixedSizeListArray, LargeBinaryArray, RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Float32Type, Schema};
+use common::{floats, require_ort, rows_f32};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use trustflow::models::clip_preprocess::{ClipImageConfig, PilFilter, resize_rgb};
@@ -39,33 +40,12 @@ fn model_dir() -> PathBuf {
     fixtures().join("model")
 }
 
-fn require_ort() {
-    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
-    assert!(
-        Path::new(&path).is_file(),
-        "these tests need ONNX Runtime: run `source scripts/setup.sh` first (ORT_DYLIB_PATH={path:?})"
-    );
-}
-
 fn reference() -> &'static Value {
     static REF: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
         let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
         serde_json::from_str(&text).unwrap()
     })
-}
-
-fn floats(value: &Value) -> Vec<f32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn rows_f32(value: &Value) -> Vec<Vec<f32>> {
-    value.as_array().unwrap().iter().map(floats).collect()
 }
 
 fn rows_i64(value: &Value) -> Vec<Vec<i64>> {

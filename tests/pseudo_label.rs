@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
+use common::{floats, require_ort, rows_f32};
 use serde_json::Value;
 use trustflow::plan::{self, Overrides};
 use trustflow::run::{self, RunOptions};
@@ -31,33 +32,12 @@ fn model_dir() -> PathBuf {
     fixtures().join("model")
 }
 
-fn require_ort() {
-    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
-    assert!(
-        Path::new(&path).is_file(),
-        "these tests need ONNX Runtime: run `source scripts/setup.sh` first (ORT_DYLIB_PATH={path:?})"
-    );
-}
-
 fn reference() -> &'static Value {
     static REF: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
         let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
         serde_json::from_str(&text).unwrap()
     })
-}
-
-fn floats(value: &Value) -> Vec<f32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn rows_f32(value: &Value) -> Vec<Vec<f32>> {
-    value.as_array().unwrap().iter().map(floats).collect()
 }
 
 fn ints(value: &Value) -> Vec<i64> {

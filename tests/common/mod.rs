@@ -158,3 +158,32 @@ pub fn report(out: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(out.join("_report.json")).expect("report");
     serde_json::from_str(&text).expect("report json")
 }
+
+/// Model tests need the ONNX Runtime library that scripts/setup.sh installs.
+pub fn require_ort() {
+    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
+    assert!(
+        Path::new(&path).is_file(),
+        "these tests need ONNX Runtime: run `source scripts/setup.sh` first (ORT_DYLIB_PATH={path:?})"
+    );
+}
+
+/// A JSON array of numbers from a reference fixture, as f32.
+pub fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// A JSON array of number arrays, as rows of f32.
+pub fn rows_f32(value: &serde_json::Value) -> Vec<Vec<f32>> {
+    value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(floats)
+        .collect()
+}
