@@ -23,6 +23,7 @@
 //! so a caption of `n` tokens costs `n` decoder calls over prefixes of 1..n tokens
 //! (O(n^2) attention work instead of O(n)); simple, exact, and cheap at caption lengths.
 
+use crate::models::files;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -180,38 +181,26 @@ impl CaptionConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        let files = [
+        let file_fields = [
             ("encoder_model", &self.encoder_model),
             ("decoder_model", &self.decoder_model),
             ("tokenizer", &self.tokenizer),
             ("config", &self.config),
             ("preprocessor_config", &self.preprocessor_config),
         ];
-        if self.model.is_none() {
-            let missing: Vec<&str> = files
-                .iter()
-                .filter(|(_, p)| p.is_none())
-                .map(|(n, _)| *n)
-                .collect();
-            if !missing.is_empty() {
-                problem(
-                    "model",
-                    format!(
-                        "is required (an export folder) unless every file is given; missing: {}",
-                        missing.join(", ")
-                    ),
-                );
-            }
+        for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
+            problem(&field, message);
         }
-        for (field, path) in files.iter().copied().chain([
+        for (field, message) in files::blank_fields(&file_fields) {
+            problem(&field, message);
+        }
+        for (field, message) in files::blank_fields(&[
             ("model", &self.model),
             ("generation_config", &self.generation_config),
             ("caption_column", &self.caption_column),
             ("missing_column", &self.missing_column),
         ]) {
-            if path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                problem(field, "must not be empty".into());
-            }
+            problem(&field, message);
         }
         if !(1..=4096).contains(&self.max_length) {
             problem(
@@ -219,11 +208,8 @@ impl CaptionConfig {
                 format!("expected 1 to 4096 new tokens, found {}", self.max_length),
             );
         }
-        if self.intra_op_threads > 256 {
-            problem(
-                "intra_op_threads",
-                format!("expected 0 to 256 threads, found {}", self.intra_op_threads),
-            );
+        for (field, message) in files::check_intra_op_threads(self.intra_op_threads) {
+            problem(&field, message);
         }
         if self.max_pixels == 0 {
             problem("max_pixels", "must be greater than 0".into());
@@ -242,30 +228,23 @@ impl CaptionConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [
-            &mut self.model,
-            &mut self.encoder_model,
-            &mut self.decoder_model,
-            &mut self.tokenizer,
-            &mut self.config,
-            &mut self.generation_config,
-            &mut self.preprocessor_config,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if Path::new(path.as_str()).is_relative() {
-                *path = base.join(path.as_str()).to_string_lossy().into_owned();
-            }
-        }
+        files::resolve_against(
+            base,
+            [
+                &mut self.model,
+                &mut self.encoder_model,
+                &mut self.decoder_model,
+                &mut self.tokenizer,
+                &mut self.config,
+                &mut self.generation_config,
+                &mut self.preprocessor_config,
+            ],
+        );
     }
 
     fn file(&self, explicit: &Option<String>, default_name: &str) -> PathBuf {
-        match (explicit, &self.model) {
-            (Some(path), _) => PathBuf::from(path),
-            (None, Some(folder)) => Path::new(folder).join(default_name),
-            (None, None) => PathBuf::from(default_name),
-        }
+        files::lookup(explicit, &self.model, default_name)
+            .unwrap_or_else(|| PathBuf::from(default_name))
     }
 }
 

@@ -6,6 +6,7 @@
 //! (the cosine of the pair) and, by default, the two unit embeddings, which the
 //! `uncertainty` stage turns into weights.
 
+use crate::models::files;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -158,42 +159,27 @@ impl ClipScoreConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        let files = [
+        let file_fields = [
             ("vision_model", &self.vision_model),
             ("text_model", &self.text_model),
             ("tokenizer", &self.tokenizer),
             ("config", &self.config),
             ("preprocessor_config", &self.preprocessor_config),
         ];
-        if self.model.is_none() {
-            let missing: Vec<&str> = files
-                .iter()
-                .filter(|(_, p)| p.is_none())
-                .map(|(n, _)| *n)
-                .collect();
-            if !missing.is_empty() {
-                problem(
-                    "model",
-                    format!(
-                        "is required (an export folder) unless every file is given; missing: {}",
-                        missing.join(", ")
-                    ),
-                );
-            }
+        for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
+            problem(&field, message);
         }
-        for (field, path) in files.iter().copied().chain([
+        for (field, message) in files::blank_fields(&file_fields) {
+            problem(&field, message);
+        }
+        for (field, message) in files::blank_fields(&[
             ("model", &self.model),
             ("caption_column", &self.caption_column),
         ]) {
-            if path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                problem(field, "must not be empty".into());
-            }
+            problem(&field, message);
         }
-        if self.intra_op_threads > 256 {
-            problem(
-                "intra_op_threads",
-                format!("expected 0 to 256 threads, found {}", self.intra_op_threads),
-            );
+        for (field, message) in files::check_intra_op_threads(self.intra_op_threads) {
+            problem(&field, message);
         }
         if let Some(s) = self.logit_scale
             && !(s.is_finite() && s > 0.0)
@@ -220,29 +206,22 @@ impl ClipScoreConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [
-            &mut self.model,
-            &mut self.vision_model,
-            &mut self.text_model,
-            &mut self.tokenizer,
-            &mut self.config,
-            &mut self.preprocessor_config,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if Path::new(path.as_str()).is_relative() {
-                *path = base.join(path.as_str()).to_string_lossy().into_owned();
-            }
-        }
+        files::resolve_against(
+            base,
+            [
+                &mut self.model,
+                &mut self.vision_model,
+                &mut self.text_model,
+                &mut self.tokenizer,
+                &mut self.config,
+                &mut self.preprocessor_config,
+            ],
+        );
     }
 
     fn file(&self, explicit: &Option<String>, default_name: &str) -> PathBuf {
-        match (explicit, &self.model) {
-            (Some(path), _) => PathBuf::from(path),
-            (None, Some(folder)) => Path::new(folder).join(default_name),
-            (None, None) => PathBuf::from(default_name),
-        }
+        files::lookup(explicit, &self.model, default_name)
+            .unwrap_or_else(|| PathBuf::from(default_name))
     }
 }
 

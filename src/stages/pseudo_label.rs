@@ -20,6 +20,7 @@
 //! `TRUSTFLOW_MINILM_TOKENIZER`), both set by scripts/setup.sh; the head gives the logits
 //! and `text_feature` is its ReLU hidden layer. The output columns are the same.
 
+use crate::models::files;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -198,7 +199,7 @@ impl PseudoLabelConfig {
                 );
             }
         }
-        for (field, value) in [
+        for (field, message) in files::blank_fields(&[
             ("model", &self.model),
             ("head", &self.head),
             ("encoder", &self.encoder),
@@ -206,10 +207,8 @@ impl PseudoLabelConfig {
             ("tokenizer", &self.tokenizer),
             ("config", &self.config),
             ("caption_column", &self.caption_column),
-        ] {
-            if value.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                problem(field, "must not be empty".into());
-            }
+        ]) {
+            problem(&field, message);
         }
         for (field, value) in [
             ("logits_output", &self.logits_output),
@@ -236,11 +235,8 @@ impl PseudoLabelConfig {
                 format!("expected 2 to 65536 tokens, found {n}"),
             );
         }
-        if self.intra_op_threads > 256 {
-            problem(
-                "intra_op_threads",
-                format!("expected 0 to 256 threads, found {}", self.intra_op_threads),
-            );
+        for (field, message) in files::check_intra_op_threads(self.intra_op_threads) {
+            problem(&field, message);
         }
         if let Some(labels) = &self.labels {
             if labels.len() < 2 {
@@ -258,29 +254,21 @@ impl PseudoLabelConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [
-            &mut self.model,
-            &mut self.head,
-            &mut self.encoder,
-            &mut self.classifier_model,
-            &mut self.tokenizer,
-            &mut self.config,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if Path::new(path.as_str()).is_relative() {
-                *path = base.join(path.as_str()).to_string_lossy().into_owned();
-            }
-        }
+        files::resolve_against(
+            base,
+            [
+                &mut self.model,
+                &mut self.head,
+                &mut self.encoder,
+                &mut self.classifier_model,
+                &mut self.tokenizer,
+                &mut self.config,
+            ],
+        );
     }
 
     fn file(&self, explicit: &Option<String>, default_name: &str) -> Option<PathBuf> {
-        match (explicit, &self.model) {
-            (Some(path), _) => Some(PathBuf::from(path)),
-            (None, Some(folder)) => Some(Path::new(folder).join(default_name)),
-            (None, None) => None,
-        }
+        files::lookup(explicit, &self.model, default_name)
     }
 }
 
