@@ -1,7 +1,9 @@
 //! CLIP image preprocessing, exactly as Hugging Face transformers' slow
 //! `CLIPImageProcessor` (the PIL backend, `use_fast=False` / `backend="pil"`) does it:
 //!
-//! 1. RGB: the caller decodes with [`crate::models::image::decode_rgb`].
+//! 1. RGB: the caller decodes with [`crate::models::image::decode_rgb`], whose pixels
+//!    are Pillow's `Image.open(f).convert("RGB")` byte for byte (JPEG through
+//!    libjpeg-turbo's decoder, as in Pillow; PNG and WebP are lossless).
 //! 2. Resize with Pillow's `Image.resize` so the shortest edge is `size.shortest_edge`
 //!    (or to `size.height` x `size.width`). [`resize_rgb`] is a port of Pillow's
 //!    `libImaging/Resample.c`: the same filters and support scaling when downsampling,

@@ -1,6 +1,12 @@
 //! Safe image probing and decoding: size and pixel limits checked from the header
 //! before any pixel buffer exists, formats restricted to an allow-list, and truncated
 //! files rejected even where the underlying decoder would render them partially.
+//!
+//! JPEG goes through libjpeg-turbo's decoder (see [`libjpeg`]), so its RGB pixels are
+//! byte-identical to Pillow's `Image.open(f).convert("RGB")`; PNG and WebP go through
+//! the `image` crate, whose output for these lossless formats is exact.
+
+mod libjpeg;
 
 use std::io::Cursor;
 
@@ -154,6 +160,15 @@ pub fn probe(
     limits: &ImageLimits,
     allowed: &[ImageFormatName],
 ) -> Result<ImageInfo, ImageError> {
+    probe_with_layout(bytes, limits, allowed).map(|(info, _)| info)
+}
+
+/// [`probe`], also returning what the JPEG marker walk found (for JPEG only).
+fn probe_with_layout(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    allowed: &[ImageFormatName],
+) -> Result<(ImageInfo, Option<JpegLayout>), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -174,29 +189,51 @@ pub fn probe(
         check_dimensions(width, height, limits)?;
     }
 
-    // Before the decoder so a cut file reads as truncated whatever part is missing.
-    check_complete(format, bytes)?;
-    let (width, height) = guarded(format, || {
-        let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
-        reader.limits(decoder_limits(limits));
-        reader.into_dimensions()
-    })?;
+    let mut layout = None;
+    let (width, height) = if format == ImageFormatName::Jpeg {
+        // The walk runs first so a cut file reads as truncated whatever part is missing;
+        // it also reads the SOF dimensions, checked before libjpeg sees the data.
+        let walked = jpeg_layout(bytes).ok_or_else(|| ImageError::Truncated {
+            format,
+            detail: JPEG_NO_EOI.to_string(),
+        })?;
+        let dimensions = libjpeg::probe(bytes, &walked, limits)?;
+        layout = Some(walked);
+        dimensions
+    } else {
+        // Before the decoder so a cut file reads as truncated whatever part is missing.
+        check_complete(format, bytes)?;
+        guarded(format, || {
+            let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
+            reader.limits(decoder_limits(limits));
+            reader.into_dimensions()
+        })?
+    };
     check_dimensions(width, height, limits)?;
-    Ok(ImageInfo {
-        format,
-        width,
-        height,
-    })
+    Ok((
+        ImageInfo {
+            format,
+            width,
+            height,
+        },
+        layout,
+    ))
 }
 
 /// Probe, then fully decode to 8-bit RGB under memory limits derived from
-/// `limits.max_pixels`.
+/// `limits.max_pixels`. JPEG output is byte-identical to Pillow's
+/// `Image.open(f).convert("RGB")` (libjpeg-turbo's decoder; greyscale is replicated to
+/// three channels, CMYK converted with Pillow's formula); PNG and WebP are lossless.
 pub fn decode_rgb(
     bytes: &[u8],
     limits: &ImageLimits,
     allowed: &[ImageFormatName],
 ) -> Result<(ImageInfo, RgbImage), ImageError> {
-    let info = probe(bytes, limits, allowed)?;
+    let (info, layout) = probe_with_layout(bytes, limits, allowed)?;
+    if let Some(layout) = layout {
+        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits)?;
+        return Ok((info, image));
+    }
     let image = guarded(info.format, || {
         let mut reader =
             ImageReader::with_format(Cursor::new(bytes), info.format.to_image_format());
@@ -219,14 +256,18 @@ pub fn decode_rgb(
     Ok((info, image.into_rgb8()))
 }
 
+/// Memory a decoder may use for one image: the widest output buffer at the pixel limit
+/// plus working memory.
+fn decoder_memory_budget(limits: &ImageLimits) -> u64 {
+    limits
+        .max_pixels
+        .saturating_mul(MAX_BYTES_PER_PIXEL)
+        .saturating_add(DECODER_SLACK_BYTES)
+}
+
 fn decoder_limits(limits: &ImageLimits) -> image::Limits {
     let mut out = image::Limits::default();
-    out.max_alloc = Some(
-        limits
-            .max_pixels
-            .saturating_mul(MAX_BYTES_PER_PIXEL)
-            .saturating_add(DECODER_SLACK_BYTES),
-    );
+    out.max_alloc = Some(decoder_memory_budget(limits));
     out
 }
 
@@ -308,7 +349,7 @@ fn check_complete(format: ImageFormatName, bytes: &[u8]) -> Result<(), ImageErro
             if jpeg_reaches_eoi(bytes) {
                 Ok(())
             } else {
-                Err(truncated("the data ends before the end-of-image marker"))
+                Err(truncated(JPEG_NO_EOI))
             }
         }
         ImageFormatName::Webp => {
@@ -339,43 +380,95 @@ fn check_complete(format: ImageFormatName, bytes: &[u8]) -> Result<(), ImageErro
     }
 }
 
+/// The truncation message for a JPEG whose marker walk does not reach EOI.
+const JPEG_NO_EOI: &str = "the data ends before the end-of-image marker";
+
+/// What the marker walk of a complete JPEG found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JpegLayout {
+    /// The first start-of-frame segment (the one decoders use), when it is long enough
+    /// to hold the dimensions.
+    frame: Option<JpegFrame>,
+    /// Start-of-scan markers before EOI.
+    scans: usize,
+}
+
+impl JpegLayout {
+    /// Whether a decoder must buffer the whole image's coefficients: progressive
+    /// frames, or several scans (components coded separately).
+    fn buffered(&self) -> bool {
+        self.scans > 1
+            || self
+                .frame
+                .is_some_and(|f| matches!(f.marker, 0xC2 | 0xC6 | 0xCA | 0xCE))
+    }
+}
+
+/// A JPEG start-of-frame segment's marker (0xC0 baseline, 0xC2 progressive, ...) and
+/// dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JpegFrame {
+    marker: u8,
+    width: u32,
+    height: u32,
+}
+
 /// Whether a JPEG's marker stream reaches its EOI (0xFFD9) marker.
-///
-/// zune-jpeg (the backend of `image` 0.25) runs in non-strict mode: on a file cut
-/// short it fills the missing MCUs with grey and returns `Ok`. So we walk the marker
-/// structure ourselves: length-prefixed segments are skipped by their length (so an
-/// EOI inside an EXIF thumbnail does not count), entropy-coded data is scanned for the
-/// next real marker (0xFF followed by anything but 0x00 stuffing, RST0-7 or fill
-/// bytes). The stream must reach EOI; bytes after it (zero padding, appended
-/// motion-photo videos) are ignored, as every decoder ignores them.
 fn jpeg_reaches_eoi(bytes: &[u8]) -> bool {
+    jpeg_layout(bytes).is_some()
+}
+
+/// Walk a JPEG's marker structure to its EOI (0xFFD9) marker; `None` when the data
+/// ends first.
+///
+/// Decoders render a file cut short (libjpeg, like zune-jpeg, fills the missing MCUs
+/// and only warns), so we walk the marker structure ourselves: length-prefixed segments
+/// are skipped by their length (so an EOI inside an EXIF thumbnail does not count),
+/// entropy-coded data is scanned for the next real marker (0xFF followed by anything
+/// but 0x00 stuffing, RST0-7 or fill bytes). The stream must reach EOI; bytes after it
+/// (zero padding, appended motion-photo videos) are ignored, as every decoder ignores
+/// them. On the way it records the first SOF segment and counts the scans.
+fn jpeg_layout(bytes: &[u8]) -> Option<JpegLayout> {
+    let mut layout = JpegLayout {
+        frame: None,
+        scans: 0,
+    };
     let mut i = 2; // past SOI
     loop {
         // Find the next 0xFF; anything else is entropy-coded data or stray bytes.
-        let Some(offset) = bytes
-            .get(i..)
-            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
-        else {
-            return false;
-        };
+        let offset = bytes.get(i..)?.iter().position(|&b| b == 0xFF)?;
         let mut j = i + offset + 1;
         while bytes.get(j) == Some(&0xFF) {
             j += 1; // fill bytes
         }
-        let Some(&marker) = bytes.get(j) else {
-            return false;
-        };
+        let marker = *bytes.get(j)?;
         match marker {
-            0xD9 => return true,
+            0xD9 => return Some(layout),
             // Stuffed zero, restart markers, TEM, SOI: no length field follows.
             0x00 | 0x01 | 0xD0..=0xD8 => i = j + 1,
             _ => {
-                let Some(len) = bytes.get(j + 1..j + 3) else {
-                    return false;
-                };
+                let len = bytes.get(j + 1..j + 3)?;
                 let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
                 if len < 2 || j + 1 + len > bytes.len() {
-                    return false;
+                    return None;
+                }
+                let segment = &bytes[j + 3..j + 1 + len];
+                match marker {
+                    // SOF0-15 except DHT (C4), JPG (C8) and DAC (CC): precision,
+                    // height, width, component count, ...
+                    0xC0..=0xCF
+                        if !matches!(marker, 0xC4 | 0xC8 | 0xCC)
+                            && layout.frame.is_none()
+                            && segment.len() >= 5 =>
+                    {
+                        layout.frame = Some(JpegFrame {
+                            marker,
+                            height: u32::from(u16::from_be_bytes([segment[1], segment[2]])),
+                            width: u32::from(u16::from_be_bytes([segment[3], segment[4]])),
+                        });
+                    }
+                    0xDA => layout.scans += 1,
+                    _ => {}
                 }
                 i = j + 1 + len;
             }
@@ -799,6 +892,81 @@ mod tests {
             0xFF, 0xD8, 0xFF, 0xE1, 0x10, 0x00, 0xFF, 0xD9
         ]));
         assert!(!jpeg_reaches_eoi(&[0xFF, 0xD8, 0xFF]));
+    }
+
+    #[test]
+    fn jpeg_layout_reads_frame_and_scans() {
+        let layout = jpeg_layout(&jpeg_bytes(64, 48)).unwrap();
+        assert_eq!(
+            layout.frame,
+            Some(JpegFrame {
+                marker: 0xC0,
+                width: 64,
+                height: 48
+            })
+        );
+        assert_eq!(layout.scans, 1);
+        assert!(!layout.buffered());
+    }
+
+    /// Offset of the first SOF0 marker's 0xC0 byte in `jpeg_bytes` output.
+    fn sof0(jpeg: &[u8]) -> usize {
+        jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap() + 1
+    }
+
+    #[test]
+    fn arithmetic_jpeg_is_unsupported() {
+        let mut jpeg = jpeg_bytes(16, 16);
+        let sof = sof0(&jpeg);
+        jpeg[sof] = 0xC9;
+        let err = decode_rgb(&jpeg, &ImageLimits::default(), ALL).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "jpeg image uses an unsupported feature: arithmetic coding (SOF type 0xc9)"
+        );
+    }
+
+    /// A fatal libjpeg error (here in its header parser) unwinds out of the C code and
+    /// comes back as an error, not an abort.
+    #[test]
+    fn libjpeg_fatal_errors_become_errors() {
+        let mut jpeg = jpeg_bytes(16, 16);
+        let sof = sof0(&jpeg);
+        jpeg[sof + 3] = 12; // sample precision
+        let err = decode_rgb(&jpeg, &ImageLimits::default(), ALL).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "jpeg image uses an unsupported feature: Unsupported JPEG data precision 12"
+        );
+        // Two components: neither Pillow nor we have a colour model for it.
+        let mut jpeg = jpeg_bytes(16, 16);
+        jpeg[sof + 8] = 2;
+        assert!(decode_rgb(&jpeg, &ImageLimits::default(), ALL).is_err());
+        // A Huffman table reference to a table that does not exist.
+        let mut jpeg = jpeg_bytes(16, 16);
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        jpeg[sos + 6] = 0x33;
+        let err = decode_rgb(&jpeg, &ImageLimits::default(), ALL).unwrap_err();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn jpeg_with_too_many_scans_is_refused_before_decoding() {
+        let jpeg = jpeg_bytes(16, 16);
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let eoi = jpeg.len() - 2;
+        let mut many = jpeg[..eoi].to_vec();
+        for _ in 0..500 {
+            many.extend_from_slice(&jpeg[sos..eoi]);
+        }
+        many.extend_from_slice(&[0xFF, 0xD9]);
+        assert_eq!(jpeg_layout(&many).unwrap().scans, 501);
+        let err = probe(&many, &ImageLimits::default(), ALL).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "jpeg image uses an unsupported feature: 501 scans, more than the 500 this \
+             decoder accepts"
+        );
     }
 
     #[test]
