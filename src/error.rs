@@ -33,6 +33,21 @@ pub struct SpecIssue {
     pub message: String,
 }
 
+impl SpecIssue {
+    /// A problem with the file as a whole (unreadable, not YAML), with no field.
+    pub fn whole_file(path: &std::path::Path, message: String) -> Self {
+        SpecIssue {
+            location: SpecLocation {
+                file: path.to_path_buf(),
+                field: String::new(),
+                line: None,
+                column: None,
+            },
+            message,
+        }
+    }
+}
+
 impl std::fmt::Display for SpecIssue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.location, self.message)

@@ -33,8 +33,11 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
-    /// Print the JSON Schema of pipeline files.
-    Schema,
+    /// Print the JSON Schema of pipeline files (`--train`: of training files).
+    Schema {
+        #[arg(long)]
+        train: bool,
+    },
     /// Summarise an output folder: rows per shard, quarantine reasons, columns.
     Inspect {
         out_dir: PathBuf,
@@ -57,9 +60,31 @@ enum Command {
     /// Benchmark tools.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Train the vision model with TRUST's losses over enriched shards (a training
+    /// file: source, target, model, loss, optimizer, data). Writes checkpoints,
+    /// `metrics.jsonl` and `_report.json` under its `output`.
+    Train(TrainArgs),
+    /// Check a training file and its shards (columns, labels, weights, features)
+    /// without training; prints the plan as JSON.
+    ValidateTrain { train_file: PathBuf },
     /// Fit a text head (pseudo_label's `head`) on frozen MiniLM sentence embeddings of
     /// captions with integer labels; prints train and held-out accuracy as JSON.
     FitText(FitTextArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    train_file: PathBuf,
+    /// Continue from the latest checkpoint in the output folder.
+    #[arg(long, conflicts_with = "fresh")]
+    resume: bool,
+    /// Delete the output folder's checkpoints and metrics first.
+    #[arg(long)]
+    fresh: bool,
+    /// Stop abruptly after this many steps, writing nothing (simulates a kill; for
+    /// testing resume).
+    #[arg(long, hide = true)]
+    abort_after_steps: Option<u64>,
 }
 
 #[derive(Args)]
@@ -115,6 +140,35 @@ struct FitTextArgs {
 enum BenchCommand {
     /// Generate a realistic, deterministic corpus of Parquet shards.
     Gen(GenArgs),
+    /// Generate small enriched training shards (source/, target/, eval/) with
+    /// learnable synthetic images, noisy pseudo-labels, weights and text features.
+    GenTrain(GenTrainArgs),
+}
+
+#[derive(Args)]
+struct GenTrainArgs {
+    #[arg(long, default_value = "out/train-corpus")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    rows_source: usize,
+    #[arg(long, default_value_t = 1000)]
+    rows_target: usize,
+    #[arg(long, default_value_t = 400)]
+    rows_eval: usize,
+    #[arg(long, default_value_t = 2)]
+    shards: usize,
+    #[arg(long, default_value_t = 4)]
+    classes: usize,
+    #[arg(long, default_value_t = 16)]
+    image_size: u32,
+    /// Share of target pseudo-labels that are wrong.
+    #[arg(long, default_value_t = 0.3)]
+    pseudo_noise: f64,
+    /// Share of rows whose image bytes are not an image.
+    #[arg(long, default_value_t = 0.0)]
+    bad_image_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -256,8 +310,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("ok: {} is valid", pipeline.display());
             Ok(())
         }
-        Command::Schema => {
-            print!("{}", spec::json_schema());
+        Command::Schema { train } => {
+            match train {
+                true => print!("{}", trustflow::train::spec::json_schema()),
+                false => print!("{}", spec::json_schema()),
+            }
             Ok(())
         }
         Command::Inspect { out_dir, json } => {
@@ -317,6 +374,31 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Train(args) => train(args),
+        Command::ValidateTrain { train_file } => {
+            let loaded = trustflow::train::load_train_file(&train_file)?;
+            let plan = trustflow::train::trainer::check_only(&loaded)?;
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::GenTrain(a)) => {
+            let opts = trustflow::bench::train_corpus::TrainCorpusOptions {
+                rows_source: a.rows_source,
+                rows_target: a.rows_target,
+                rows_eval: a.rows_eval,
+                shards: a.shards,
+                classes: a.classes,
+                image_size: a.image_size,
+                pseudo_noise: a.pseudo_noise,
+                bad_image_rate: a.bad_image_rate,
+                seed: a.seed,
+                out: a.out,
+                ..Default::default()
+            };
+            let summary = trustflow::bench::train_corpus::generate_train_corpus(&opts)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
         Command::Bench(BenchCommand::Gen(args)) => {
             let opts = GenOptions {
                 rows: args.rows,
@@ -336,6 +418,75 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use trustflow::train::{TrainOptions, TrainProgress};
+    let loaded = trustflow::train::load_train_file(&args.train_file)?;
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(4),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:.bold} [{bar:30}] {pos}/{len} steps  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("train");
+    let terminal = std::io::stderr().is_terminal();
+    let last_line = std::sync::Mutex::new(Instant::now());
+    let progress = move |p: &TrainProgress| {
+        let msg = format!(
+            "epoch {}/{} step {}/{}  loss {:.4}  lr {:.2e}  idle {:.0}%  {:.1} steps/s",
+            (p.epoch + 1).min(p.epochs),
+            p.epochs,
+            p.step,
+            p.steps_per_epoch,
+            p.loss,
+            p.lr,
+            100.0 * p.idle_fraction,
+            p.steps_per_s
+        );
+        if terminal {
+            bar.set_length(p.total_steps);
+            bar.set_position(p.global_step);
+            bar.set_message(msg);
+        } else if let Ok(mut last) = last_line.lock()
+            && (last.elapsed().as_secs() >= 5 || p.step == 0)
+        {
+            *last = Instant::now();
+            eprintln!("train: {}/{} steps  {msg}", p.global_step, p.total_steps);
+        }
+    };
+    let options = TrainOptions {
+        resume: args.resume,
+        fresh: args.fresh,
+        cancel: Some(cancel_on_signals()?),
+        abort_after_steps: args.abort_after_steps,
+        progress: Some(std::sync::Arc::new(progress)),
+    };
+    let report = trustflow::train::train(&loaded, &options)?;
+    eprintln!();
+    let last = report.history.last();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "status": report.status,
+            "output": report.output,
+            "global_step": report.global_step,
+            "total_steps": report.total_steps,
+            "steps_per_s": report.steps_per_s,
+            "trainer_idle_fraction": report.trainer_idle_fraction,
+            "last_epoch": last,
+            "checkpoint": report.checkpoint,
+        }))?
+    );
+    if report.status == "interrupted" {
+        return Err(Error::Cancelled.into());
+    }
+    Ok(())
 }
 
 fn run_with_progress(

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use trustflow::train::losses::{
     LossError, LossTerms, TEMPERATURE_RANGE, TrustBatch, caption_similarity, contrastive_anchors,
@@ -435,8 +435,9 @@ fn check_step(fx: &Value, step: usize, out: &trustflow::train::LossValues, model
     }
 }
 
-/// Two SGD steps (lr, momentum 0.9, weight decay 5e-4 as recorded) with tch's SGD,
-/// which is libtorch's: parameters must match torch.optim.SGD after each step.
+/// Two SGD steps (lr, momentum 0.9, weight decay 5e-4 as recorded) with the trainer's
+/// own optimiser ([`trustflow::train::sgd::Sgd`]): parameters must match
+/// torch.optim.SGD after each step.
 #[test]
 fn sgd_steps_match_pytorch() {
     let fx = fixture("sgd_step");
@@ -445,6 +446,9 @@ fn sgd_steps_match_pytorch() {
         fx["tau_base"].as_f64().unwrap(),
     );
     let sgd = &fx["sgd"];
+    // The trainer's SGD is torch's with dampening 0 and no Nesterov.
+    assert_eq!(sgd["dampening"].as_f64(), Some(0.0));
+    assert_eq!(sgd["nesterov"].as_bool(), Some(false));
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
     let init = |k: &str| root.var_copy(k, &tensor(k, &fx["init"][k]));
@@ -454,28 +458,26 @@ fn sgd_steps_match_pytorch() {
         head_weight: init("head_weight"),
         head_bias: init("head_bias"),
     };
-    let mut opt = nn::Sgd {
-        momentum: sgd["momentum"].as_f64().unwrap(),
-        dampening: sgd["dampening"].as_f64().unwrap(),
-        wd: sgd["weight_decay"].as_f64().unwrap(),
-        nesterov: sgd["nesterov"].as_bool().unwrap(),
-    }
-    .build(&vs, sgd["lr"].as_f64().unwrap())
-    .expect("sgd");
+    let mut opt = trustflow::train::sgd::Sgd::new(
+        &vs,
+        sgd["momentum"].as_f64().unwrap(),
+        sgd["weight_decay"].as_f64().unwrap(),
+    );
+    let lr = sgd["lr"].as_f64().unwrap();
     let steps = fx["steps"].as_array().expect("steps").len();
     assert!(steps >= 2, "the momentum buffer needs a second step");
     for step in 0..steps {
         let out = model.loss(&fx["data"], tau, tau_base);
         opt.zero_grad();
         out.total.backward();
-        opt.step();
+        opt.step(lr);
         check_step(&fx, step, &out, &model);
     }
 }
 
 /// The same steps written out by hand (PyTorch's SGD: d = g + wd p; buf = d on the
-/// first step, then momentum * buf + (1 - dampening) d; p -= lr buf), so a change in
-/// tch's optimiser would show up here.
+/// first step, then momentum * buf + (1 - dampening) d; p -= lr buf), independent of the
+/// trainer's optimiser.
 #[test]
 fn sgd_steps_by_hand_match_pytorch() {
     let fx = fixture("sgd_step");

@@ -14,7 +14,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::columns;
 use crate::error::{Error, Result, SpecIssues};
-use crate::spec::{LoadedPipeline, NullLabels};
+use crate::spec::{LoadedPipeline, NullLabels, SourceSpec, SpecOrigin};
 pub use mapping::{Converter, Mapping, SOURCE_STAGE};
 pub use shards::Fingerprint;
 
@@ -46,7 +46,29 @@ pub struct SourcePlan {
 /// Resolve shards and their mappings. `paths_override` replaces `source.paths`
 /// (resolved against the current directory instead of the pipeline file).
 pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<SourcePlan> {
-    let spec = &p.spec.source;
+    plan_section(
+        p,
+        &p.spec.source,
+        "source",
+        p.spec.runtime.batch_size,
+        paths_override,
+    )
+}
+
+/// [`plan`] for any section of a spec file that has a [`SourceSpec`]'s shape (the
+/// trainer's `source`, `target` and `eval`); errors are located at `section.*`.
+pub fn plan_section(
+    p: &dyn SpecOrigin,
+    spec: &SourceSpec,
+    section: &str,
+    batch_size: usize,
+    paths_override: Option<&[String]>,
+) -> Result<SourcePlan> {
+    // mapping::resolve names fields as `source.*`
+    let field_in_section = |field: &str| match field.strip_prefix("source") {
+        Some(rest) => format!("{section}{rest}"),
+        None => field.to_string(),
+    };
     let (base, patterns) = match paths_override {
         Some(paths) => (std::path::Path::new("."), paths),
         None => (p.base_dir(), spec.paths.as_slice()),
@@ -58,7 +80,7 @@ pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<Sou
             Ok(found) => files.extend(found),
             // Patterns from the file are located in it; command-line ones are not.
             Err(e) if paths_override.is_none() => {
-                issues.push(p.issue(&format!("source.paths[{i}]"), e.to_string()))
+                issues.push(p.issue_at(&format!("{section}.paths[{i}]"), e.to_string()))
             }
             Err(e) => return Err(e),
         }
@@ -80,7 +102,12 @@ pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<Sou
             Error::Spec(SpecIssues(
                 issues
                     .into_iter()
-                    .map(|(field, m)| p.issue(&field, format!("{}: {m}", path.display())))
+                    .map(|(field, m)| {
+                        p.issue_at(
+                            &field_in_section(&field),
+                            format!("{}: {m}", path.display()),
+                        )
+                    })
                     .collect(),
             ))
         })?;
@@ -113,9 +140,10 @@ pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<Sou
     let canonical = first.mapping.canonical_schema();
     if let Some(filter) = &spec.filter {
         check_filter(&first.path, filter).map_err(|m| {
-            Error::Spec(SpecIssues(vec![
-                p.issue("source.filter", format!("{}: {m}", first.path.display())),
-            ]))
+            Error::Spec(SpecIssues(vec![p.issue_at(
+                &format!("{section}.filter"),
+                format!("{}: {m}", first.path.display()),
+            )]))
         })?;
     }
     Ok(SourcePlan {
@@ -123,7 +151,7 @@ pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<Sou
         canonical,
         shards: planned,
         filter: spec.filter.clone(),
-        batch_size: p.spec.runtime.batch_size,
+        batch_size,
         image_root: spec.image_root.as_deref().map(|r| p.resolve(r)),
         max_file_bytes: spec.max_image_file_bytes,
         null_labels: spec.null_labels,
@@ -202,6 +230,25 @@ impl SourcePlan {
             .select_columns(&shard.mapping.physical_columns())
             .map_err(err)?;
         df.execute_stream().await.map_err(err)
+    }
+
+    /// Open a stream of some of the shard's physical columns (filtered), in file order:
+    /// for scans that must not read the images.
+    pub async fn open_projected(
+        &self,
+        shard: &ShardPlan,
+        columns: &[&str],
+    ) -> Result<SendableRecordBatchStream> {
+        let ctx = session(self.batch_size);
+        let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
+        let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
+            .await
+            .map_err(err)?;
+        df.select_columns(columns)
+            .map_err(err)?
+            .execute_stream()
+            .await
+            .map_err(err)
     }
 
     pub fn converter(&self, shard: &ShardPlan) -> Result<Converter> {

@@ -23,30 +23,34 @@ const STAGE_COMMON_KEYS: [&str; 3] = ["name", "workers", "queue_depth"];
 
 /// Read and parse a pipeline file (no semantic checks; see [`super::validate`]).
 pub fn load_file(path: &Path) -> Result<LoadedPipeline, Error> {
-    let whole_file = |message: String| {
-        Error::Spec(SpecIssues(vec![SpecIssue {
-            location: SpecLocation {
-                file: path.to_path_buf(),
-                field: String::new(),
-                line: None,
-                column: None,
-            },
-            message,
-        }]))
-    };
-    let meta = std::fs::metadata(path)
-        .map_err(|e| whole_file(format!("cannot read pipeline file: {e}")))?;
+    let text = read_spec_text(path, "pipeline file")?;
+    parse_str(&text, path)
+}
+
+/// A spec file's text, refused when larger than [`MAX_PIPELINE_BYTES`] or not UTF-8;
+/// `what` names the kind of file in messages (`pipeline file`).
+pub fn read_spec_text(path: &Path, what: &str) -> Result<String, Error> {
+    let whole_file =
+        |message: String| Error::Spec(SpecIssues(vec![SpecIssue::whole_file(path, message)]));
+    let meta =
+        std::fs::metadata(path).map_err(|e| whole_file(format!("cannot read {what}: {e}")))?;
     if meta.len() > MAX_PIPELINE_BYTES {
         return Err(whole_file(format!(
-            "pipeline file is {} bytes, more than the {MAX_PIPELINE_BYTES} allowed",
+            "{what} is {} bytes, more than the {MAX_PIPELINE_BYTES} allowed",
             meta.len()
         )));
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| whole_file(format!("cannot read pipeline file: {e}")))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| whole_file(format!("pipeline file is not valid UTF-8: {e}")))?;
-    parse_str(&text, path)
+    let bytes = std::fs::read(path).map_err(|e| whole_file(format!("cannot read {what}: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| whole_file(format!("{what} is not valid UTF-8: {e}")))
+}
+
+/// `paths: data/*.parquet` in a source section means a list of one.
+pub(crate) fn paths_as_list(section: &mut Value) {
+    if let Some(Value::String(one)) = section.get("paths").cloned()
+        && let Some(map) = section.as_object_mut()
+    {
+        map.insert("paths".into(), Value::Array(vec![Value::String(one)]));
+    }
 }
 
 /// Parse pipeline YAML; `file` is used for messages and relative paths.
@@ -133,12 +137,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
         None => Some(None),
     };
     let source: Option<SourceSpec> = source.and_then(|mut v| {
-        // `paths: data/*.parquet` means a list of one.
-        if let Some(Value::String(one)) = v.get("paths").cloned()
-            && let Some(map) = v.as_object_mut()
-        {
-            map.insert("paths".into(), Value::Array(vec![Value::String(one)]));
-        }
+        paths_as_list(&mut v);
         typed(v, "source", &mut typed_issues)
     });
     let sink: Option<SinkSpec> = sink.and_then(|v| typed(v, "sink", &mut typed_issues));

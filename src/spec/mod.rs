@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::stages::StageSpec;
 
-pub(crate) use load::from_value_at;
-pub use load::{MAX_PIPELINE_BYTES, load_file, parse_str};
+pub use load::{MAX_PIPELINE_BYTES, load_file, parse_str, read_spec_text};
+pub(crate) use load::{from_value_at, paths_as_list};
 pub use validate::validate;
 
 /// A whole pipeline: where rows come from, what happens to them, where they go.
@@ -267,22 +267,53 @@ pub struct LoadedPipeline {
     pub locations: locate::Locations,
 }
 
-impl LoadedPipeline {
+/// A spec file that was read from disk: relative paths in it are resolved against its
+/// folder, and problems are located in it. Pipeline and training files both are.
+pub trait SpecOrigin {
+    /// The file the spec came from.
+    fn file(&self) -> &Path;
+    /// Where each field path was written.
+    fn locations(&self) -> &locate::Locations;
+
     /// The folder relative paths in the spec are resolved against.
-    pub fn base_dir(&self) -> &Path {
-        match self.file.parent() {
+    fn base_dir(&self) -> &Path {
+        match self.file().parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         }
     }
 
-    pub fn resolve(&self, relative: &str) -> PathBuf {
+    fn resolve(&self, relative: &str) -> PathBuf {
         let p = Path::new(relative);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
             self.base_dir().join(p)
         }
+    }
+
+    /// A spec issue at `field`, located in the file when possible.
+    fn issue_at(&self, field: &str, message: String) -> crate::error::SpecIssue {
+        self.locations().issue(self.file(), field, message)
+    }
+}
+
+impl SpecOrigin for LoadedPipeline {
+    fn file(&self) -> &Path {
+        &self.file
+    }
+    fn locations(&self) -> &locate::Locations {
+        &self.locations
+    }
+}
+
+impl LoadedPipeline {
+    pub fn base_dir(&self) -> &Path {
+        SpecOrigin::base_dir(self)
+    }
+
+    pub fn resolve(&self, relative: &str) -> PathBuf {
+        SpecOrigin::resolve(self, relative)
     }
 
     pub fn name(&self) -> String {

@@ -1,12 +1,28 @@
 //! The TRUST trainer on libtorch (`tch`). See ../shared/METHOD.md sections 4-6.
 //!
-//! So far: [`losses`], the four terms of the TRUST objective (source CE, CLIP-weighted
-//! pseudo-label CE, (1 - w)-weighted self-training CE on strong views, and the
-//! soft-contrastive loss with caption-similarity weights), each its own function, plus
-//! [`losses::trust_loss`], which validates a batch and sums the switched-on terms.
+//! - [`spec`]: the training file (`trustflow train TRAIN.yaml`).
+//! - [`data`]: enriched shards -> shuffled steps -> decoded, augmented tensors, through
+//!   a bounded prefetch queue; [`scan`] checks the data before the first step.
+//! - [`model`]: backbone (built-in CNN or TorchScript) + linear head.
+//! - [`losses`]: the four terms of the TRUST objective, each its own function, and
+//!   [`losses::trust_loss`], which validates a batch and sums the switched-on terms.
+//! - [`sgd`], [`checkpoint`], [`metrics`]: the optimiser and schedule, resumable
+//!   checkpoints, and what every epoch reports.
+//! - [`trainer`]: the loop that ties them together.
+//! - [`augment`]: weak and strong views; [`text_head`]: `fit-text`'s caption classifier.
 
 pub mod augment;
+pub mod checkpoint;
+pub mod data;
 pub mod losses;
+pub mod metrics;
+pub mod model;
+pub mod scan;
+pub mod sgd;
+pub mod spec;
 pub mod text_head;
+pub mod trainer;
 
 pub use losses::{LossError, LossTerms, LossValues, TrustBatch, trust_loss};
+pub use spec::{LoadedTrain, TrainSpec, load_train_file};
+pub use trainer::{TrainOptions, TrainProgress, TrainReport, train};

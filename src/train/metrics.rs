@@ -1,0 +1,232 @@
+//! The numbers every run reports (../shared/METHOD.md section 6): top-1 accuracy overall
+//! and per class, and how well the CLIP weight w separates right from wrong
+//! pseudo-labels (AUROC of w, mean w of each group).
+//!
+//! `auroc` matches scikit-learn's `roc_auc_score` (ties included); the golden values in
+//! tests/fixtures/metrics/ come from scikit-learn itself (scripts/fixtures/auroc.py).
+//! Values that cannot be measured (an empty class, mismatched inputs, NaN scores) are
+//! `None` rather than NaN or a panic, so a report always serialises to valid JSON.
+
+use serde::{Deserialize, Serialize};
+
+/// Area under the ROC curve of `scores` for telling `positives` (true) from negatives.
+///
+/// Ties are handled as scikit-learn's `roc_auc_score` does: rows with equal scores form
+/// one threshold, and the curve between distinct thresholds is a straight line
+/// (trapezoid), which equals the Mann-Whitney statistic with ties counting 1/2. The
+/// area is accumulated in exact integer arithmetic and divided once, so the result is
+/// within a few ulps of the exact rational value. `-0.0` and `0.0` are one threshold.
+///
+/// `None` when the lengths differ, the input is empty, a score is NaN, or either class
+/// has no rows (scikit-learn raises there). Infinite scores are ordered like any other
+/// (scikit-learn rejects them; a weight is never infinite). O(n log n).
+pub fn auroc(scores: &[f64], positives: &[bool]) -> Option<f64> {
+    if scores.len() != positives.len() || scores.iter().any(|s| s.is_nan()) {
+        return None;
+    }
+    let pos = positives.iter().filter(|p| **p).count() as u128;
+    let neg = positives.len() as u128 - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut rows: Vec<(f64, bool)> = scores
+        .iter()
+        .copied()
+        .zip(positives.iter().copied())
+        .collect();
+    // Descending; total_cmp keeps -0.0 and 0.0 adjacent, and the grouping below uses
+    // `==`, so they end up in the same threshold.
+    rows.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+
+    // Twice the area under the un-normalised curve (false positives on x, true
+    // positives on y), summed over the distinct thresholds.
+    let (mut tp, mut fp, mut area2) = (0u128, 0u128, 0u128);
+    let mut i = 0;
+    while i < rows.len() {
+        let threshold = rows[i].0;
+        let (tp_before, fp_before) = (tp, fp);
+        while i < rows.len() && rows[i].0 == threshold {
+            if rows[i].1 {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        area2 += (fp - fp_before) * (tp + tp_before);
+    }
+    Some(area2 as f64 / (2 * pos * neg) as f64)
+}
+
+/// How well the weights w separate right pseudo-labels from wrong ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightSeparation {
+    /// AUROC of w for right (positive) vs wrong pseudo-labels; `None` when either group
+    /// is empty or a weight is NaN.
+    pub auroc: Option<f64>,
+    /// Mean w over rows with a right pseudo-label; `None` when there are none.
+    pub mean_weight_right: Option<f64>,
+    /// Mean w over rows with a wrong pseudo-label; `None` when there are none.
+    pub mean_weight_wrong: Option<f64>,
+    /// Rows whose pseudo-label equals the label.
+    pub right: usize,
+    /// Rows whose pseudo-label differs from the label.
+    pub wrong: usize,
+}
+
+/// Separation of right (`pseudo_label == label`) and wrong pseudo-labels by `weights`
+/// (METHOD.md section 6).
+///
+/// The three slices are parallel, one entry per target row. When their lengths differ
+/// the rows cannot be paired, so nothing is measured: every field is `None` and both
+/// counts are 0 (a caller bug shows up as a missing number, not as a wrong one).
+pub fn weight_separation(
+    weights: &[f64],
+    pseudo_labels: &[i64],
+    labels: &[i64],
+) -> WeightSeparation {
+    if weights.len() != pseudo_labels.len() || weights.len() != labels.len() {
+        return WeightSeparation {
+            auroc: None,
+            mean_weight_right: None,
+            mean_weight_wrong: None,
+            right: 0,
+            wrong: 0,
+        };
+    }
+    let right: Vec<bool> = pseudo_labels
+        .iter()
+        .zip(labels)
+        .map(|(p, l)| p == l)
+        .collect();
+    let (mut sum_right, mut sum_wrong, mut n_right, mut n_wrong) = (0.0, 0.0, 0usize, 0usize);
+    for (&w, &ok) in weights.iter().zip(&right) {
+        if ok {
+            sum_right += w;
+            n_right += 1;
+        } else {
+            sum_wrong += w;
+            n_wrong += 1;
+        }
+    }
+    let mean = |sum: f64, n: usize| (n > 0).then(|| sum / n as f64);
+    WeightSeparation {
+        auroc: auroc(weights, &right),
+        mean_weight_right: mean(sum_right, n_right),
+        mean_weight_wrong: mean(sum_wrong, n_wrong),
+        right: n_right,
+        wrong: n_wrong,
+    }
+}
+
+/// Top-1 accuracy overall and per class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassAccuracy {
+    /// Share of rows whose prediction equals the label; `None` with no rows.
+    pub accuracy: Option<f64>,
+    /// For each class k in `0..classes`: share of rows labelled k that are predicted k
+    /// (the class's recall); `None` where no row is labelled k.
+    pub per_class: Vec<Option<f64>>,
+    /// Rows measured.
+    pub rows: usize,
+}
+
+/// Top-1 accuracy of `predictions` against `labels` over `classes` classes.
+///
+/// Rows whose label lies outside `0..classes` count towards the overall accuracy (as in
+/// scikit-learn's `accuracy_score`) but belong to no class. When the lengths differ the
+/// rows cannot be paired: `rows` is 0, `accuracy` and every per-class entry `None`.
+pub fn accuracy(predictions: &[i64], labels: &[i64], classes: usize) -> ClassAccuracy {
+    if predictions.len() != labels.len() {
+        return ClassAccuracy {
+            accuracy: None,
+            per_class: vec![None; classes],
+            rows: 0,
+        };
+    }
+    let (mut correct, mut class_rows, mut class_correct) =
+        (0usize, vec![0usize; classes], vec![0usize; classes]);
+    for (&p, &l) in predictions.iter().zip(labels) {
+        let ok = p == l;
+        correct += usize::from(ok);
+        if let Some(k) = usize::try_from(l).ok().filter(|k| *k < classes) {
+            class_rows[k] += 1;
+            class_correct[k] += usize::from(ok);
+        }
+    }
+    let share = |hit: usize, n: usize| (n > 0).then(|| hit as f64 / n as f64);
+    ClassAccuracy {
+        accuracy: share(correct, labels.len()),
+        per_class: class_correct
+            .iter()
+            .zip(&class_rows)
+            .map(|(&hit, &n)| share(hit, n))
+            .collect(),
+        rows: labels.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auroc_basic_cases() {
+        assert_eq!(auroc(&[0.1, 0.9], &[false, true]), Some(1.0));
+        assert_eq!(auroc(&[0.9, 0.1], &[false, true]), Some(0.0));
+        assert_eq!(auroc(&[0.5, 0.5], &[false, true]), Some(0.5));
+        // One positive tied with one of two negatives: (1 + 0.5) / 2.
+        assert_eq!(auroc(&[0.2, 0.5, 0.5], &[false, false, true]), Some(0.75));
+        assert_eq!(auroc(&[-0.0, 0.0], &[false, true]), Some(0.5));
+        assert_eq!(
+            auroc(&[f64::NEG_INFINITY, f64::INFINITY], &[false, true]),
+            Some(1.0)
+        );
+        assert_eq!(auroc(&[], &[]), None);
+        assert_eq!(auroc(&[0.1, 0.2], &[true, true]), None);
+        assert_eq!(auroc(&[0.1, 0.2], &[false, false]), None);
+        assert_eq!(auroc(&[0.1], &[false, true]), None);
+        assert_eq!(auroc(&[0.1, f64::NAN], &[false, true]), None);
+    }
+
+    /// The sort-based AUROC equals the O(n^2) pair count with ties as 1/2.
+    #[test]
+    fn auroc_matches_pair_count() {
+        let scores: Vec<f64> = (0..97).map(|i| f64::from((i * 37) % 11) / 10.0).collect();
+        let positives: Vec<bool> = (0..97).map(|i| (i * 13) % 7 < 3).collect();
+        let (mut wins, mut pairs) = (0.0, 0.0);
+        for (s, _) in scores.iter().zip(&positives).filter(|(_, p)| **p) {
+            for (t, _) in scores.iter().zip(&positives).filter(|(_, q)| !**q) {
+                pairs += 1.0;
+                wins += match s.partial_cmp(t) {
+                    Some(std::cmp::Ordering::Greater) => 1.0,
+                    Some(std::cmp::Ordering::Equal) => 0.5,
+                    _ => 0.0,
+                };
+            }
+        }
+        let a = auroc(&scores, &positives).unwrap();
+        assert!((a - wins / pairs).abs() < 1e-15, "{a} vs {}", wins / pairs);
+    }
+
+    #[test]
+    fn separation_and_accuracy() {
+        let s = weight_separation(&[0.9, 0.8, 0.2, 0.4], &[1, 2, 0, 3], &[1, 2, 1, 1]);
+        assert_eq!(s.right, 2);
+        assert_eq!(s.wrong, 2);
+        assert_eq!(s.auroc, Some(1.0));
+        assert!((s.mean_weight_right.unwrap() - 0.85).abs() < 1e-12);
+        assert!((s.mean_weight_wrong.unwrap() - 0.3).abs() < 1e-12);
+        let all_right = weight_separation(&[0.5], &[1], &[1]);
+        assert_eq!((all_right.auroc, all_right.mean_weight_wrong), (None, None));
+        assert_eq!(weight_separation(&[0.5], &[1, 2], &[1]).right, 0);
+
+        let acc = accuracy(&[0, 1, 1, 2, 7], &[0, 1, 2, 2, 7], 4);
+        assert_eq!(acc.rows, 5);
+        assert_eq!(acc.accuracy, Some(0.8));
+        assert_eq!(acc.per_class, vec![Some(1.0), Some(1.0), Some(0.5), None]);
+        let empty = accuracy(&[], &[], 2);
+        assert_eq!((empty.accuracy, empty.per_class), (None, vec![None, None]));
+        assert_eq!(accuracy(&[1], &[1, 2], 3).rows, 0);
+    }
+}
