@@ -901,3 +901,21 @@ fn config_parses_validates_and_describes_itself() {
         assert!(description.is_some_and(|d| !d.is_empty()), "{field}");
     }
 }
+
+/// `text_output` names the text model's embedding output (a sentence encoder's own
+/// output name); a name the model lacks is refused at build time, naming the outputs
+/// it has.
+#[test]
+fn text_output_names_the_text_embedding() {
+    let err = build_error(with_files(|c| c.text_output = "sentence_embedding".into()));
+    assert!(
+        err.contains("text_model.onnx") && err.contains("sentence_embedding"),
+        "{err}"
+    );
+    require_ort();
+    let stage = ClipScoreStage::new(
+        "clip".to_string(),
+        with_files(|c| c.text_output = "text_embeds".into()),
+    );
+    assert!(stage.is_ok(), "the default name, given explicitly");
+}

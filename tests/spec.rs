@@ -2003,3 +2003,45 @@ fn the_stage_schema_rejects_unknown_keys() {
         schema["$defs"]["StageSpec"]
     );
 }
+
+#[test]
+fn environment_variables_are_interpolated() {
+    use trustflow::spec::interpolate_env;
+    let env = |name: &str| match name {
+        "MODELS" => Some("/opt/models".to_string()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    assert_eq!(
+        interpolate_env("model: ${MODELS}/clip\n", env).unwrap(),
+        "model: /opt/models/clip\n"
+    );
+    assert_eq!(
+        interpolate_env("a: ${UNSET:-x/y}\nb: ${EMPTY:-d}\n", env).unwrap(),
+        "a: x/y\nb: d\n"
+    );
+    assert_eq!(
+        interpolate_env("filter: price > $$5 and $x\n", env).unwrap(),
+        "filter: price > $5 and $x\n"
+    );
+    let (at, message) = interpolate_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
+    assert_eq!(at, (2, 4));
+    assert_contains(&message, &["`NOPE` is not set"]);
+    let (at, message) = interpolate_env("a: ${OPEN\n", env).unwrap_err();
+    assert_eq!(at, (1, 4));
+    assert_contains(&message, &["without a closing"]);
+    assert!(interpolate_env("a: ${9X}", env).is_err());
+}
+
+#[test]
+fn pipeline_files_read_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("env.yaml");
+    std::fs::write(
+        &file,
+        "source:\n  paths: [\"${TF_TEST_SHARDS}/*.parquet\"]\nsink:\n  path: out\n",
+    )
+    .unwrap();
+    let err = trustflow::spec::load_file(&file).unwrap_err().to_string();
+    assert_contains(&err, &["env.yaml:2:12", "`TF_TEST_SHARDS` is not set"]);
+}

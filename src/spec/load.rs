@@ -41,7 +41,86 @@ pub fn read_spec_text(path: &Path, what: &str) -> Result<String, Error> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| whole_file(format!("cannot read {what}: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| whole_file(format!("{what} is not valid UTF-8: {e}")))
+    let text = String::from_utf8(bytes)
+        .map_err(|e| whole_file(format!("{what} is not valid UTF-8: {e}")))?;
+    interpolate_env(&text, |name| std::env::var(name).ok()).map_err(|((line, column), message)| {
+        Error::Spec(SpecIssues(vec![SpecIssue {
+            location: SpecLocation {
+                file: path.to_path_buf(),
+                field: String::new(),
+                line: Some(line),
+                column: Some(column),
+            },
+            message,
+        }]))
+    })
+}
+
+/// Replaces `${NAME}` with the environment variable's value and `${NAME:-default}`
+/// with the value or, when unset or empty, the default (as Vector and the shell do);
+/// `$$` is a literal `$`. Lets a pipeline name machine-specific paths, such as the
+/// models `scripts/setup.sh` installs (`${TRUSTFLOW_MINILM_DIR}`). An unset variable
+/// without a default, or an unclosed `${`, is an error with its (line, column).
+pub fn interpolate_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, ((usize, usize), String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // (line, column) of the `$` that starts `rest`, both from 1.
+    let line_of = |rest: &str| {
+        let before = &text[..text.len() - rest.len()];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+        )
+    };
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let Some(end) = body.find('}') else {
+                return Err((line_of(&rest[at..]), "`${` without a closing `}`".into()));
+            };
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err((
+                    line_of(&rest[at..]),
+                    format!("`${{{inner}}}`: `{name}` is not an environment variable name"),
+                ));
+            }
+            match (lookup(name).filter(|v| !v.is_empty()), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err((
+                        line_of(&rest[at..]),
+                        format!(
+                            "environment variable `{name}` is not set (write `${{{name}:-default}}` \
+                             for a default, `$$` for a literal `$`)"
+                        ),
+                    ));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// `paths: data/*.parquet` in a source section means a list of one.

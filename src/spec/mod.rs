@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::stages::StageSpec;
 
-pub use load::{MAX_PIPELINE_BYTES, load_file, parse_str, read_spec_text};
+pub use load::{MAX_PIPELINE_BYTES, interpolate_env, load_file, parse_str, read_spec_text};
 pub(crate) use load::{from_value_at, paths_as_list};
 pub use validate::validate;
 

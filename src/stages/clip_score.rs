@@ -61,6 +61,9 @@ fn default_max_pixels() -> u64 {
 fn default_max_bytes() -> u64 {
     33_554_432
 }
+fn default_text_output() -> String {
+    "text_embeds".into()
+}
 fn default_formats() -> Vec<ImageFormatName> {
     ImageFormatName::ALL.to_vec()
 }
@@ -85,6 +88,11 @@ pub struct ClipScoreConfig {
     /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Name of the text model's embedding output [B, D]. Default `text_embeds`; set it
+    /// to use a sentence encoder as the text tower (e.g. `461` for the
+    /// paraphrase-MiniLM ONNX that setup.sh installs).
+    #[serde(default = "default_text_output")]
+    pub text_output: String,
     /// Path of the model configuration, overriding `<model>/config.json`.
     #[serde(default)]
     pub config: Option<String>,
@@ -141,6 +149,7 @@ impl ClipScoreConfig {
             vision_model: None,
             text_model: None,
             tokenizer: None,
+            text_output: default_text_output(),
             config: None,
             preprocessor_config: None,
             caption_column: None,
@@ -269,6 +278,8 @@ pub struct ClipScoreStage {
     vision: OnnxModel,
     text: OnnxModel,
     text_has_mask: bool,
+    /// The text model's embedding output (`text_output`).
+    text_output: &'static str,
     tokenizer: TextTokenizer,
     image: ClipImageConfig,
     /// (height, width) of `pixel_values`.
@@ -357,14 +368,13 @@ impl ClipScoreStage {
         let text = OnnxModel::load(&text_path, &session).map_err(err)?;
         let ids = TensorSpec::new("input_ids", TensorElementType::Int64, 2);
         let mask = TensorSpec::new("attention_mask", TensorElementType::Int64, 2);
+        // TensorSpec names are `&'static str`; the configured output name is leaked
+        // once per stage build (a few bytes), as pseudo_label does.
+        let text_output: &'static str = Box::leak(config.text_output.clone().into_boxed_str());
         text.check(
             &[ids],
             &[mask],
-            &[TensorSpec::new(
-                "text_embeds",
-                TensorElementType::Float32,
-                2,
-            )],
+            &[TensorSpec::new(text_output, TensorElementType::Float32, 2)],
         )
         .map_err(err)?;
         let text_has_mask = text.input_names().iter().any(|n| n == "attention_mask");
@@ -402,7 +412,7 @@ impl ClipScoreStage {
                 .map(|d| d as usize)
         };
         let image_dim = static_dim(&vision, "image_embeds");
-        let text_dim = static_dim(&text, "text_embeds");
+        let text_dim = static_dim(&text, text_output);
         let dim = facts
             .projection_dim
             .or(image_dim)
@@ -416,7 +426,7 @@ impl ClipScoreStage {
             })?;
         for (path, output, have) in [
             (&vision_path, "image_embeds", image_dim),
-            (&text_path, "text_embeds", text_dim),
+            (&text_path, text_output, text_dim),
         ] {
             if let Some(have) = have
                 && have != dim
@@ -452,6 +462,7 @@ impl ClipScoreStage {
             vision,
             text,
             text_has_mask,
+            text_output,
             tokenizer,
             image,
             pixel_size,
@@ -640,7 +651,7 @@ impl ClipScoreStage {
                 },
             ));
         }
-        let text = self.text.run(inputs, &["text_embeds"])?;
+        let text = self.text.run(inputs, &[self.text_output])?;
         let [image] = <[_; 1]>::try_from(image)
             .map_err(|_| Error::stage(&self.name, "vision model output missing"))?;
         let [text] = <[_; 1]>::try_from(text)
