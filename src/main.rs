@@ -143,6 +143,38 @@ enum BenchCommand {
     /// Generate small enriched training shards (source/, target/, eval/) with
     /// learnable synthetic images, noisy pseudo-labels, weights and text features.
     GenTrain(GenTrainArgs),
+    /// clip_score end to end vs the same models on pre-made inputs (the ceiling),
+    /// alternating in one process; prints JSON.
+    Ceiling(CeilingArgs),
+    /// The trainer fed from shards (idle fraction, steps/s) vs fed from steps already
+    /// in memory, alternating in one process; prints JSON.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+struct CeilingArgs {
+    pipeline: PathBuf,
+    /// The clip_score stage to measure (default: the first).
+    #[arg(long)]
+    stage: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    repetitions: usize,
+    /// Model calls per caller per ceiling measurement.
+    #[arg(long, default_value_t = 8)]
+    calls: usize,
+    /// Scratch output folder of the end-to-end runs.
+    #[arg(long, default_value = "out/bench-ceiling")]
+    scratch: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    train_file: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    repetitions: usize,
+    /// Scratch output folder of the shard-fed runs (replaces the file's `output`).
+    #[arg(long, default_value = "out/bench-train")]
+    scratch: PathBuf,
 }
 
 #[derive(Args)]
@@ -381,6 +413,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&plan)?);
             Ok(())
         }
+        Command::Bench(BenchCommand::Ceiling(a)) => {
+            let report =
+                trustflow::bench::ceiling::run(&trustflow::bench::ceiling::CeilingOptions {
+                    pipeline: a.pipeline,
+                    stage: a.stage,
+                    repetitions: a.repetitions,
+                    calls: a.calls,
+                    scratch: a.scratch,
+                })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Train(a)) => bench_train(a),
         Command::Bench(BenchCommand::GenTrain(a)) => {
             let opts = trustflow::bench::train_corpus::TrainCorpusOptions {
                 rows_source: a.rows_source,
@@ -486,6 +531,68 @@ fn train(args: TrainArgs) -> Result<()> {
     if report.status == "interrupted" {
         return Err(Error::Cancelled.into());
     }
+    Ok(())
+}
+
+fn bench_train(a: BenchTrainArgs) -> Result<()> {
+    use trustflow::train::{TrainOptions, trainer};
+    let mut loaded = trustflow::train::load_train_file(&a.train_file)?;
+    std::fs::create_dir_all(&a.scratch)
+        .with_context(|| format!("creating {}", a.scratch.display()))?;
+    loaded.spec.output = std::fs::canonicalize(&a.scratch)?.display().to_string();
+    let mut shards_fed = Vec::new();
+    let mut memory_fed = Vec::new();
+    for rep in 0..a.repetitions.max(1) {
+        eprintln!("bench train: repetition {}: fed from shards", rep + 1);
+        let report = trustflow::train::train(
+            &loaded,
+            &TrainOptions {
+                fresh: true,
+                ..TrainOptions::default()
+            },
+        )?;
+        eprintln!("bench train: repetition {}: fed from memory", rep + 1);
+        let memory = trainer::memory_fed(&loaded, report.global_step)?;
+        shards_fed.push(serde_json::json!({
+            "steps": report.global_step,
+            "steps_per_s": report.steps_per_s,
+            "trainer_idle_fraction": report.trainer_idle_fraction,
+            "wall_s": report.wall_s,
+        }));
+        memory_fed.push(memory);
+    }
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let shard_rate = mean(
+        shards_fed
+            .iter()
+            .filter_map(|r| r["steps_per_s"].as_f64())
+            .collect(),
+    );
+    let memory_rate = mean(memory_fed.iter().map(|m| m.steps_per_s).collect());
+    let idle = mean(
+        shards_fed
+            .iter()
+            .filter_map(|r| r["trainer_idle_fraction"].as_f64())
+            .collect(),
+    );
+    let spec = &loaded.spec;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "train_file": a.train_file,
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "batch_size": spec.data.batch_size,
+            "workers": spec.data.workers,
+            "prefetch": spec.data.prefetch,
+            "torch_threads": spec.model.threads,
+            "shards_fed": shards_fed,
+            "memory_fed": memory_fed,
+            "mean_shards_fed_steps_per_s": shard_rate,
+            "mean_memory_fed_steps_per_s": memory_rate,
+            "mean_trainer_idle_fraction": idle,
+            "ratio": if memory_rate > 0.0 { shard_rate / memory_rate } else { 0.0 },
+        }))?
+    );
     Ok(())
 }
 

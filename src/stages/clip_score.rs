@@ -615,6 +615,29 @@ impl ClipScoreStage {
         Ok(StageOutput { columns, rejected })
     }
 
+    /// The model-only ceiling: `calls` calls of both models on inputs made before the
+    /// clock starts (pixels already preprocessed, `captions` already tokenised), the
+    /// same calls `process` makes per batch of `captions.len()` rows. Returns the
+    /// seconds taken. Used by `trustflow bench ceiling`.
+    pub fn time_models_on_premade(&self, captions: &[String], calls: usize) -> Result<f64> {
+        let n = captions.len();
+        let (h, w) = self.pixel_size;
+        // Any finite values cost the same; a ramp avoids an all-zero special case.
+        let pixels: Vec<f32> = (0..n * 3 * h * w)
+            .map(|i| (i % 255) as f32 / 127.5 - 1.0)
+            .collect();
+        let tokens = captions
+            .iter()
+            .map(|c| self.tokenizer.encode(c))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::stage(&self.name, e))?;
+        let started = std::time::Instant::now();
+        for _ in 0..calls {
+            self.embed(n, pixels.clone(), &tokens)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
     /// One ONNX call per model for `n` rows; returns the raw (not normalised) embeddings.
     fn embed(
         &self,

@@ -85,6 +85,9 @@ pub struct EpochSums {
     pub self_train: f64,
     pub ctr: f64,
     pub idle_s: f64,
+    /// Time in steps, waiting included (not evaluation or checkpoints).
+    #[serde(default)]
+    pub step_s: f64,
     pub wall_s: f64,
     pub rows_dropped: u64,
 }
@@ -120,10 +123,14 @@ pub struct EpochMetrics {
     /// checkpoint).
     pub target_eval: Option<ClassAccuracy>,
     pub pseudo_labels: Option<PseudoLabelQuality>,
-    /// Share of the epoch's wall time the loop waited on the prefetch queue.
+    /// Share of the epoch's step time (waiting included; evaluation and checkpoints
+    /// not) that the loop spent waiting on the prefetch queue.
     pub trainer_idle_fraction: f64,
-    pub wall_s: f64,
+    /// Steps per second of step time.
     pub steps_per_s: f64,
+    /// The whole epoch, evaluation and checkpoint included.
+    pub wall_s: f64,
+    pub eval_s: f64,
     pub rows_dropped: u64,
 }
 
@@ -146,8 +153,15 @@ pub struct TrainReport {
     pub global_step: u64,
     pub resumed_from_step: Option<u64>,
     pub wall_s: f64,
+    /// Steps per second of step time (waiting on data included; evaluation and
+    /// checkpoints not).
     pub steps_per_s: f64,
+    /// Share of step time spent waiting on the prefetch queue.
     pub trainer_idle_fraction: f64,
+    /// Time in steps, in evaluation and in writing checkpoints (this process).
+    pub step_s: f64,
+    pub eval_s: f64,
+    pub checkpoint_s: f64,
     pub rows_dropped: u64,
     /// Up to 20 examples of rows left out, with the reason.
     pub dropped_examples: Vec<(String, String)>,
@@ -530,9 +544,11 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     let mut dropped_examples: Vec<(String, String)> = Vec::new();
     let mut rows_dropped_total = 0u64;
     let mut idle_total = Duration::ZERO;
+    let mut step_total = Duration::ZERO;
+    let mut eval_total = Duration::ZERO;
+    let mut checkpoint_total = Duration::ZERO;
     let mut last_checkpoint: Option<PathBuf> = None;
     let mut status = "finished".to_string();
-    let loop_started = Instant::now();
     let steps_before = global_step;
 
     let outcome: Result<()> = std::thread::scope(|scope| {
@@ -608,7 +624,10 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     _ => sums.skipped_steps += 1,
                 }
                 global_step += 1;
-                let elapsed = loop_started.elapsed().as_secs_f64();
+                let took = t0.elapsed();
+                step_total += took;
+                sums.step_s += took.as_secs_f64();
+                let elapsed = step_total.as_secs_f64();
                 if let Some(report) = &options.progress {
                     report(&TrainProgress {
                         epoch,
@@ -645,7 +664,9 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                         metrics_lines: history.len(),
                         partial: sums.clone(),
                     };
+                    let t = Instant::now();
                     last_checkpoint = Some(checkpoint::save(&output, &state, &model, &sgd)?);
+                    checkpoint_total += t.elapsed();
                 }
                 if cancelled && !at_epoch_end {
                     status = "interrupted".into();
@@ -654,10 +675,13 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
             }
             // End of epoch: evaluate, report, checkpoint.
             sums.wall_s = epoch_wall_before + epoch_started.elapsed().as_secs_f64();
+            let t = Instant::now();
             let target_eval = match &eval {
                 Some(e) => Some(evaluate(&mut model, e, batch_size, &spec.augment, device)?),
                 None => None,
             };
+            let eval_s = t.elapsed();
+            eval_total += eval_s;
             let steps = sums.steps.max(1) as f64;
             let on = |scale: f64, sum: f64| (scale != 0.0).then_some(sum / steps);
             let record = EpochMetrics {
@@ -675,9 +699,10 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                 },
                 target_eval,
                 pseudo_labels: pseudo_quality.clone(),
-                trainer_idle_fraction: sums.idle_s / sums.wall_s.max(1e-9),
-                wall_s: sums.wall_s,
-                steps_per_s: (sums.steps + sums.skipped_steps) as f64 / sums.wall_s.max(1e-9),
+                trainer_idle_fraction: sums.idle_s / sums.step_s.max(1e-9),
+                steps_per_s: (sums.steps + sums.skipped_steps) as f64 / sums.step_s.max(1e-9),
+                wall_s: sums.wall_s + eval_s.as_secs_f64(),
+                eval_s: eval_s.as_secs_f64(),
                 rows_dropped: sums.rows_dropped,
             };
             append_line(&metrics_path, &record)?;
@@ -694,7 +719,9 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                 metrics_lines: history.len(),
                 partial: EpochSums::default(),
             };
+            let t = Instant::now();
             last_checkpoint = Some(checkpoint::save(&output, &state, &model, &sgd)?);
+            checkpoint_total += t.elapsed();
             if let Some(report) = &options.progress {
                 report(&TrainProgress {
                     epoch: epoch + 1,
@@ -705,8 +732,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     total_steps,
                     loss: history.last().map_or(0.0, |h| h.loss.total),
                     lr: learning_rate(&spec.optimizer, global_step, total_steps),
-                    idle_fraction: idle_total.as_secs_f64()
-                        / loop_started.elapsed().as_secs_f64().max(1e-9),
+                    idle_fraction: idle_total.as_secs_f64() / step_total.as_secs_f64().max(1e-9),
                     steps_per_s: 0.0,
                 });
             }
@@ -721,7 +747,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     });
     outcome?;
 
-    let loop_s = loop_started.elapsed().as_secs_f64();
+    let step_s = step_total.as_secs_f64();
     let report = TrainReport {
         name: loaded.name(),
         status,
@@ -739,8 +765,11 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         global_step,
         resumed_from_step,
         wall_s: started.elapsed().as_secs_f64(),
-        steps_per_s: (global_step - steps_before) as f64 / loop_s.max(1e-9),
-        trainer_idle_fraction: idle_total.as_secs_f64() / loop_s.max(1e-9),
+        steps_per_s: (global_step - steps_before) as f64 / step_s.max(1e-9),
+        trainer_idle_fraction: idle_total.as_secs_f64() / step_s.max(1e-9),
+        step_s,
+        eval_s: eval_total.as_secs_f64(),
+        checkpoint_s: checkpoint_total.as_secs_f64(),
         rows_dropped: rows_dropped_total,
         dropped_examples,
         checkpoint: last_checkpoint.or_else(|| checkpoint::latest(&output).ok().flatten()),
@@ -970,4 +999,95 @@ fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
                 .map_err(|e| Error::input(path, format!("not a metrics line: {e}")))
         })
         .collect()
+}
+
+/// What [`memory_fed`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryFed {
+    pub steps: u64,
+    pub distinct_batches: usize,
+    pub wall_s: f64,
+    pub steps_per_s: f64,
+}
+
+/// The trainer's own ceiling: the same model, losses and optimiser as [`train`], fed
+/// from steps decoded and augmented before the clock starts (the first
+/// `min(steps, steps_per_epoch)` steps of epoch 0, cycled). `trustflow bench train`
+/// sets it beside a run fed from the shards.
+pub fn memory_fed(loaded: &LoadedTrain, steps: u64) -> Result<MemoryFed> {
+    let spec = &loaded.spec;
+    if let Some(threads) = spec.model.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    tch::manual_seed(spec.seed as i64);
+    let p = prepare(loaded)?;
+    let device = match spec.model.device {
+        TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let model = VisionModel::new(
+        &spec.model.backbone,
+        |f| loaded.resolve(f),
+        spec.model.classes,
+        i64::from(spec.augment.size),
+        device,
+        None,
+    )?;
+    let mut sgd = Sgd::new(
+        &model.vs,
+        spec.optimizer.momentum,
+        spec.optimizer.weight_decay,
+    );
+    let views = ViewSettings {
+        augment: spec.augment.clone(),
+        seed: spec.seed,
+        strong_source: spec.loss.needs_strong_source(),
+        strong_target: spec.loss.needs_strong_target(),
+        unit_weights: spec.loss.unweighted,
+    };
+    let wanted = steps.min(p.steps_per_epoch).max(1);
+    let mut jobs = Vec::new();
+    data::sample_epoch(
+        &p.source,
+        &p.target,
+        data::EpochSampling {
+            seed: spec.seed,
+            epoch: 0,
+            steps: wanted,
+            first_step: 0,
+            batch_size: spec.data.batch_size,
+            shuffle_buffer: spec.data.shuffle_buffer,
+        },
+        |job| {
+            jobs.push(job);
+            true
+        },
+    )?;
+    let cached = jobs
+        .into_iter()
+        .map(|job| data::build_step(job, &views))
+        .collect::<Result<Vec<_>>>()?;
+    let terms = spec.loss.terms();
+    let started = Instant::now();
+    for i in 0..steps {
+        let Some(batch) = cached.get(i as usize % cached.len()) else {
+            break;
+        };
+        let (Some(s), Some(t)) = (&batch.source, &batch.target) else {
+            continue;
+        };
+        let lr = learning_rate(&spec.optimizer, i, steps);
+        let (total, _) = step_loss(&model, s, t, &terms, &spec.loss, device)
+            .map_err(|e| describe_loss_error(e, i, 0, i, &None))?;
+        sgd.zero_grad();
+        total.backward();
+        sgd.step(lr);
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    Ok(MemoryFed {
+        steps,
+        distinct_batches: cached.len(),
+        wall_s,
+        steps_per_s: steps as f64 / wall_s.max(1e-9),
+    })
 }
