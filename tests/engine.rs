@@ -616,3 +616,39 @@ fn the_enrichment_pipeline_runs_on_a_generated_corpus() {
         "the corpus has missing captions for the captioner"
     );
 }
+
+/// One pipeline's output folder is the next one's input: folders and globs skip the
+/// quarantine shards written beside the outputs (an explicit file is still read).
+#[test]
+fn an_output_folder_feeds_the_next_pipeline_without_its_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    let first = dir.path().join("first");
+    let second = dir.path().join("second");
+    corpus(&corpus_dir, 120, 2, 5, 96);
+    let file = pipeline(
+        dir.path(),
+        "first.yaml",
+        &standard_pipeline(&corpus_dir, &first, ""),
+    );
+    run_ok(&["run", "--quiet", file.to_str().unwrap()]);
+    let r1 = report(&first);
+    assert!(r1["rows_quarantined"].as_u64().unwrap() > 0);
+    assert!(std::fs::read_dir(&first).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".quarantine.parquet")
+    }));
+    for input in [
+        first.display().to_string(),
+        format!("{}/*.parquet", first.display()),
+    ] {
+        let yaml = standard_pipeline(Path::new(&input), &second, "");
+        let file = pipeline(dir.path(), "second.yaml", &yaml);
+        run_ok(&["run", "--quiet", "--force", file.to_str().unwrap()]);
+        let r2 = report(&second);
+        assert_eq!(r2["rows_in"], r1["rows_out"], "input {input}");
+        assert_eq!(r2["shards"].as_array().unwrap().len(), 2);
+    }
+}

@@ -37,8 +37,11 @@ pub fn output_name(stem: &str) -> String {
     format!("{stem}.parquet")
 }
 
+/// How quarantine shards' names end (the source skips them in folders and globs).
+pub const QUARANTINE_SUFFIX: &str = ".quarantine.parquet";
+
 pub fn quarantine_name(stem: &str) -> String {
-    format!("{stem}.quarantine.parquet")
+    format!("{stem}{QUARANTINE_SUFFIX}")
 }
 
 /// Remove temporary files a killed run left for `stem` (any process id).

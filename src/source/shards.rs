@@ -50,7 +50,10 @@ fn has_glob_chars(s: &str) -> bool {
 }
 
 /// Expand `patterns` (resolved against `base`) into a sorted, de-duplicated list of
-/// shard files. A folder means every `*.parquet` file directly inside it.
+/// shard files. A folder means every `*.parquet` file directly inside it. Folders and
+/// globs skip the quarantine shards a sink writes beside its outputs
+/// (`*.quarantine.parquet`), so one pipeline's output folder is another's input; name
+/// a quarantine shard explicitly to read it.
 pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for pattern in patterns {
@@ -75,7 +78,7 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
                 .map_err(|e| Error::input(&full, format!("invalid glob pattern: {e}")))?;
             for entry in paths {
                 let path = entry.map_err(|e| Error::input(e.path(), e.error().to_string()))?;
-                if path.is_file() {
+                if path.is_file() && !is_quarantine_shard(&path) {
                     found.push(path);
                 }
             }
@@ -83,7 +86,10 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
             let entries = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
             for entry in entries {
                 let path = entry.map_err(|e| Error::io(&full, e))?.path();
-                if path.is_file() && path.extension().is_some_and(|e| e == "parquet") {
+                if path.is_file()
+                    && path.extension().is_some_and(|e| e == "parquet")
+                    && !is_quarantine_shard(&path)
+                {
                     found.push(path);
                 }
             }
@@ -102,6 +108,13 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
     found.sort();
     found.dedup();
     Ok(found)
+}
+
+fn is_quarantine_shard(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .ends_with(crate::sink::QUARANTINE_SUFFIX)
+    })
 }
 
 /// Output names derive from shard stems, so two shards may not share one.
