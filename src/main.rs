@@ -45,15 +45,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The embedded demo: generate a corpus with bad rows, run the demo pipeline,
-    /// show what came out.
+    /// The embedded demo: the whole TRUST chain on real digit images. Builds the MNIST
+    /// source and the MNIST-M-style target, enriches them (captioner for missing
+    /// captions, pseudo-labels from the text head fitted on source captions, CLIP
+    /// weights), trains source-only and TRUST, and prints target accuracy,
+    /// pseudo-label accuracy and weight AUROC. `--engine` runs the older engine demo
+    /// instead (a generated corpus with bad rows through decode and caption cleaning).
     Demo {
-        /// Where the corpus and outputs go.
+        /// Where the data and outputs go.
         #[arg(long, default_value = "out/demo")]
         out: PathBuf,
-        /// Rows in the generated corpus.
-        #[arg(long, default_value_t = 2000)]
-        rows: usize,
+        /// Rows per domain (default: all; the engine demo: rows of its corpus, 2000).
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Training epochs (default: the training file's).
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// The engine demo instead of the TRUST demo.
+        #[arg(long)]
+        engine: bool,
+        /// Shards of the engine demo's corpus.
         #[arg(long, default_value_t = 4)]
         shards: usize,
     },
@@ -143,12 +154,89 @@ enum BenchCommand {
     /// Generate small enriched training shards (source/, target/, eval/) with
     /// learnable synthetic images, noisy pseudo-labels, weights and text features.
     GenTrain(GenTrainArgs),
+    /// Write the digits benchmark's three domains (MNIST, MNIST-M-style, UCI digits)
+    /// with generated noisy captions; see docs/digits.md.
+    GenDigits(GenDigitsArgs),
+    /// The accuracy benchmark: fit the text head on source captions, enrich every
+    /// domain, train each ablation for each shift and seed; writes accuracy.json,
+    /// accuracy.md and weights.png.
+    Accuracy(AccuracyArgs),
+    /// The benchmark harness: a bench spec (benches/specs/) runs a pipeline over
+    /// Parquet shards with per-stage throughput, utilisation, queue fill and RSS over
+    /// time, the Python baseline side by side, the model-only ceiling and the scaling
+    /// series; writes harness.json and PNG plots.
+    Run(BenchRunArgs),
     /// clip_score end to end vs the same models on pre-made inputs (the ceiling),
     /// alternating in one process; prints JSON.
     Ceiling(CeilingArgs),
     /// The trainer fed from shards (idle fraction, steps/s) vs fed from steps already
     /// in memory, alternating in one process; prints JSON.
     Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+struct GenDigitsArgs {
+    #[arg(long, default_value = "out/digits/data")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Keep only this many rows of each domain (a reduced run).
+    #[arg(long)]
+    max_rows_per_domain: Option<usize>,
+}
+
+#[derive(Args)]
+struct AccuracyArgs {
+    /// Digits data (made with `bench gen-digits` when absent).
+    #[arg(long, default_value = "out/digits/data")]
+    data: PathBuf,
+    /// Head, enriched shards, runs and reports.
+    #[arg(long, default_value = "out/digits")]
+    work: PathBuf,
+    #[arg(long, default_value = "pipelines/digits/enrich.yaml")]
+    enrich_pipeline: PathBuf,
+    #[arg(long, default_value = "pipelines/digits/train.yaml")]
+    train_file: PathBuf,
+    /// Target domains, comma-separated.
+    #[arg(long, default_value = "target_a,target_b", value_delimiter = ',')]
+    shifts: Vec<String>,
+    /// Ablations, comma-separated: source_only, lagtran, weighted, self_train, trust.
+    #[arg(
+        long,
+        default_value = "source_only,lagtran,weighted,self_train,trust",
+        value_delimiter = ','
+    )]
+    ablations: Vec<String>,
+    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Override the training file's epochs.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// With generated data: rows per domain (default all).
+    #[arg(long)]
+    max_rows_per_domain: Option<usize>,
+}
+
+#[derive(Args)]
+struct BenchRunArgs {
+    spec: PathBuf,
+    /// Output folder (reports, plots, the runs' outputs).
+    #[arg(long, default_value = "out/harness")]
+    out: PathBuf,
+    /// Override the spec's repetitions.
+    #[arg(long)]
+    repetitions: Option<usize>,
+    #[arg(long)]
+    skip_baseline: bool,
+    #[arg(long)]
+    skip_ceiling: bool,
+    #[arg(long)]
+    skip_scaling: bool,
+    /// Python for the baseline (default $TRUSTFLOW_BASELINE_PYTHON or the reference venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -326,10 +414,36 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
             let plan = plan::load_and_plan(&args.pipeline, &args.overrides.to_overrides())?;
+            let then_train = plan
+                .pipeline
+                .spec
+                .sink
+                .train
+                .as_deref()
+                .map(|t| plan.pipeline.resolve(t));
             let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
             print_report(&report);
             if !report.invariant_holds {
                 anyhow::bail!("row accounting invariant broken (see report)");
+            }
+            if let Some(train_file) = then_train {
+                if args.part.is_some() {
+                    eprintln!(
+                        "sink.train: not run with --part (the other parts' shards are not \
+                         written yet); run `trustflow train {}` when all parts are done",
+                        train_file.display()
+                    );
+                } else {
+                    // Resumes a run of the same training file and shards, as `run` skips
+                    // finished shards.
+                    eprintln!("sink.train: training with {}", train_file.display());
+                    train(TrainArgs {
+                        train_file,
+                        resume: true,
+                        fresh: false,
+                        abort_after_steps: None,
+                    })?;
+                }
             }
             Ok(())
         }
@@ -358,7 +472,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { out, rows, shards } => demo(&out, rows, shards),
+        Command::Demo {
+            out,
+            rows,
+            epochs,
+            engine,
+            shards,
+        } => match engine {
+            true => demo(&out, rows.unwrap_or(2000), shards),
+            false => trust_demo(&out, rows, epochs),
+        },
         Command::FitText(args) => {
             use trustflow::train::text_head::{FitOptions, FitTextOptions, fit_text};
             anyhow::ensure!(
@@ -426,6 +549,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
+        Command::Bench(BenchCommand::Run(a)) => {
+            use trustflow::bench::harness::{self, HarnessOptions};
+            let opts = HarnessOptions {
+                repetitions: a.repetitions,
+                skip_baseline: a.skip_baseline,
+                skip_ceiling: a.skip_ceiling,
+                skip_scaling: a.skip_scaling,
+                python: a.python,
+                on_message: Some(Box::new(|m| eprintln!("{m}"))),
+                ..Default::default()
+            };
+            print!(
+                "{}",
+                harness::run_spec_with(&a.spec, &a.out, &opts)?.to_text()
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCommand::GenDigits(a)) => {
+            let summary = gen_digits(&a.out, a.seed, a.shards, a.max_rows_per_domain)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Accuracy(a)) => bench_accuracy(a),
         Command::Bench(BenchCommand::GenTrain(a)) => {
             let opts = trustflow::bench::train_corpus::TrainCorpusOptions {
                 rows_source: a.rows_source,
@@ -531,6 +677,71 @@ fn train(args: TrainArgs) -> Result<()> {
     if report.status == "interrupted" {
         return Err(Error::Cancelled.into());
     }
+    Ok(())
+}
+
+fn gen_digits(
+    out: &Path,
+    seed: u64,
+    shards: usize,
+    max_rows_per_domain: Option<usize>,
+) -> Result<trustflow::bench::digits::DigitsSummary> {
+    use trustflow::bench::digits::{DigitsOptions, generate_digits};
+    Ok(generate_digits(&DigitsOptions {
+        out: out.to_path_buf(),
+        seed,
+        shards,
+        max_rows_per_domain,
+        ..DigitsOptions::default()
+    })?)
+}
+
+fn bench_accuracy(a: AccuracyArgs) -> Result<()> {
+    use trustflow::bench::accuracy::{self, Ablation, AccuracyOptions};
+    let ablations = a
+        .ablations
+        .iter()
+        .map(|n| {
+            Ablation::parse(n).with_context(|| {
+                format!(
+                    "--ablations: unknown `{n}` (source_only, lagtran, weighted, self_train, trust)"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !a.data.join("source").is_dir() {
+        eprintln!(
+            "bench accuracy: generating the digits data in {}",
+            a.data.display()
+        );
+        gen_digits(&a.data, 0, 1, a.max_rows_per_domain)?;
+    }
+    let opts = AccuracyOptions {
+        data: a.data,
+        work: a.work.clone(),
+        enrich_pipeline: a.enrich_pipeline,
+        train_file: a.train_file,
+        source: "source".into(),
+        shifts: a.shifts,
+        ablations,
+        seeds: a.seeds,
+        epochs: a.epochs,
+        log: |line| eprintln!("bench accuracy: {line}"),
+    };
+    let started = Instant::now();
+    let report = accuracy::run(&opts)?;
+    let (written, skipped) = accuracy::write_outputs(&report, &opts, &a.work)?;
+    println!(
+        "{}",
+        accuracy::markdown(&report, &opts.shifts, &opts.ablations)
+    );
+    if let Some(why) = skipped {
+        eprintln!("bench accuracy: no plot: {why}");
+    }
+    for f in written {
+        eprintln!("bench accuracy: wrote {}", f.display());
+    }
+    eprintln!("bench accuracy: {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -711,6 +922,104 @@ fn print_report(r: &RunReport) {
 }
 
 const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
+
+/// A file of this repository: relative to the current folder when run from the
+/// checkout, else where the binary was built from.
+fn repo_file(relative: &str) -> PathBuf {
+    let here = PathBuf::from(relative);
+    if here.exists() {
+        here
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    }
+}
+
+fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()> {
+    use trustflow::bench::accuracy::{self, Ablation, AccuracyOptions};
+    let started = Instant::now();
+    let data = out.join("data");
+    eprintln!(
+        "1/4 building the digit domains under {} (MNIST source, MNIST-M-style target)",
+        data.display()
+    );
+    let summary = gen_digits(&data, 0, 1, rows)?;
+    for f in &summary.folders {
+        eprintln!(
+            "    {}/{}: {} rows, captions {:?}",
+            f.domain, f.split, f.rows, f.caption_kinds
+        );
+    }
+    let opts = AccuracyOptions {
+        data,
+        work: out.to_path_buf(),
+        enrich_pipeline: repo_file("pipelines/digits/enrich.yaml"),
+        train_file: repo_file("pipelines/digits/train.yaml"),
+        source: "source".into(),
+        shifts: vec!["target_a".into()],
+        ablations: vec![Ablation::SourceOnly, Ablation::Trust],
+        seeds: vec![0],
+        epochs,
+        log: |line| eprintln!("    {line}"),
+    };
+    eprintln!("2/4 fitting the text head on source captions (MiniLM + ReLU head)");
+    let (head, head_metrics) = accuracy::fit_source_head(&opts)?;
+    eprintln!(
+        "    held-out caption accuracy {}",
+        head_metrics["held_out_accuracy"]
+    );
+    eprintln!(
+        "3/4 enriching source and target: caption -> pseudo_label -> clip_score -> uncertainty"
+    );
+    let mut enriched = Vec::new();
+    for domain in ["source", "target_a"] {
+        let e = accuracy::enrich_domain(&opts, &head, domain)?;
+        eprintln!(
+            "    {domain}: {} rows in, {} out, {} quarantined ({:.1} s)",
+            e.rows_in, e.rows_out, e.rows_quarantined, e.wall_s
+        );
+        anyhow::ensure!(
+            e.rows_in == e.rows_out + e.rows_quarantined,
+            "row accounting invariant broken for {domain}"
+        );
+        enriched.push(e);
+    }
+    eprintln!("4/4 training source-only and TRUST (built-in CNN)");
+    let mut runs = Vec::new();
+    for ablation in [Ablation::SourceOnly, Ablation::Trust] {
+        eprintln!("    {}", ablation.label());
+        let (result, report) = accuracy::train_one(&opts, "target_a", ablation, 0)?;
+        if let Some(e) = enriched.iter_mut().find(|e| e.domain == "target_a") {
+            e.pseudo_labels = report.history.last().and_then(|m| m.pseudo_labels.clone());
+        }
+        runs.push(result);
+    }
+    let report = accuracy::AccuracyReport {
+        text_head: head_metrics,
+        table: accuracy::aggregate(&runs),
+        enriched,
+        runs,
+    };
+    let (written, skipped) = accuracy::write_outputs(&report, &opts, out)?;
+    println!();
+    println!("Target accuracy (MNIST -> MNIST-M-style), %:");
+    print!(
+        "{}",
+        accuracy::markdown(&report, &opts.shifts, &opts.ablations)
+    );
+    if let Some(why) = skipped {
+        eprintln!("no weight plot: {why}");
+    }
+    println!();
+    for f in written {
+        println!("wrote {}", f.display());
+    }
+    println!(
+        "runs (checkpoints, metrics.jsonl, _report.json) under {}",
+        out.join("runs").display()
+    );
+    println!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
 
 fn demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
     let corpus = out.join("corpus");

@@ -531,6 +531,7 @@ fn the_demo_runs_end_to_end() {
     let out = dir.path().join("demo");
     let res = run_ok(&[
         "demo",
+        "--engine",
         "--rows",
         "120",
         "--shards",

@@ -368,3 +368,43 @@ fn example_training_files_validate() {
     }
     assert!(seen >= 1);
 }
+
+/// `sink.train`: `trustflow run` writes the pipeline's shards, then trains on them.
+#[test]
+fn a_pipeline_sink_can_train_on_what_it_wrote() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = corpus(dir.path(), 10);
+    let enriched = dir.path().join("enriched");
+    // The target side is re-validated by `decode` before training reads it.
+    let train = train_file(dir.path(), &c, "after", "", "");
+    let text = std::fs::read_to_string(&train).expect("read");
+    let target = format!("{}/target/*.parquet", c.display());
+    std::fs::write(
+        &train,
+        text.replace(&target, &format!("{}/*.parquet", enriched.display())),
+    )
+    .expect("write");
+    let pipeline = common::pipeline(
+        dir.path(),
+        "decode-then-train.yaml",
+        &format!(
+            "source:\n  paths: [\"{c}/target\"]\n  keep_columns: [pseudo_label, pseudo_weight, text_feature]\n\
+             stages:\n  - type: decode\nsink:\n  path: \"{e}\"\n  train: after.yaml\n\
+             runtime:\n  batch_size: 16\n",
+            c = c.display(),
+            e = enriched.display()
+        ),
+    );
+    let out = common::run_ok(&["run", "--quiet", pipeline.to_str().expect("utf8")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("invariant holds"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("out-after/_report.json")).expect("training ran"),
+    )
+    .expect("JSON");
+    assert_eq!(report["status"], "finished");
+    // Bad images were quarantined by `decode`, so training drops none on the target.
+    assert_eq!(report["target_rows"], 61);
+    // A second run resumes the finished training instead of starting over.
+    common::run_ok(&["run", "--quiet", pipeline.to_str().expect("utf8")]);
+}

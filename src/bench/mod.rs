@@ -1,6 +1,15 @@
-//! Benchmark tooling: the corpus generator (`trustflow bench gen`), the synthetic
-//! enriched training corpus for the TRUST trainer ([`train_corpus`]), and the
-//! end-to-end vs model-only comparison ([`ceiling`]).
+//! Benchmark tooling:
+//! - corpora: the realistic corpus generator (`bench gen`, [`corpus`]), the synthetic
+//!   enriched training corpus ([`train_corpus`]) and the digits benchmark's three real
+//!   image domains ([`digits`]);
+//! - measurements: the harness over Parquet shards with the Python baseline and
+//!   scaling series ([`harness`]), end to end vs the model-only ceiling ([`ceiling`]),
+//!   and the accuracy grid of the TRUST ablations ([`accuracy`]);
+//! - [`plot`]: PNG charts of their reports.
+pub mod accuracy;
 pub mod ceiling;
 pub mod corpus;
+pub mod digits;
+pub mod harness;
+pub mod plot;
 pub mod train_corpus;

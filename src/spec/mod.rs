@@ -207,6 +207,13 @@ pub struct SinkSpec {
     /// Quarantine shards keep every source column.
     #[serde(default)]
     pub drop_columns: Vec<String>,
+    /// A training file (see `trustflow train`) that `trustflow run` runs once every
+    /// shard of this pipeline is written, relative to this file; its `source`/`target`
+    /// sections usually read this sink's `path`. Training reads the written shards
+    /// rather than the live stream: it makes many passes, and re-running the model
+    /// stages on every pass would recompute the same columns.
+    #[serde(default)]
+    pub train: Option<String>,
 }
 
 fn default_row_group_rows() -> usize {
