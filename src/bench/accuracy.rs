@@ -157,7 +157,10 @@ pub struct AccuracyReport {
     pub table: Vec<Cell>,
 }
 
+/// `dir/*.parquet`, absolute: spec files resolve relative paths against their own
+/// folder, not the current one.
 fn glob_of(dir: &Path) -> String {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     format!("{}/*.parquet", dir.display())
 }
 
@@ -186,6 +189,8 @@ pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::V
 /// Step 2: one domain's training rows through the enrichment pipeline.
 pub fn enrich_domain(opts: &AccuracyOptions, head: &Path, domain: &str) -> Result<EnrichedDomain> {
     let mut pipeline = crate::spec::load_file(&opts.enrich_pipeline)?;
+    // Paths in a pipeline resolve against its own folder: give the head absolutely.
+    let head = std::path::absolute(head).map_err(|e| Error::io(head, e))?;
     let mut found = false;
     for stage in &mut pipeline.spec.stages {
         if let StageKind::PseudoLabel(c) = &mut stage.kind {
