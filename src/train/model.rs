@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 /// Input side used when probing a TorchScript module's output at start-up.
 const PROBE_ROWS: i64 = 2;
 
+/// libtorch's random generator is process-wide: seeding it and drawing the initial
+/// weights happen under this lock, so concurrent trainings in one process (tests, a
+/// library user's threads) each get exactly the weights their seed gives.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The built-in backbone: three stages of conv-BN-ReLU (the first two with two convs
 /// and a 2x2 max-pool), then global average pooling. Works for any input side >= 4.
 #[derive(Debug)]
@@ -103,7 +108,8 @@ impl VisionModel {
     /// Builds the model on `device`. `script_override` loads a TorchScript backbone
     /// from a checkpoint's copy instead of `spec`'s file (buffers such as batch-norm
     /// statistics live in the module, not in the var store). `input_side` is the
-    /// augmentation size, used to probe the module's output shape.
+    /// augmentation size, used to probe the module's output shape. `seed` fixes the
+    /// initial weights.
     pub fn new(
         spec: &BackboneSpec,
         resolve: impl Fn(&str) -> PathBuf,
@@ -111,7 +117,10 @@ impl VisionModel {
         input_side: i64,
         device: Device,
         script_override: Option<&Path>,
+        seed: u64,
     ) -> Result<Self> {
+        let _init = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let (backbone, feature_dim) = match spec {

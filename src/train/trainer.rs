@@ -389,6 +389,7 @@ pub fn check_only(loaded: &LoadedTrain) -> Result<TrainPlan> {
         i64::from(spec.augment.size),
         Device::Cpu,
         None,
+        spec.seed,
     )?;
     Ok(TrainPlan {
         name: loaded.name(),
@@ -427,7 +428,6 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     if let Some(threads) = spec.model.threads {
         tch::set_num_threads(threads as i32);
     }
-    tch::manual_seed(spec.seed as i64);
 
     let Prepared {
         source,
@@ -500,6 +500,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
             .as_ref()
             .and_then(|(dir, _)| checkpoint::backbone_file(dir))
             .as_deref(),
+        spec.seed,
     )?;
     let mut sgd = Sgd::new(
         &model.vs,
@@ -1019,7 +1020,6 @@ pub fn memory_fed(loaded: &LoadedTrain, steps: u64) -> Result<MemoryFed> {
     if let Some(threads) = spec.model.threads {
         tch::set_num_threads(threads as i32);
     }
-    tch::manual_seed(spec.seed as i64);
     let p = prepare(loaded)?;
     let device = match spec.model.device {
         TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
@@ -1032,6 +1032,7 @@ pub fn memory_fed(loaded: &LoadedTrain, steps: u64) -> Result<MemoryFed> {
         i64::from(spec.augment.size),
         device,
         None,
+        spec.seed,
     )?;
     let mut sgd = Sgd::new(
         &model.vs,
