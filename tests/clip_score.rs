@@ -919,3 +919,23 @@ fn text_output_names_the_text_embedding() {
     );
     assert!(stage.is_ok(), "the default name, given explicitly");
 }
+
+/// `sessions: 2` serves concurrent callers; 0 sessions is a configuration error.
+#[test]
+fn several_sessions_serve_concurrent_callers() {
+    require_ort();
+    let one = ClipScoreStage::new("clip".to_string(), with_files(|_| {})).unwrap();
+    let two = ClipScoreStage::new("clip".to_string(), with_files(|c| c.sessions = 2)).unwrap();
+    let captions: Vec<String> = (0..8).map(|i| format!("a photo of thing {i}")).collect();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| two.time_models_on_premade(&captions, 3));
+        let b = s.spawn(|| two.time_models_on_premade(&captions, 3));
+        assert!(a.join().unwrap().is_ok() && b.join().unwrap().is_ok());
+    });
+    assert!(one.time_models_on_premade(&captions, 1).is_ok());
+    let problems = with_files(|c| c.sessions = 0).validate();
+    assert!(
+        problems.iter().any(|(f, _)| f == "sessions"),
+        "{problems:?}"
+    );
+}

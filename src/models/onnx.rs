@@ -67,12 +67,16 @@ pub struct SessionConfig {
     pub intra_op_threads: usize,
     pub execution_provider: ExecutionProviderName,
     pub fallback: Fallback,
+    /// Sessions of the model (>= 1): up to this many calls run at once, each on its
+    /// own session (the weights are loaded once per session).
+    pub sessions: usize,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             intra_op_threads: 1,
+            sessions: 1,
             execution_provider: ExecutionProviderName::Cpu,
             fallback: Fallback::None,
         }
@@ -162,7 +166,10 @@ pub struct OutputTensor {
 #[derive(Debug)]
 pub struct OnnxModel {
     path: PathBuf,
-    session: Mutex<Session>,
+    /// One or more sessions of the same file (`SessionConfig::sessions`).
+    sessions: Vec<Mutex<Session>>,
+    /// Where the next call starts looking for a free session.
+    next: std::sync::atomic::AtomicUsize,
     provider: ExecutionProviderName,
 }
 
@@ -233,12 +240,24 @@ impl OnnxModel {
                 }
             }
         };
-        let session = builder.commit_from_file(path).map_err(|e| {
+        let load_err = |e: &dyn std::fmt::Display| {
             Error::input(
                 path,
                 format!("cannot load as an ONNX model (is it an ONNX file?): {e}"),
             )
-        })?;
+        };
+        let mut sessions = Vec::with_capacity(config.sessions.max(1));
+        // The builder is consumed by a commit: the extra sessions reuse its settings
+        // through a clone taken first.
+        for _ in 1..config.sessions.max(1) {
+            let extra = builder
+                .clone()
+                .commit_from_file(path)
+                .map_err(|e| load_err(&e))?;
+            sessions.push(Mutex::new(extra));
+        }
+        let session = builder.commit_from_file(path).map_err(|e| load_err(&e))?;
+        sessions.insert(0, Mutex::new(session));
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -247,7 +266,8 @@ impl OnnxModel {
         );
         Ok(Self {
             path: path.to_path_buf(),
-            session: Mutex::new(session),
+            sessions,
+            next: std::sync::atomic::AtomicUsize::new(0),
             provider,
         })
     }
@@ -283,11 +303,25 @@ impl OnnxModel {
     }
 
     fn with_session<R>(&self, f: impl FnOnce(&Session) -> R) -> R {
-        let guard = self
-            .session
+        let guard = self.sessions[0]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&guard)
+    }
+
+    /// A free session if there is one (round robin from a moving start), else waits
+    /// for the start one.
+    fn acquire(&self) -> Result<std::sync::MutexGuard<'_, Session>> {
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(guard) = self.sessions[(start + i) % n].try_lock() {
+                return Ok(guard);
+            }
+        }
+        self.sessions[start]
+            .lock()
+            .map_err(|_| Error::input(&self.path, "session lock poisoned by a panic"))
     }
 
     /// Check the model against what a stage needs: every `required` input and every
@@ -392,10 +426,7 @@ impl OnnxModel {
             };
             values.push((name.to_string(), value));
         }
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| Error::input(&self.path, "session lock poisoned by a panic"))?;
+        let mut session = self.acquire()?;
         let results = session.run(values).map_err(|e| fail(&e))?;
         outputs
             .iter()

@@ -428,6 +428,7 @@ impl CaptionStage {
         })?;
 
         let session = SessionConfig {
+            sessions: 1,
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             fallback: config.fallback,

@@ -61,6 +61,9 @@ fn default_max_pixels() -> u64 {
 fn default_max_bytes() -> u64 {
     33_554_432
 }
+fn default_sessions() -> usize {
+    1
+}
 fn default_text_output() -> String {
     "text_embeds".into()
 }
@@ -116,6 +119,13 @@ pub struct ClipScoreConfig {
     #[serde(default = "default_threads")]
     #[schemars(range(max = 256))]
     pub intra_op_threads: usize,
+    /// ONNX Runtime sessions per model (1 to 16). With 1 (default) the stage's workers
+    /// take turns on each model; with `sessions: workers`, several calls of the same
+    /// model run at once (what a model-bound stage needs on a multi-core CPU), at the
+    /// cost of the model's weights in memory once per session.
+    #[serde(default = "default_sessions")]
+    #[schemars(range(min = 1, max = 16))]
+    pub sessions: usize,
     /// CLIP's logit scale `s` (the exponential of the learned parameter; 100 for OpenAI
     /// CLIP), recorded as `logit_scale` metadata on the output columns for the
     /// `uncertainty` stage. Default: `exp(logit_scale_init_value)` from `config.json`,
@@ -150,6 +160,7 @@ impl ClipScoreConfig {
             text_model: None,
             tokenizer: None,
             text_output: default_text_output(),
+            sessions: default_sessions(),
             config: None,
             preprocessor_config: None,
             caption_column: None,
@@ -177,6 +188,12 @@ impl ClipScoreConfig {
         ];
         for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
             problem(&field, message);
+        }
+        if !(1..=16).contains(&self.sessions) {
+            problem(
+                "sessions",
+                format!("must lie in [1, 16], got {}", self.sessions),
+            );
         }
         for (field, message) in files::blank_fields(&file_fields) {
             problem(&field, message);
@@ -345,6 +362,7 @@ impl ClipScoreStage {
         .map_err(err)?;
 
         let session = SessionConfig {
+            sessions: config.sessions,
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             fallback: config.fallback,

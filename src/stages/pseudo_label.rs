@@ -406,6 +406,7 @@ impl PseudoLabelStage {
         let tokenizer = TextTokenizer::load(&tokenizer_path, max_length, None).map_err(err)?;
 
         let session = SessionConfig {
+            sessions: 1,
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             fallback: config.fallback,
@@ -543,6 +544,7 @@ impl PseudoLabelStage {
         )
         .map_err(err)?;
         let session = SessionConfig {
+            sessions: 1,
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             fallback: config.fallback,
