@@ -63,8 +63,9 @@ fn mean(v: &[f64]) -> f64 {
     }
 }
 
-/// Captions of the first shard's first rows (real token lengths for the ceiling).
-fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<String>> {
+/// Captions of the first shard's first rows (real token lengths for the ceiling),
+/// cycled to a full batch of `rows`.
+pub(crate) fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<String>> {
     let source = &plan.source;
     let Some(shard) = source.shards.first() else {
         return Err(Error::Other("the pipeline has no shards".into()));
@@ -101,6 +102,34 @@ fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<String>> {
         captions.push(captions[i % have].clone());
     }
     Ok(captions)
+}
+
+/// The ceiling: `workers` callers share the stage's sessions, as the pipeline's workers
+/// do, each making `calls` calls on a batch of `captions.len()` pre-made rows.
+pub(crate) fn models_rows_per_s(
+    stage: &ClipScoreStage,
+    captions: &[String],
+    workers: usize,
+    calls: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    let results: Vec<Result<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| scope.spawn(|| stage.time_models_on_premade(captions, calls)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Other("a ceiling thread panicked".into())))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let rows = (workers * calls * captions.len()) as f64;
+    Ok(rows / started.elapsed().as_secs_f64().max(1e-9))
 }
 
 pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
@@ -144,25 +173,7 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
     let mut end_to_end = Vec::new();
     let mut last = None;
     for _ in 0..opts.repetitions.max(1) {
-        // Ceiling: `workers` callers share the stage's sessions, as the pipeline does.
-        let started = Instant::now();
-        let results: Vec<Result<f64>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| scope.spawn(|| stage.time_models_on_premade(&captions, opts.calls)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Other("a ceiling thread panicked".into())))
-                })
-                .collect()
-        });
-        for r in results {
-            r?;
-        }
-        let rows = (workers * opts.calls * batch_size) as f64;
-        ceiling.push(rows / started.elapsed().as_secs_f64().max(1e-9));
+        ceiling.push(models_rows_per_s(&stage, &captions, workers, opts.calls)?);
 
         let plan = plan::load_and_plan(&opts.pipeline, &overrides)?;
         let report = execute(

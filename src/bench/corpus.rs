@@ -181,7 +181,7 @@ pub fn generate(opts: &GenOptions) -> Result<GenSummary> {
     let started = Instant::now();
     validate(opts)?;
     fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    remove_stale_shards(opts)?;
+    remove_stale_corpus_shards(opts)?;
     let (photos, photos_used) = load_photos(opts);
     let ctx = Ctx {
         opts,
@@ -292,40 +292,49 @@ fn validate(o: &GenOptions) -> Result<()> {
     Ok(())
 }
 
-/// `part-NNNNN` for shard `i`.
-fn shard_stem(i: usize) -> String {
+/// `part-NNNNN` for shard `i` (every generator in `bench` names its shards so).
+pub(crate) fn shard_stem(i: usize) -> String {
     format!("part-{i:05}")
 }
 
-/// Shards beyond `opts.shards` left by an earlier, larger run would silently join the
-/// corpus: remove them if the folder is ours (has `_gen.json`), otherwise refuse.
-fn remove_stale_shards(opts: &GenOptions) -> Result<()> {
-    let entries = fs::read_dir(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+/// Shards `part-N.parquet` with N >= `keep` left in `dir` by an earlier, larger run
+/// would silently join the corpus: remove them if the folder is ours (`ours`: it holds
+/// the generator's marker file), otherwise refuse. Returns the names removed.
+pub(crate) fn remove_stale_shards(dir: &Path, keep: usize, ours: bool) -> Result<Vec<String>> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut stale = Vec::new();
     for entry in entries {
-        let name = entry.map_err(|e| Error::io(&opts.out, e))?.file_name();
+        let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
         let name = name.to_string_lossy();
         let index = name
             .strip_prefix("part-")
             .and_then(|r| r.strip_suffix(".parquet"))
             .and_then(|n| n.parse::<usize>().ok());
-        if index.is_some_and(|i| i >= opts.shards) {
+        if index.is_some_and(|i| i >= keep) {
             stale.push(name.into_owned());
         }
     }
     if stale.is_empty() {
-        return Ok(());
+        return Ok(stale);
     }
-    if !opts.out.join("_gen.json").exists() {
+    if !ours {
         return Err(Error::Other(format!(
             "{} already holds other shards ({}); choose an empty folder",
-            opts.out.display(),
+            dir.display(),
             stale.join(", ")
         )));
     }
-    for name in stale {
-        let path = opts.out.join(&name);
+    for name in &stale {
+        let path = dir.join(name);
         fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(stale)
+}
+
+/// This corpus's stale shards, with their image folders (path layout).
+fn remove_stale_corpus_shards(opts: &GenOptions) -> Result<()> {
+    let ours = opts.out.join("_gen.json").exists();
+    for name in remove_stale_shards(&opts.out, opts.shards, ours)? {
         let images = opts
             .out
             .join("images")
@@ -439,11 +448,20 @@ fn writer_props(layout: GenLayout) -> Result<WriterProperties> {
         GenLayout::Img2dataset => ColumnPath::from("jpg"),
         GenLayout::Bytes | GenLayout::Path => ColumnPath::from("image"),
     };
+    image_writer_props(image, ROW_GROUP_ROWS)
+}
+
+/// zstd-compressed shards of `row_group_rows` rows, with neither dictionary nor
+/// min/max statistics on the `image` column: both are useless on image bytes and cost
+/// memory. Shared by every generator in `bench`.
+pub(crate) fn image_writer_props(
+    image: ColumnPath,
+    row_group_rows: usize,
+) -> Result<WriterProperties> {
     let zstd = ZstdLevel::try_new(3).map_err(|e| Error::Other(e.to_string()))?;
-    // Dictionaries and min/max statistics are useless on image bytes and cost memory.
     Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(zstd))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_max_row_group_row_count(Some(row_group_rows))
         .set_column_dictionary_enabled(image.clone(), false)
         .set_column_statistics_enabled(image, EnabledStatistics::None)
         .build())

@@ -44,14 +44,14 @@ use flate2::read::GzDecoder;
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use super::corpus::{image_writer_props, remove_stale_shards, shard_stem};
 use crate::error::{Error, Result};
 use crate::models::image::{ImageFormatName, ImageLimits, decode_rgb};
 
@@ -305,7 +305,7 @@ pub fn generate_digits(opts: &DigitsOptions) -> Result<DigitsSummary> {
     let ctx = Ctx {
         opts,
         schema: schema(),
-        props: writer_props()?,
+        props: image_writer_props(ColumnPath::from("image"), ROW_GROUP_ROWS)?,
     };
     let mut folders = Vec::with_capacity(DOMAINS.len() * SPLITS.len());
     for plan in &plans {
@@ -819,62 +819,11 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-/// One writer config for every shard. Dictionaries and min/max statistics are useless
-/// on image bytes and cost memory.
-fn writer_props() -> Result<WriterProperties> {
-    let zstd = ZstdLevel::try_new(3).map_err(|e| Error::Other(e.to_string()))?;
-    let image = ColumnPath::from("image");
-    Ok(WriterProperties::builder()
-        .set_compression(Compression::ZSTD(zstd))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_column_dictionary_enabled(image.clone(), false)
-        .set_column_statistics_enabled(image, EnabledStatistics::None)
-        .build())
-}
-
 /// Shared, read-only state of a run.
 struct Ctx<'a> {
     opts: &'a DigitsOptions,
     schema: SchemaRef,
     props: WriterProperties,
-}
-
-/// `part-NNNNN` for shard `i`.
-fn shard_stem(i: usize) -> String {
-    format!("part-{i:05}")
-}
-
-/// Shards beyond `keep` left in `dir` by an earlier run with more shards would silently
-/// join the benchmark: remove them when `out` is ours (has the marker), else refuse.
-fn remove_stale_shards(dir: &Path, keep: usize, ours: bool) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut stale = Vec::new();
-    for entry in entries {
-        let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
-        let name = name.to_string_lossy();
-        let index = name
-            .strip_prefix("part-")
-            .and_then(|r| r.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<usize>().ok());
-        if index.is_some_and(|i| i >= keep) {
-            stale.push(name.into_owned());
-        }
-    }
-    if stale.is_empty() {
-        return Ok(());
-    }
-    if !ours {
-        return Err(Error::Other(format!(
-            "{} already holds other shards ({}); choose an empty folder",
-            dir.display(),
-            stale.join(", ")
-        )));
-    }
-    for name in stale {
-        let path = dir.join(&name);
-        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-    }
-    Ok(())
 }
 
 /// Writes `rows` to `out/<domain>/<split>/` as `opts.shards` contiguous shards.

@@ -44,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -1373,7 +1372,7 @@ fn prepare_ceiling(l: &LoadedBenchSpec, c: &CeilingSpec, plan: &Plan) -> Result<
     };
     config.resolve_paths(plan.pipeline.base_dir());
     let batch_size = spec.runtime.batch_size.max(1);
-    let captions = sample_captions(plan, batch_size)?;
+    let captions = super::ceiling::sample_captions(plan, batch_size)?;
     Ok(CeilingSetup {
         stage_name,
         config,
@@ -1384,67 +1383,11 @@ fn prepare_ceiling(l: &LoadedBenchSpec, c: &CeilingSpec, plan: &Plan) -> Result<
     })
 }
 
-/// Captions of the corpus's first rows (real token lengths), cycled to a full batch.
-fn sample_captions(plan: &Plan, rows: usize) -> Result<Vec<String>> {
-    let source = &plan.source;
-    let mut captions = Vec::with_capacity(rows);
-    if let Some(shard) = source.shards.first() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(|e| Error::Other(format!("cannot start a reader: {e}")))?;
-        let converter = source.converter(shard)?;
-        let mut stream = rt.block_on(source.open(shard))?;
-        let mut first_row = 0u64;
-        while captions.len() < rows {
-            let Some(batch) = rt.block_on(stream.next()) else {
-                break;
-            };
-            let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
-            let (ok, _) = converter.convert(&batch, first_row)?;
-            first_row += batch.num_rows() as u64;
-            if let Some(col) = ok.column_by_name(crate::columns::CAPTION) {
-                let col = col.as_string::<i32>();
-                for i in 0..col.len() {
-                    if col.is_valid(i) && captions.len() < rows {
-                        captions.push(col.value(i).to_string());
-                    }
-                }
-            }
-        }
-    }
-    if captions.is_empty() {
-        captions.push("a photo".into());
-    }
-    let have = captions.len();
-    for i in 0..rows.saturating_sub(have) {
-        let again = captions[i % have].clone();
-        captions.push(again);
-    }
-    Ok(captions)
-}
-
 /// One ceiling measurement: `workers` callers share one stage's sessions, as the
 /// pipeline's workers do. The stage is built here and dropped on return.
 fn ceiling_once(c: &CeilingSetup) -> Result<f64> {
     let stage = ClipScoreStage::new(c.stage_name.clone(), c.config.clone())?;
-    let started = Instant::now();
-    let results: Vec<Result<f64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..c.workers)
-            .map(|_| scope.spawn(|| stage.time_models_on_premade(&c.captions, c.calls)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Other("a ceiling thread panicked".into())))
-            })
-            .collect()
-    });
-    for r in results {
-        r?;
-    }
-    let rows = (c.workers * c.calls * c.batch_size) as f64;
-    Ok(rows / started.elapsed().as_secs_f64().max(1e-9))
+    super::ceiling::models_rows_per_s(&stage, &c.captions, c.workers, c.calls)
 }
 
 // ------------------------------------------------------------------------ baseline

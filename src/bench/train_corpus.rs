@@ -38,14 +38,14 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use super::corpus::{image_writer_props, remove_stale_shards, shard_stem};
 use crate::error::{Error, Result};
 
 /// Rows per Parquet row group (and per Arrow batch). The images are tiny, so groups
@@ -219,7 +219,7 @@ pub fn generate_train_corpus(opts: &TrainCorpusOptions) -> Result<TrainCorpusSum
     let ctx = Ctx {
         opts,
         schema: schema(opts.feature_dim),
-        props: writer_props()?,
+        props: image_writer_props(ColumnPath::from("image"), ROW_GROUP_ROWS)?,
         class_vectors: class_vectors(opts),
     };
     let mut folders = Vec::with_capacity(Folder::ALL.len());
@@ -292,44 +292,6 @@ fn validate(o: &TrainCorpusOptions) -> Result<()> {
     Ok(())
 }
 
-/// `part-NNNNN` for shard `i`.
-fn shard_stem(i: usize) -> String {
-    format!("part-{i:05}")
-}
-
-/// Shards beyond `keep` left in `dir` by an earlier, larger run would silently join the
-/// corpus: remove them when `out` is ours (has the marker), otherwise refuse.
-fn remove_stale_shards(dir: &Path, keep: usize, ours: bool) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut stale = Vec::new();
-    for entry in entries {
-        let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
-        let name = name.to_string_lossy();
-        let index = name
-            .strip_prefix("part-")
-            .and_then(|r| r.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<usize>().ok());
-        if index.is_some_and(|i| i >= keep) {
-            stale.push(name.into_owned());
-        }
-    }
-    if stale.is_empty() {
-        return Ok(());
-    }
-    if !ours {
-        return Err(Error::Other(format!(
-            "{} already holds other shards ({}); choose an empty folder",
-            dir.display(),
-            stale.join(", ")
-        )));
-    }
-    for name in stale {
-        let path = dir.join(&name);
-        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-    }
-    Ok(())
-}
-
 /// The enriched schema: `id` is never null; the other columns are nullable like the
 /// enrichment pipeline's output, though this generator never writes a null.
 fn schema(feature_dim: usize) -> SchemaRef {
@@ -353,19 +315,6 @@ fn schema(feature_dim: usize) -> SchemaRef {
         float("pseudo_weight"),
         Field::new("text_feature", feature, true),
     ]))
-}
-
-/// One writer config for every shard. Dictionaries and min/max statistics are useless
-/// on image bytes and cost memory.
-fn writer_props() -> Result<WriterProperties> {
-    let zstd = ZstdLevel::try_new(3).map_err(|e| Error::Other(e.to_string()))?;
-    let image = ColumnPath::from("image");
-    Ok(WriterProperties::builder()
-        .set_compression(Compression::ZSTD(zstd))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_column_dictionary_enabled(image.clone(), false)
-        .set_column_statistics_enabled(image, EnabledStatistics::None)
-        .build())
 }
 
 /// One random unit vector per class, from a stream of its own so that every folder
