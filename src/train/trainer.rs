@@ -182,21 +182,26 @@ fn plan_domain(
     // Plan once as written (so the user's own mistakes are located), then with the
     // enriched columns the losses need added to keep_columns.
     let plain = source::plan_section(loaded, spec, section, batch_size, None)?;
-    let mut with_columns = spec.clone();
-    for name in [
+    let needed: Vec<&String> = [
         &needs.pseudo_label,
         &needs.pseudo_weight,
         &needs.text_feature,
     ]
     .into_iter()
     .flatten()
-    {
-        for shard in &plain.shards {
-            let file = std::fs::File::open(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
-            let builder =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| Error::input(&shard.path, e.to_string()))?;
-            if builder.schema().field_with_name(name).is_err() {
+    .collect();
+    // Each footer is read once, whatever the number of columns checked.
+    let schemas = match needed.is_empty() {
+        true => Vec::new(),
+        false => plain
+            .shards
+            .iter()
+            .map(|shard| shard_schema(&shard.path))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    for name in &needed {
+        for (shard, schema) in plain.shards.iter().zip(&schemas) {
+            if schema.field_with_name(name).is_err() {
                 return Err(Error::input(
                     &shard.path,
                     format!(
@@ -207,7 +212,10 @@ fn plan_domain(
                 ));
             }
         }
-        if !with_columns.keep_columns.iter().any(|k| k == name) {
+    }
+    let mut with_columns = spec.clone();
+    for name in needed {
+        if !with_columns.keep_columns.contains(name) {
             with_columns.keep_columns.push(name.clone());
         }
     }
@@ -222,13 +230,16 @@ fn plan_domain(
 /// Whether the first shard of `spec` has column `name` (for optional columns).
 fn has_column(plan: &source::SourcePlan, name: &str) -> bool {
     plan.shards.first().is_some_and(|s| {
-        std::fs::File::open(&s.path)
-            .ok()
-            .and_then(|f| {
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).ok()
-            })
-            .is_some_and(|b| b.schema().field_with_name(name).is_ok())
+        shard_schema(&s.path).is_ok_and(|schema| schema.field_with_name(name).is_ok())
     })
+}
+
+/// A shard's Arrow schema, from its footer.
+fn shard_schema(path: &Path) -> Result<arrow::datatypes::SchemaRef> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map(|b| b.schema().clone())
+        .map_err(|e| Error::input(path, e.to_string()))
 }
 
 fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData]) -> String {
