@@ -408,3 +408,56 @@ fn a_pipeline_sink_can_train_on_what_it_wrote() {
     // A second run resumes the finished training instead of starting over.
     common::run_ok(&["run", "--quiet", pipeline.to_str().expect("utf8")]);
 }
+
+/// A row the source rejects (here: a null id) never reaches the model and is not lost
+/// either: it is counted among the dropped rows with the source's reason.
+#[test]
+fn rows_the_source_rejects_are_reported_as_dropped() {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, StringArray};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = corpus(dir.path(), 11);
+    for shard in ["part-00000", "part-00001"] {
+        let path = c.join("target").join(format!("{shard}.parquet"));
+        let batch = common::read_parquet(&path);
+        let index = batch.schema().index_of("id").expect("id column");
+        let ids = batch
+            .column(index)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("utf8 ids");
+        // The first row of each shard loses its id.
+        let nulled: StringArray = (0..ids.len())
+            .map(|i| (i > 0).then(|| ids.value(i)))
+            .collect();
+        let mut columns = batch.columns().to_vec();
+        columns[index] = Arc::new(nulled);
+        let mut fields: Vec<_> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[index] = fields[index].clone().with_nullable(true);
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        let batch = arrow::array::RecordBatch::try_new(schema, columns).expect("batch");
+        let file = std::fs::File::create(&path).expect("rewrite");
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+    let file = train_file(dir.path(), &c, "rejected", "", "");
+    let report = run(&file, &fresh()).expect("training runs");
+    let rejected: Vec<_> = report
+        .dropped_examples
+        .iter()
+        .filter(|(key, _)| key.contains(":rejected:"))
+        .collect();
+    assert!(!rejected.is_empty(), "{:?}", report.dropped_examples);
+    assert!(
+        rejected.iter().all(|(_, why)| why.contains("id")),
+        "{rejected:?}"
+    );
+}

@@ -83,6 +83,9 @@ pub struct TrainRow {
     pub pseudo_label: Option<i64>,
     pub weight: Option<f32>,
     pub feature: Option<Vec<f32>>,
+    /// Why the source rejected the row (null id, a path escaping its root, ...): it
+    /// takes its place in a step like any row and is reported there as dropped.
+    pub rejected: Option<String>,
 }
 
 /// One domain's shards and the columns read from them.
@@ -180,10 +183,17 @@ impl<'a> PassReader<'a> {
                     let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
                     let n = batch.num_rows() as u64;
                     // Rows the source rejects (null ids, bad paths) never reach a step.
-                    let (ok, _rejected) = converter.convert(&batch, *rows_in)?;
-                    *rows_in += n;
+                    let (ok, rejected) = converter.convert(&batch, *rows_in)?;
                     let rows = extract_rows(&ok, self.data, self.pass, &shard.path)?;
                     self.pending.extend(rows);
+                    self.pending.extend(rejected_rows(
+                        rejected.as_ref(),
+                        self.data,
+                        self.pass,
+                        &shard.stem,
+                        *rows_in,
+                    ));
+                    *rows_in += n;
                 }
             }
         }
@@ -265,9 +275,47 @@ fn extract_rows(
                 .filter(|a| a.is_valid(i))
                 .map(|a| a.value(i) as f32),
             feature: features.as_ref().and_then(|f| f[i].clone()),
+            rejected: None,
         });
     }
     Ok(rows)
+}
+
+/// The rows the source rejected in one batch, keyed by shard and row so they show up
+/// among the dropped rows with the source's reason.
+fn rejected_rows(
+    rejected: Option<&RecordBatch>,
+    data: &DomainData,
+    pass: u64,
+    stem: &str,
+    first_row: u64,
+) -> Vec<TrainRow> {
+    let Some(batch) = rejected else {
+        return Vec::new();
+    };
+    let reasons = batch
+        .column_by_name(columns::ERROR)
+        .and_then(|c| c.as_string_opt::<i32>().cloned());
+    (0..batch.num_rows())
+        .map(|i| TrainRow {
+            key: format!(
+                "{}/{pass}/{stem}:rejected:{}",
+                data.domain.section(),
+                first_row + i as u64
+            ),
+            image: None,
+            label: None,
+            pseudo_label: None,
+            weight: None,
+            feature: None,
+            rejected: Some(
+                reasons
+                    .as_ref()
+                    .filter(|r| r.is_valid(i))
+                    .map_or("rejected by the source".into(), |r| r.value(i).to_string()),
+            ),
+        })
+        .collect()
 }
 
 /// A (fixed-size) list column of floats as one vector per row (`None` for nulls).
@@ -522,6 +570,10 @@ fn build_side(
     let mut strong_views: Vec<Chw> = Vec::new();
     let mut kept: Vec<&TrainRow> = Vec::with_capacity(rows.len());
     for row in rows {
+        if let Some(reason) = &row.rejected {
+            dropped.push((row.key.clone(), reason.clone()));
+            continue;
+        }
         match decode(row.image.as_deref()) {
             Ok(img) => {
                 weak.push(augment::weak(&img, &views.augment));
