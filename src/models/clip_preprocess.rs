@@ -276,33 +276,101 @@ pub fn resize_rgb(
     new_height: usize,
     filter: PilFilter,
 ) -> Vec<u8> {
+    let full = Window {
+        left: 0,
+        top: 0,
+        width: new_width,
+        height: new_height,
+    };
+    resize_rgb_window(pixels, width, height, new_width, new_height, filter, full)
+}
+
+/// A rectangle of a resized image, in its output pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub left: usize,
+    pub top: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Coefficients {
+    /// The coefficients of output pixels `first..first + count` only.
+    fn window(&self, first: usize, count: usize) -> Coefficients {
+        Coefficients {
+            ksize: self.ksize,
+            bounds: self.bounds[first..first + count].to_vec(),
+            fixed: self.fixed[first * self.ksize..(first + count) * self.ksize].to_vec(),
+        }
+    }
+}
+
+/// Columns `left..left + count` of an RGB image `width` pixels wide.
+fn crop_columns(pixels: &[u8], width: usize, left: usize, count: usize) -> Vec<u8> {
+    pixels
+        .chunks_exact(width * 3)
+        .flat_map(|line| &line[left * 3..(left + count) * 3])
+        .copied()
+        .collect()
+}
+
+/// The `window` of [`resize_rgb`]'s output, byte for byte, computing only the output
+/// pixels inside it (and only the source rows they read): every output pixel of a pass
+/// depends on its own coefficients alone, so a center crop after the resize need not
+/// pay for the pixels it throws away. The pass order is decided on the full sizes, as
+/// Pillow does. The window must lie inside `new_width` x `new_height` and be non-empty.
+pub fn resize_rgb_window(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    new_width: usize,
+    new_height: usize,
+    filter: PilFilter,
+    window: Window,
+) -> Vec<u8> {
     assert_eq!(pixels.len(), width * height * 3, "RGB buffer size");
     assert!(width > 0 && height > 0 && new_width > 0 && new_height > 0);
+    assert!(
+        window.width > 0
+            && window.height > 0
+            && window.left + window.width <= new_width
+            && window.top + window.height <= new_height,
+        "window inside the resized image"
+    );
     let need_horizontal = new_width != width;
     let need_vertical = new_height != height;
-    let vertical = coefficients(height, new_height, filter);
+    let vertical = || coefficients(height, new_height, filter).window(window.top, window.height);
+    let horizontal = || coefficients(width, new_width, filter).window(window.left, window.width);
+    // An unchanged dimension is cropped, not resampled.
+    let rows = |pixels: &[u8], w: usize| -> Vec<u8> {
+        pixels[window.top * w * 3..(window.top + window.height) * w * 3].to_vec()
+    };
     match (need_horizontal, need_vertical) {
-        (false, false) => return pixels.to_vec(),
-        (false, true) => return vertical_pass(pixels, width, 0, &vertical),
+        (false, false) => {
+            return crop_columns(&rows(pixels, width), width, window.left, window.width);
+        }
+        (false, true) => {
+            let tall = vertical_pass(pixels, width, 0, &vertical());
+            return crop_columns(&tall, width, window.left, window.width);
+        }
         (true, false) => {
-            let horizontal = coefficients(width, new_width, filter);
-            return horizontal_pass(pixels, width, 0, height, &horizontal);
+            return horizontal_pass(pixels, width, window.top, window.height, &horizontal());
         }
         (true, true) => {}
     }
-    let horizontal = coefficients(width, new_width, filter);
     let dy = height as i64 - new_height as i64;
     let dx = width as i64 - new_width as i64;
+    let (vertical, horizontal) = (vertical(), horizontal());
     if dy > 0 && dy > 2 * dx {
         let tall = vertical_pass(pixels, width, 0, &vertical);
-        horizontal_pass(&tall, width, 0, new_height, &horizontal)
+        horizontal_pass(&tall, width, 0, window.height, &horizontal)
     } else {
         // Rows of the source the vertical pass reads.
         let first_row = vertical.bounds[0].0;
-        let (start, taps) = vertical.bounds[new_height - 1];
+        let (start, taps) = vertical.bounds[window.height - 1];
         let rows = start + taps - first_row;
         let wide = horizontal_pass(pixels, width, first_row, rows, &horizontal);
-        vertical_pass(&wide, new_width, first_row, &vertical)
+        vertical_pass(&wide, window.width, first_row, &vertical)
     }
 }
 
@@ -491,8 +559,7 @@ impl ClipImageConfig {
                  preprocess"
             ));
         }
-        let resized = self.resize(image);
-        let (rw, rh) = (resized.width() as i64, resized.height() as i64);
+        let (rw, rh) = (i64::from(new_w), i64::from(new_h));
         let (out_h, out_w) = if self.do_center_crop {
             (i64::from(self.crop_size.0), i64::from(self.crop_size.1))
         } else {
@@ -501,17 +568,38 @@ impl ClipImageConfig {
         // transformers' center_crop: offsets `(orig - crop) // 2` (floor), zeros outside.
         let top = (rh - out_h).div_euclid(2);
         let left = (rw - out_w).div_euclid(2);
-        let raw = resized.as_raw();
+        // Only the part of the resized image the crop keeps is computed (identical bytes).
+        let (wl, wt) = (left.max(0), top.max(0));
+        let window = Window {
+            left: wl as usize,
+            top: wt as usize,
+            width: ((left + out_w).min(rw) - wl).max(0) as usize,
+            height: ((top + out_h).min(rh) - wt).max(0) as usize,
+        };
+        let kept = if window.width == 0 || window.height == 0 {
+            Vec::new()
+        } else {
+            resize_rgb_window(
+                image.as_raw(),
+                w as usize,
+                h as usize,
+                new_w as usize,
+                new_h as usize,
+                self.resample,
+                window,
+            )
+        };
+        let (ww, wh) = (window.width as i64, window.height as i64);
         let start = out.len();
         out.reserve(3 * (out_h * out_w) as usize);
         for c in 0..3usize {
             let (mean, std) = (self.image_mean[c], self.image_std[c]);
             for y in 0..out_h {
-                let sy = y + top;
+                let sy = y + top - wt;
                 for x in 0..out_w {
-                    let sx = x + left;
-                    let byte = if (0..rh).contains(&sy) && (0..rw).contains(&sx) {
-                        raw[((sy * rw + sx) * 3) as usize + c]
+                    let sx = x + left - wl;
+                    let byte = if (0..wh).contains(&sy) && (0..ww).contains(&sx) {
+                        kept[((sy * ww + sx) * 3) as usize + c]
                     } else {
                         0
                     };
@@ -586,6 +674,44 @@ fn parse_triple(key: &str, value: &Value) -> std::result::Result<[f32; 3], Strin
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The windowed resize against a crop of the full resize (which `tests/clip_score.rs`
+    /// checks against Pillow), over random sizes that take every pass order.
+    #[test]
+    fn a_window_of_the_resize_equals_the_crop_of_the_full_resize() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut orders = [0usize; 2];
+        for case in 0..400 {
+            let (w, h) = (rng.random_range(1..48), rng.random_range(1..48));
+            let (nw, nh) = (rng.random_range(1..64), rng.random_range(1..64));
+            let pixels: Vec<u8> = (0..w * h * 3).map(|_| rng.random()).collect();
+            let filter = [PilFilter::Bicubic, PilFilter::Bilinear, PilFilter::Lanczos][case % 3];
+            let (dy, dx) = (h as i64 - nh as i64, w as i64 - nw as i64);
+            orders[usize::from(dy > 0 && dy > 2 * dx)] += 1;
+            let left = rng.random_range(0..nw);
+            let top = rng.random_range(0..nh);
+            let window = Window {
+                left,
+                top,
+                width: rng.random_range(1..=nw - left),
+                height: rng.random_range(1..=nh - top),
+            };
+            let full = resize_rgb(&pixels, w, h, nw, nh, filter);
+            let want: Vec<u8> = (window.top..window.top + window.height)
+                .flat_map(|y| {
+                    full[(y * nw + window.left) * 3..(y * nw + window.left + window.width) * 3]
+                        .to_vec()
+                })
+                .collect();
+            let got = resize_rgb_window(&pixels, w, h, nw, nh, filter, window);
+            assert_eq!(got, want, "{w}x{h} -> {nw}x{nh}, {window:?}, {filter:?}");
+        }
+        assert!(
+            orders.iter().all(|&n| n > 20),
+            "both pass orders: {orders:?}"
+        );
+    }
 
     #[test]
     fn shortest_edge_sizes_follow_transformers() {
