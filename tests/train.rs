@@ -461,3 +461,46 @@ fn rows_the_source_rejects_are_reported_as_dropped() {
         "{rejected:?}"
     );
 }
+
+/// `loss.warmup_epochs`: the first epochs train on L_src alone (the other terms are
+/// not computed, so not reported), then every switched-on term joins; a warm-up that
+/// would cover the whole run, or with L_src off, is refused where it is written.
+#[test]
+fn a_warm_up_trains_on_the_source_alone_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = corpus(dir.path(), 12);
+    let file = train_file(dir.path(), &c, "warm", "", "loss:\n  warmup_epochs: 2\n");
+    let report = run(&file, &fresh()).expect("training runs");
+    assert_eq!(report.history.len(), 3);
+    for m in &report.history[..2] {
+        assert!(m.loss.src.is_some(), "epoch {}", m.epoch);
+        assert_eq!(
+            (m.loss.tgt, m.loss.self_train, m.loss.ctr),
+            (None, None, None),
+            "epoch {} is a warm-up epoch",
+            m.epoch
+        );
+        let src = m.loss.src.expect("src on");
+        assert!((m.loss.total - src).abs() < 1e-9, "total is L_src alone");
+    }
+    let last = &report.history[2];
+    for term in [last.loss.tgt, last.loss.self_train, last.loss.ctr] {
+        assert!(term.is_some_and(f64::is_finite), "{:?}", last.loss);
+    }
+
+    let text = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(&file, text.replace("warmup_epochs: 2", "warmup_epochs: 3")).expect("write");
+    let err = load_train_file(&file).expect_err("warm-up covers every epoch");
+    assert!(
+        err.to_string().contains("loss.warmup_epochs")
+            && err.to_string().contains("below optimizer.epochs (3)"),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        text.replace("warmup_epochs: 2", "warmup_epochs: 1\n  src: 0"),
+    )
+    .expect("write");
+    let err = load_train_file(&file).expect_err("warm-up without L_src");
+    assert!(err.to_string().contains("`loss.src` is 0"), "{err}");
+}

@@ -164,6 +164,12 @@ pub struct LossSpec {
     /// Use weights of 1 for every target row instead of `pseudo_weight` (LaGTran's
     /// unweighted pseudo-label loss, an ablation). Default false.
     pub unweighted: bool,
+    /// Epochs at the start that train on L_src alone (a source-only warm start); the
+    /// other switched-on terms join from the epoch after. The paper starts from an
+    /// ImageNet-pretrained backbone; a backbone trained from scratch predicts nearly one
+    /// class on the target at first, which self-training would then reinforce. Counted
+    /// within `optimizer.epochs`. Default 0.
+    pub warmup_epochs: u64,
 }
 
 impl Default for LossSpec {
@@ -176,6 +182,7 @@ impl Default for LossSpec {
             tau: DEFAULT_TAU,
             tau_base: DEFAULT_TAU_BASE,
             unweighted: false,
+            warmup_epochs: 0,
         }
     }
 }
@@ -187,6 +194,19 @@ impl LossSpec {
             tgt: self.tgt,
             self_train: self.self_train,
             ctr: self.ctr,
+        }
+    }
+    /// The terms switched on in `epoch` (0-based): L_src alone during the warm-up.
+    pub fn terms_in_epoch(&self, epoch: u64) -> LossTerms {
+        if epoch < self.warmup_epochs {
+            LossTerms {
+                src: self.src,
+                tgt: 0.0,
+                self_train: 0.0,
+                ctr: 0.0,
+            }
+        } else {
+            self.terms()
         }
     }
     /// Whether target rows need `pseudo_weight`.
@@ -362,6 +382,23 @@ fn check(t: &LoadedTrain) -> Vec<SpecIssue> {
             "loss",
             "every loss term is 0: nothing to train (set at least `src: 1`)".into(),
         );
+    }
+    if s.loss.warmup_epochs > 0 {
+        if terms.src == 0.0 {
+            at(
+                "loss.warmup_epochs",
+                "a warm-up trains on L_src alone, but `loss.src` is 0".into(),
+            );
+        }
+        if s.loss.warmup_epochs >= s.optimizer.epochs {
+            at(
+                "loss.warmup_epochs",
+                format!(
+                    "must be below optimizer.epochs ({}), got {}: the other terms would never run",
+                    s.optimizer.epochs, s.loss.warmup_epochs
+                ),
+            );
+        }
     }
     let (lo, hi) = TEMPERATURE_RANGE;
     for (name, value) in [("loss.tau", s.loss.tau), ("loss.tau_base", s.loss.tau_base)] {

@@ -547,7 +547,6 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         strong_target: loss.needs_strong_target(),
         unit_weights: loss.unweighted,
     };
-    let terms = loss.terms();
     let workers = spec.data.workers;
     let (jobs_tx, jobs_rx) = bounded::<StepJob>(workers);
     let (ready_tx, ready_rx) = bounded::<Result<ReadyStep>>(spec.data.prefetch);
@@ -599,6 +598,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         let mut epoch_started = Instant::now();
         let mut epoch_wall_before = sums.wall_s;
         for epoch in start_epoch..epochs {
+            let terms = loss.terms_in_epoch(epoch);
             let first = if epoch == start_epoch { start_step } else { 0 };
             model.set_train(true)?;
             for step in first..steps_per_epoch {
