@@ -207,7 +207,8 @@ fn bench_uncertainty(c: &mut Criterion) {
     ]));
     let batch =
         RecordBatch::try_new(schema, vec![image_col, text_col]).unwrap_or_else(|e| panic!("{e}"));
-    let stage = UncertaintyStage::new("uncertainty".into(), config);
+    let stage =
+        UncertaintyStage::new("uncertainty".into(), config).unwrap_or_else(|e| panic!("{e}"));
     group.throughput(Throughput::Elements(rows as u64));
     group.bench_function("stage_batch_of_256", |b| {
         b.iter(|| stage.process(&batch).unwrap_or_else(|e| panic!("{e}")))

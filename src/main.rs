@@ -81,6 +81,29 @@ enum Command {
     /// Fit a text head (pseudo_label's `head`) on frozen MiniLM sentence embeddings of
     /// captions with integer labels; prints train and held-out accuracy as JSON.
     FitText(FitTextArgs),
+    /// The calibration file of the uncertainty stage's `method: class_max_cosine`: per
+    /// class, the largest image-caption cosine over labelled source shards that
+    /// `clip_score` has enriched. Prints it as JSON.
+    CalibrateWeights(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Enriched source shards: files, folders or globs.
+    #[arg(required = true, num_args = 1.., value_name = "SHARDS")]
+    source: Vec<String>,
+    /// The calibration file to write (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of classes C (labels are 0..C-1).
+    #[arg(long)]
+    classes: usize,
+    /// Integer label column.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// The image-caption cosine column `clip_score` writes.
+    #[arg(long, default_value = "clip_similarity")]
+    similarity_column: String,
 }
 
 #[derive(Args)]
@@ -195,8 +218,16 @@ struct AccuracyArgs {
     /// Head, enriched shards, runs and reports.
     #[arg(long, default_value = "out/digits")]
     work: PathBuf,
+    /// The target domains' enrichment pipeline.
     #[arg(long, default_value = "pipelines/digits/enrich.yaml")]
     enrich_pipeline: PathBuf,
+    /// The source domain's enrichment pipeline.
+    #[arg(long, default_value = "pipelines/digits/enrich-source.yaml")]
+    source_pipeline: PathBuf,
+    /// Override the target pipeline's weight method: batch_softmax, clamped_cosine or
+    /// class_max_cosine.
+    #[arg(long)]
+    weights: Option<String>,
     #[arg(long, default_value = "pipelines/digits/train.yaml")]
     train_file: PathBuf,
     /// Target domains, comma-separated.
@@ -482,6 +513,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             true => demo(&out, rows.unwrap_or(2000), shards),
             false => trust_demo(&out, rows, epochs),
         },
+        Command::CalibrateWeights(args) => {
+            let shards = trustflow::source::shards::discover(Path::new("."), &args.source)?;
+            let calibration = trustflow::stages::class_max::calibrate(
+                &shards,
+                &args.label_column,
+                &args.similarity_column,
+                args.classes,
+            )?;
+            calibration.save(&args.out)?;
+            println!("{}", serde_json::to_string_pretty(&calibration)?);
+            eprintln!("wrote {}", args.out.display());
+            Ok(())
+        }
         Command::FitText(args) => {
             use trustflow::train::text_head::{FitOptions, FitTextOptions, fit_text};
             anyhow::ensure!(
@@ -720,6 +764,21 @@ fn bench_accuracy(a: AccuracyArgs) -> Result<()> {
         data: a.data,
         work: a.work.clone(),
         enrich_pipeline: a.enrich_pipeline,
+        source_pipeline: a.source_pipeline,
+        weights: a
+            .weights
+            .as_deref()
+            .map(|w| {
+                serde_json::from_value(serde_json::Value::String(w.to_string())).with_context(
+                    || {
+                        format!(
+                            "--weights: unknown `{w}` (batch_softmax, clamped_cosine, \
+                             class_max_cosine)"
+                        )
+                    },
+                )
+            })
+            .transpose()?,
         train_file: a.train_file,
         source: "source".into(),
         shifts: a.shifts,
@@ -953,6 +1012,8 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         data,
         work: out.to_path_buf(),
         enrich_pipeline: repo_file("pipelines/digits/enrich.yaml"),
+        source_pipeline: repo_file("pipelines/digits/enrich-source.yaml"),
+        weights: None,
         train_file: repo_file("pipelines/digits/train.yaml"),
         source: "source".into(),
         shifts: vec!["target_a".into()],
@@ -970,18 +1031,17 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
     eprintln!(
         "3/4 enriching source and target: caption -> pseudo_label -> clip_score -> uncertainty"
     );
-    let mut enriched = Vec::new();
-    for domain in ["source", "target_a"] {
-        let e = accuracy::enrich_domain(&opts, &head, domain)?;
+    let (mut enriched, _) = accuracy::enrich_all(&opts, &head, &opts.shifts)?;
+    for e in &enriched {
         eprintln!(
-            "    {domain}: {} rows in, {} out, {} quarantined ({:.1} s)",
-            e.rows_in, e.rows_out, e.rows_quarantined, e.wall_s
+            "    {}: {} rows in, {} out, {} quarantined ({:.1} s)",
+            e.domain, e.rows_in, e.rows_out, e.rows_quarantined, e.wall_s
         );
         anyhow::ensure!(
             e.rows_in == e.rows_out + e.rows_quarantined,
-            "row accounting invariant broken for {domain}"
+            "row accounting invariant broken for {}",
+            e.domain
         );
-        enriched.push(e);
     }
     eprintln!("4/4 training source-only and TRUST (built-in CNN)");
     let mut runs = Vec::new();
@@ -994,6 +1054,7 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         runs.push(result);
     }
     let report = accuracy::AccuracyReport {
+        weight_method: accuracy::target_weight_method(&opts)?,
         text_head: head_metrics,
         table: accuracy::aggregate(&runs),
         enriched,

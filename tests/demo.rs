@@ -46,6 +46,24 @@ fn reduced_demo_runs_the_whole_chain() {
         assert_eq!(i, 160, "80% of 200 rows are training rows");
     }
     assert!(out.join("accuracy.md").is_file());
+    assert_eq!(report["weight_method"], "class_max_cosine");
+
+    // The weights were calibrated on the enriched source: one positive maximum per digit.
+    let calibration: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("class_max.json")).expect("calibration"))
+            .expect("JSON");
+    let maxima = calibration["class_max_cosine"].as_array().expect("maxima");
+    assert_eq!(maxima.len(), 10);
+    assert!(
+        maxima
+            .iter()
+            .all(|m| m.as_f64().is_some_and(|m| m > 0.0 && m <= 1.0)),
+        "{calibration}"
+    );
+    // The source carries the cosine it was calibrated from, and no weights.
+    let source = common::read_parquet(&out.join("enriched/source/part-00000.parquet"));
+    assert!(source.column_by_name("clip_similarity").is_some());
+    assert!(source.column_by_name("pseudo_weight").is_none());
 
     // The enriched target rows carry every column the trainer reads.
     let target = common::read_parquet(&out.join("enriched/target_a/part-00000.parquet"));

@@ -159,7 +159,7 @@ fn batch(images: &[Option<Vec<f32>>], texts: &[Option<Vec<f32>>], dim: i32) -> R
 }
 
 fn stage(config: UncertaintyConfig) -> UncertaintyStage {
-    UncertaintyStage::new("uncertainty".to_string(), config)
+    UncertaintyStage::new("uncertainty".to_string(), config).unwrap()
 }
 
 fn weights(output: &StageOutput) -> Vec<Option<f32>> {
@@ -560,6 +560,8 @@ fn pipeline_file_with_an_uncertainty_stage() {
             temperature: 2.5,
             logit_scale: 50.0,
             method: WeightMethod::BatchSoftmax,
+            class_max: None,
+            pseudo_label_column: "pseudo_label".into(),
             image_embedding_column: "img".into(),
             text_embedding_column: "txt".into(),
         })
@@ -689,5 +691,194 @@ fn the_plan_requires_batch_size_to_be_a_multiple_of_group_size() {
             .iter()
             .all(|i| i.location.field != "runtime.batch_size"),
         "128 is a multiple of 32"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// class_max_cosine: the cosine over the source's best cosine for the row's class
+// ---------------------------------------------------------------------------------
+
+/// Writes `label` and `clip_similarity` columns to a Parquet file.
+fn write_source_shard(path: &Path, labels: &[Option<i64>], cosines: &[Option<f64>]) {
+    use arrow::array::{Float64Array, Int64Array};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("label", DataType::Int64, true),
+        Field::new("clip_similarity", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(labels.to_vec())),
+            Arc::new(Float64Array::from(cosines.to_vec())),
+        ],
+    )
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn calibration_takes_the_largest_source_cosine_per_class() {
+    use trustflow::stages::class_max::{ClassMax, calibrate};
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("part-00000.parquet");
+    write_source_shard(
+        &shard,
+        &[Some(0), Some(1), Some(0), None, Some(1), Some(2)],
+        &[
+            Some(0.2),
+            Some(0.4),
+            Some(0.25),
+            Some(0.9),
+            Some(0.1),
+            Some(0.5),
+        ],
+    );
+    let c = calibrate(std::slice::from_ref(&shard), "label", "clip_similarity", 3).unwrap();
+    assert_eq!(c.class_max_cosine, vec![0.25, 0.4, 0.5]);
+    assert_eq!(c.rows_per_class, vec![2, 2, 1]);
+    assert_eq!(c.rows_skipped_null, 1);
+    let file = dir.path().join("class_max.json");
+    c.save(&file).unwrap();
+    assert_eq!(ClassMax::load(&file).unwrap(), c);
+
+    // A class without a source row cannot be normalised: named in the error.
+    let err = calibrate(std::slice::from_ref(&shard), "label", "clip_similarity", 4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no source row of class 3"), "{err}");
+    // A label outside the classes names the file and row.
+    let err = calibrate(std::slice::from_ref(&shard), "label", "clip_similarity", 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("part-00000.parquet") && err.contains("row 5") && err.contains("is 2"),
+        "{err}"
+    );
+    // A missing column says what it is for.
+    let err = calibrate(std::slice::from_ref(&shard), "label", "cos", 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no column `cos`") && err.contains("clip_score"),
+        "{err}"
+    );
+}
+
+#[test]
+fn class_max_weights_divide_each_cosine_by_its_class_maximum() {
+    use arrow::array::Int64Array;
+    use trustflow::stages::class_max::ClassMax;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("class_max.json");
+    ClassMax {
+        class_max_cosine: vec![0.5, 0.8],
+        rows_per_class: vec![1, 1],
+        rows_skipped_null: 0,
+        label_column: "label".into(),
+        similarity_column: "clip_similarity".into(),
+        source: Vec::new(),
+    }
+    .save(&file)
+    .unwrap();
+    let config = UncertaintyConfig {
+        method: WeightMethod::ClassMaxCosine,
+        class_max: Some(file.display().to_string()),
+        ..UncertaintyConfig::default()
+    };
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let stage = stage(config);
+    // Unit image (1, 0); captions at angles whose cosines are 0.3, 0.3, 0.9, -0.5, 0.3.
+    let caption = |cos: f32| Some(vec![cos, (1.0 - cos * cos).sqrt()]);
+    let images = vec![Some(vec![2.0f32, 0.0]); 6];
+    let texts = vec![
+        caption(0.3),
+        caption(0.3),
+        caption(0.9),
+        caption(-0.5),
+        caption(0.3),
+        caption(0.3),
+    ];
+    let base = batch(&images, &texts, 2);
+    let labels: ArrayRef = Arc::new(Int64Array::from(vec![
+        Some(0),
+        Some(1),
+        Some(0),
+        Some(1),
+        None,
+        Some(7),
+    ]));
+    let mut fields: Vec<Field> = base
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| (**f).clone())
+        .collect();
+    fields.push(Field::new("pseudo_label", DataType::Int64, true));
+    let mut columns = base.columns().to_vec();
+    columns.push(labels);
+    let input = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+    let out = stage.process(&input).unwrap();
+    let w = weights(&out);
+    // 0.3 / 0.5, 0.3 / 0.8, min(1, 0.9 / 0.5), max(0, -0.5) / 0.8.
+    let want = [0.6, 0.375, 1.0, 0.0];
+    for (row, want) in want.iter().enumerate() {
+        let got = f64::from(w[row].unwrap());
+        assert!((got - want).abs() < 1e-6, "row {row}: {got} vs {want}");
+    }
+    assert_eq!(w[4], None);
+    assert_eq!(w[5], None);
+    let reasons: Vec<(usize, String)> = out.rejected.clone();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].1.contains("`pseudo_label` is null"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].1.contains("`pseudo_label` is 7") && reasons[1].1.contains("0..2"),
+        "{reasons:?}"
+    );
+    // Without the pseudo-label column the schema check names it.
+    let err = stage.output_fields(&base.schema()).unwrap_err().to_string();
+    assert!(err.contains("`pseudo_label`"), "{err}");
+}
+
+#[test]
+fn class_max_settings_are_checked_where_they_are_written() {
+    let text = "name: p\nsource: { paths: [x] }\nstages:\n  - type: uncertainty\n    method: class_max_cosine\nsink: { path: out }\n";
+    let err = validate(&parse_str(text, Path::new("p.yaml")).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("class_max") && err.contains("calibrate-weights"),
+        "{err}"
+    );
+    let text = "name: p\nsource: { paths: [x] }\nstages:\n  - type: uncertainty\n    class_max: c.json\nsink: { path: out }\n";
+    let err = validate(&parse_str(text, Path::new("p.yaml")).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only read by `method: class_max_cosine`"),
+        "{err}"
+    );
+    // A calibration file that is not one: the stage names the file.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("c.json");
+    std::fs::write(&bad, "{\"class_max_cosine\": [0.3, 0.0]}").unwrap();
+    let err = UncertaintyStage::new(
+        "w".into(),
+        UncertaintyConfig {
+            method: WeightMethod::ClassMaxCosine,
+            class_max: Some(bad.display().to_string()),
+            ..UncertaintyConfig::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("c.json") && err.contains("calibrate-weights"),
+        "{err}"
     );
 }

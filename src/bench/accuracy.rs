@@ -2,10 +2,13 @@
 //! noisy captions, through the whole TRUST chain.
 //!
 //! 1. Fit the text head (`fit-text`) on the source domain's training captions only.
-//! 2. Enrich each domain's training rows with the enrichment pipeline (a captioner for
-//!    missing captions, pseudo-labels and caption features, CLIP similarity, weights):
-//!    the same pipeline file a user would run, with its `pseudo_label.head` pointed at
-//!    the fitted head.
+//! 2. Enrich the source's training rows with the source pipeline (a captioner for
+//!    missing captions, pseudo-labels and caption features, CLIP similarity); when the
+//!    target pipeline's weights are `class_max_cosine`, calibrate them on the enriched
+//!    source (`calibrate-weights`); then enrich each target's training rows with the
+//!    target pipeline (the same stages, then the weights). These are the pipeline files
+//!    a user would run, with `pseudo_label.head` pointed at the fitted head and
+//!    `uncertainty.class_max` at the calibration.
 //! 3. For each target domain (shift), each ablation and each seed, train the vision
 //!    model from the base training file with the ablation's loss terms, and record the
 //!    last epoch's target accuracy on the target's test split (reported, never used to
@@ -21,6 +24,8 @@ use crate::error::{Error, Result};
 use crate::plan::{self, Overrides};
 use crate::run::{RunOptions, execute};
 use crate::stages::StageKind;
+use crate::stages::class_max::calibrate;
+use crate::stages::uncertainty::WeightMethod;
 use crate::train::spec::LossSpec;
 use crate::train::text_head::{FitOptions, FitTextOptions, fit_text};
 use crate::train::{TrainOptions, load_train_file, train};
@@ -97,8 +102,14 @@ pub struct AccuracyOptions {
     pub data: PathBuf,
     /// Where the head, the enriched shards and the runs go.
     pub work: PathBuf,
-    /// The enrichment pipeline (its `pseudo_label` stage gets `head` set).
+    /// The enrichment pipeline of the target domains (its `pseudo_label` stage gets
+    /// `head` set, its `uncertainty` stage `class_max`).
     pub enrich_pipeline: PathBuf,
+    /// The enrichment pipeline of the source domain (no weights: only target rows use
+    /// them; its `clip_similarity` calibrates `class_max_cosine`).
+    pub source_pipeline: PathBuf,
+    /// Overrides the target pipeline's weight method (the file's when `None`).
+    pub weights: Option<WeightMethod>,
     /// The base training file (paths, loss terms, seed and output are set per run).
     pub train_file: PathBuf,
     pub source: String,
@@ -151,6 +162,8 @@ pub struct EnrichedDomain {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AccuracyReport {
+    /// How the target weights were computed (the `uncertainty` stage's method).
+    pub weight_method: Option<WeightMethod>,
     pub text_head: serde_json::Value,
     pub enriched: Vec<EnrichedDomain>,
     pub runs: Vec<RunResult>,
@@ -186,23 +199,111 @@ pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::V
     Ok((head, metrics))
 }
 
-/// Step 2: one domain's training rows through the enrichment pipeline.
-pub fn enrich_domain(opts: &AccuracyOptions, head: &Path, domain: &str) -> Result<EnrichedDomain> {
-    let mut pipeline = crate::spec::load_file(&opts.enrich_pipeline)?;
-    // Paths in a pipeline resolve against its own folder: give the head absolutely.
-    let head = std::path::absolute(head).map_err(|e| Error::io(head, e))?;
+/// Step 2: every domain's training rows through its enrichment pipeline (the source
+/// first), with the `class_max_cosine` calibration in between when the target
+/// pipeline's weights need it. Returns the domains in order, and the calibration file.
+pub fn enrich_all(
+    opts: &AccuracyOptions,
+    head: &Path,
+    targets: &[String],
+) -> Result<(Vec<EnrichedDomain>, Option<PathBuf>)> {
+    (opts.log)(&format!("enriching {}/train", opts.source));
+    let mut enriched = vec![enrich_domain(
+        opts,
+        &opts.source_pipeline,
+        head,
+        &opts.source,
+        None,
+    )?];
+    let method = target_weight_method(opts)?;
+    let class_max = match method {
+        Some(WeightMethod::ClassMaxCosine) => {
+            let file = opts.work.join("class_max.json");
+            (opts.log)(&format!(
+                "calibrating class_max_cosine weights on the enriched {} rows",
+                opts.source
+            ));
+            let shards =
+                crate::source::shards::discover(Path::new("."), &[glob_of(&enriched[0].out_dir)])?;
+            let calibration = calibrate(
+                &shards,
+                crate::columns::LABEL,
+                crate::stages::clip_score::CLIP_SIMILARITY,
+                CLASSES,
+            )?;
+            calibration.save(&file)?;
+            Some(file)
+        }
+        _ => None,
+    };
+    for domain in targets {
+        (opts.log)(&format!("enriching {domain}/train"));
+        enriched.push(enrich_domain(
+            opts,
+            &opts.enrich_pipeline,
+            head,
+            domain,
+            class_max.as_deref(),
+        )?);
+    }
+    Ok((enriched, class_max))
+}
+
+/// The digits have ten classes.
+const CLASSES: usize = 10;
+
+/// The weight method the target enrichment will use: the override, else the file's.
+pub fn target_weight_method(opts: &AccuracyOptions) -> Result<Option<WeightMethod>> {
+    if opts.weights.is_some() {
+        return Ok(opts.weights);
+    }
+    let pipeline = crate::spec::load_file(&opts.enrich_pipeline)?;
+    Ok(pipeline.spec.stages.iter().find_map(|s| match &s.kind {
+        StageKind::Uncertainty(c) => Some(c.method),
+        _ => None,
+    }))
+}
+
+/// One domain's training rows through `pipeline_file`, its `pseudo_label` stage given
+/// the fitted head and its `uncertainty` stage the weight override and calibration.
+pub fn enrich_domain(
+    opts: &AccuracyOptions,
+    pipeline_file: &Path,
+    head: &Path,
+    domain: &str,
+    class_max: Option<&Path>,
+) -> Result<EnrichedDomain> {
+    let mut pipeline = crate::spec::load_file(pipeline_file)?;
+    // Paths in a pipeline resolve against its own folder: give files absolutely.
+    let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
+    let head = absolute(head)?;
+    let class_max = class_max.map(absolute).transpose()?;
     let mut found = false;
     for stage in &mut pipeline.spec.stages {
-        if let StageKind::PseudoLabel(c) = &mut stage.kind {
-            c.head = Some(head.display().to_string());
-            c.model = None;
-            found = true;
+        match &mut stage.kind {
+            StageKind::PseudoLabel(c) => {
+                c.head = Some(head.display().to_string());
+                c.model = None;
+                found = true;
+            }
+            StageKind::Uncertainty(c) => {
+                if let Some(method) = opts.weights {
+                    c.method = method;
+                }
+                c.class_max = match c.method {
+                    WeightMethod::ClassMaxCosine => {
+                        class_max.as_ref().map(|p| p.display().to_string())
+                    }
+                    _ => None,
+                };
+            }
+            _ => {}
         }
     }
     if !found {
         return Err(Error::Other(format!(
             "{}: no pseudo_label stage to give the fitted head",
-            opts.enrich_pipeline.display()
+            pipeline_file.display()
         )));
     }
     crate::spec::validate(&pipeline)?;
@@ -322,13 +423,7 @@ pub fn run(opts: &AccuracyOptions) -> Result<AccuracyReport> {
     std::fs::create_dir_all(&opts.work).map_err(|e| Error::io(&opts.work, e))?;
     (opts.log)("fitting the text head on source captions");
     let (head, text_head) = fit_source_head(opts)?;
-    let mut enriched = Vec::new();
-    let mut domains = vec![opts.source.clone()];
-    domains.extend(opts.shifts.iter().cloned());
-    for domain in &domains {
-        (opts.log)(&format!("enriching {domain}/train"));
-        enriched.push(enrich_domain(opts, &head, domain)?);
-    }
+    let (mut enriched, _) = enrich_all(opts, &head, &opts.shifts)?;
     let mut runs = Vec::new();
     for shift in &opts.shifts {
         for &ablation in &opts.ablations {
@@ -349,6 +444,7 @@ pub fn run(opts: &AccuracyOptions) -> Result<AccuracyReport> {
     }
     let table = aggregate(&runs);
     Ok(AccuracyReport {
+        weight_method: target_weight_method(opts)?,
         text_head,
         enriched,
         runs,

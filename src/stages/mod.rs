@@ -7,6 +7,7 @@
 //! variant, exhaustively.
 
 pub mod caption;
+pub mod class_max;
 pub mod clean_caption;
 pub mod clip_score;
 pub mod decode;
@@ -186,7 +187,9 @@ impl StageSpec {
                 Arc::new(clip_score::ClipScoreStage::new(name, config)?)
             }
             StageKind::Uncertainty(config) => {
-                Arc::new(uncertainty::UncertaintyStage::new(name, config.clone()))
+                let mut config = config.clone();
+                config.resolve_paths(base);
+                Arc::new(uncertainty::UncertaintyStage::new(name, config)?)
             }
             StageKind::PseudoLabel(config) => {
                 let mut config = config.clone();

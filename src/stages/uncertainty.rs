@@ -7,8 +7,10 @@
 //! rows of the batch the stage receives, in stream order, `group_size` at a time; rows
 //! this stage rejects belong to no group (like rows quarantined upstream, which never
 //! reach it). The last group of a batch may be smaller, and a group of one row gives
-//! `w = 1`. `method: clamped_cosine` (`max(0, <u_i, v_i>)`, no grouping) is the named
-//! alternative; the stage never switches methods on its own.
+//! `w = 1`. The named alternatives: `method: clamped_cosine` (`max(0, <u_i, v_i>)`, no
+//! grouping) and `method: class_max_cosine` (that cosine divided by the largest cosine
+//! seen for the row's pseudo-label class on the source, from a `class_max` calibration
+//! file; see [`super::class_max`]). The stage never switches methods on its own.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use arrow::record_batch::RecordBatch;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::class_max::ClassMax;
 use super::{Stage, StageOutput};
 use crate::error::{Error, Result};
 
@@ -27,6 +30,13 @@ pub const PSEUDO_WEIGHT: &str = "pseudo_weight";
 pub const DEFAULT_IMAGE_EMBEDDING: &str = "clip_image_embedding";
 /// Default input column: CLIP caption embeddings, as written by `clip_score`.
 pub const DEFAULT_TEXT_EMBEDDING: &str = "clip_text_embedding";
+/// Integer types accepted for `pseudo_label_column`.
+const PSEUDO_LABEL_TYPES: [DataType; 4] = [
+    DataType::Int64,
+    DataType::Int32,
+    DataType::UInt32,
+    DataType::UInt64,
+];
 /// Largest `group_size` accepted: a guard against typos (the cost is quadratic).
 pub const MAX_GROUP_SIZE: usize = 65_536;
 
@@ -41,6 +51,11 @@ pub enum WeightMethod {
     /// `max(0, cos(image_i, caption_i))` of the row alone; ignores `group_size`,
     /// `temperature` and `logit_scale`.
     ClampedCosine,
+    /// `max(0, cos(image_i, caption_i)) / class_max[pseudo_label_i]`, clipped to
+    /// [0, 1]: the cosine relative to the best one seen for that class on the source
+    /// (METHOD.md section 3's other normalisation). Needs `class_max`; ignores
+    /// `group_size`, `temperature` and `logit_scale`.
+    ClassMaxCosine,
 }
 
 /// Settings of the `uncertainty` stage. Every field is optional; the defaults are
@@ -59,8 +74,15 @@ pub struct UncertaintyConfig {
     /// CLIP's logit scale s, the exponential of the model's learned value
     /// (`batch_softmax`). Default 100.0 (OpenAI CLIP).
     pub logit_scale: f64,
-    /// How the weight is computed: `batch_softmax` (default, TRUST) or `clamped_cosine`.
+    /// How the weight is computed: `batch_softmax` (default, TRUST), `clamped_cosine`
+    /// or `class_max_cosine`.
     pub method: WeightMethod,
+    /// `class_max_cosine` only: the calibration file `trustflow calibrate-weights`
+    /// wrote from the enriched source shards, relative to the pipeline file.
+    pub class_max: Option<String>,
+    /// `class_max_cosine` only: the integer column whose class picks the divisor.
+    /// Default `pseudo_label`.
+    pub pseudo_label_column: String,
     /// Input column of image embeddings (FixedSizeList<Float32, D>; normalised here).
     /// Default `clip_image_embedding`.
     pub image_embedding_column: String,
@@ -76,6 +98,8 @@ impl Default for UncertaintyConfig {
             temperature: 3.0,
             logit_scale: 100.0,
             method: WeightMethod::BatchSoftmax,
+            class_max: None,
+            pseudo_label_column: super::pseudo_label::PSEUDO_LABEL.to_string(),
             image_embedding_column: DEFAULT_IMAGE_EMBEDDING.to_string(),
             text_embedding_column: DEFAULT_TEXT_EMBEDDING.to_string(),
         }
@@ -130,6 +154,27 @@ impl UncertaintyConfig {
                 );
             }
         }
+        match (self.method, &self.class_max) {
+            (WeightMethod::ClassMaxCosine, None) => problem(
+                "class_max",
+                "`method: class_max_cosine` needs the calibration file (write one with \
+                 `trustflow calibrate-weights` over the enriched source shards)"
+                    .into(),
+            ),
+            (WeightMethod::ClassMaxCosine, Some(_)) => {
+                if self.pseudo_label_column.trim().is_empty() {
+                    problem(
+                        "pseudo_label_column",
+                        "expected a column name, found an empty string".into(),
+                    );
+                }
+            }
+            (_, Some(_)) => problem(
+                "class_max",
+                "is only read by `method: class_max_cosine`; remove it or set that method".into(),
+            ),
+            (_, None) => {}
+        }
         if !self.image_embedding_column.is_empty()
             && self.image_embedding_column == self.text_embedding_column
         {
@@ -143,6 +188,11 @@ impl UncertaintyConfig {
         }
         problems
     }
+
+    /// Make `class_max` relative to `base` (the pipeline file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        crate::models::files::resolve_against(base, [&mut self.class_max]);
+    }
 }
 
 /// The built `uncertainty` stage.
@@ -150,12 +200,26 @@ impl UncertaintyConfig {
 pub struct UncertaintyStage {
     name: String,
     config: UncertaintyConfig,
+    /// Loaded for `class_max_cosine`.
+    class_max: Option<ClassMax>,
 }
 
 impl UncertaintyStage {
-    /// Build the stage; the configuration is assumed validated by the spec layer.
-    pub fn new(name: String, config: UncertaintyConfig) -> Self {
-        Self { name, config }
+    /// Build the stage, loading the calibration file of `class_max_cosine`; the rest of
+    /// the configuration is checked again on the first schema it sees.
+    pub fn new(name: String, config: UncertaintyConfig) -> Result<Self> {
+        let class_max = match (config.method, &config.class_max) {
+            (WeightMethod::ClassMaxCosine, Some(path)) => Some(
+                ClassMax::load(std::path::Path::new(path))
+                    .map_err(|e| Error::stage(&name, format!("class_max: {e}")))?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            name,
+            config,
+            class_max,
+        })
     }
 
     /// The embedding width D of `column`, which must be FixedSizeList<Float32, D>.
@@ -210,6 +274,38 @@ impl UncertaintyStage {
             ));
         }
         Ok(di)
+    }
+
+    /// `class_max_cosine`: each row's class in the calibration, or why it has none.
+    #[allow(clippy::type_complexity)]
+    fn pseudo_label_classes(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<Option<Vec<std::result::Result<usize, String>>>> {
+        let Some(calibration) = &self.class_max else {
+            return Ok(None);
+        };
+        let name = &self.config.pseudo_label_column;
+        let column = batch
+            .column_by_name(name)
+            .ok_or_else(|| Error::stage(&self.name, format!("batch lacks column `{name}`")))?;
+        let column = arrow::compute::cast(column, &DataType::Int64)
+            .map_err(|e| Error::stage(&self.name, format!("column `{name}`: {e}")))?;
+        let column = column.as_primitive::<arrow::datatypes::Int64Type>();
+        let n = calibration.classes();
+        Ok(Some(
+            (0..batch.num_rows())
+                .map(|row| {
+                    if column.is_null(row) {
+                        return Err(format!("`{name}` is null"));
+                    }
+                    let v = column.value(row);
+                    usize::try_from(v).ok().filter(|c| *c < n).ok_or_else(|| {
+                        format!("`{name}` is {v}; the class_max calibration has classes 0..{n}")
+                    })
+                })
+                .collect(),
+        ))
     }
 
     fn column<'a>(&self, batch: &'a RecordBatch, column: &str) -> Result<&'a FixedSizeListArray> {
@@ -281,6 +377,14 @@ impl Stage for UncertaintyStage {
 
     fn output_fields(&self, input: &Schema) -> Result<Vec<Field>> {
         self.common_dim(input)?;
+        if self.config.method == WeightMethod::ClassMaxCosine {
+            super::require_column(
+                &self.name,
+                input,
+                &self.config.pseudo_label_column,
+                &PSEUDO_LABEL_TYPES,
+            )?;
+        }
         Ok(vec![Field::new(PSEUDO_WEIGHT, DataType::Float32, true)])
     }
 
@@ -295,21 +399,30 @@ impl Stage for UncertaintyStage {
             self.column(batch, text_col)?,
         );
         let rows = batch.num_rows();
-        // Kept rows in order, with their unit vectors; the others are rejected.
+        let classes = self.pseudo_label_classes(batch)?;
+        // Kept rows in order, with their unit vectors (and class); the others are rejected.
         let mut kept = Vec::with_capacity(rows);
         let (mut us, mut vs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut kept_classes = Vec::new();
         let mut rejected = Vec::new();
         for row in 0..rows {
             let u = unit_vector(images, image_col, row);
             let v = unit_vector(texts, text_col, row);
-            match (u, v) {
-                (Ok(u), Ok(v)) => {
+            let class = classes.as_ref().map(|c| c[row].clone()).transpose();
+            match (u, v, class) {
+                (Ok(u), Ok(v), Ok(class)) => {
                     kept.push(row);
                     us.push(u);
                     vs.push(v);
+                    kept_classes.extend(class);
                 }
-                (Err(a), Err(b)) => rejected.push((row, format!("{a}; {b}"))),
-                (Err(reason), _) | (_, Err(reason)) => rejected.push((row, reason)),
+                (u, v, class) => {
+                    let reasons: Vec<String> = [u.err(), v.err(), class.err()]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    rejected.push((row, reasons.join("; ")));
+                }
             }
         }
         let weights: Vec<f64> = match self.config.method {
@@ -326,6 +439,16 @@ impl Stage for UncertaintyStage {
                 .zip(&vs)
                 .map(|(u, v)| dot(u, v).clamp(0.0, 1.0))
                 .collect(),
+            WeightMethod::ClassMaxCosine => {
+                let calibration = self.class_max.as_ref().ok_or_else(|| {
+                    Error::stage(&self.name, "`class_max_cosine` without a calibration")
+                })?;
+                us.iter()
+                    .zip(&vs)
+                    .zip(&kept_classes)
+                    .map(|((u, v), &c)| calibration.weight(dot(u, v), c).unwrap_or(0.0))
+                    .collect()
+            }
         };
         let mut out = Float32Builder::with_capacity(rows);
         let mut next = kept.iter().zip(&weights).peekable();
@@ -370,7 +493,7 @@ mod tests {
     }
 
     fn stage(config: UncertaintyConfig) -> UncertaintyStage {
-        UncertaintyStage::new("uncertainty".into(), config)
+        UncertaintyStage::new("uncertainty".into(), config).unwrap()
     }
 
     fn weights(output: &StageOutput) -> Vec<Option<f32>> {
