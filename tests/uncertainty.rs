@@ -881,4 +881,18 @@ fn class_max_settings_are_checked_where_they_are_written() {
         err.contains("c.json") && err.contains("calibrate-weights"),
         "{err}"
     );
+    let err = UncertaintyStage::new(
+        "w".into(),
+        UncertaintyConfig {
+            method: WeightMethod::ClassMaxCosine,
+            class_max: Some(dir.path().join("absent.json").display().to_string()),
+            ..UncertaintyConfig::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("absent.json") && err.contains("no calibration file here"),
+        "{err}"
+    );
 }

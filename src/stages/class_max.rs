@@ -44,7 +44,14 @@ impl ClassMax {
 
     /// Loads and checks a calibration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::input(
+                path,
+                "no calibration file here; write it with `trustflow calibrate-weights \
+                 ENRICHED_SOURCE_SHARDS --classes C --out FILE` first",
+            ),
+            _ => Error::io(path, e),
+        })?;
         let parsed: ClassMax = serde_json::from_str(&text).map_err(|e| {
             Error::input(
                 path,
