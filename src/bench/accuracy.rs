@@ -28,6 +28,7 @@ use crate::stages::class_max::calibrate;
 use crate::stages::uncertainty::WeightMethod;
 use crate::train::spec::LossSpec;
 use crate::train::text_head::{FitOptions, FitTextOptions, fit_text};
+use crate::train::trainer::TrainProgress;
 use crate::train::{TrainOptions, load_train_file, train};
 
 /// The ablation grid of METHOD.md section 6, in order.
@@ -359,10 +360,25 @@ pub fn train_one(
         .map_err(|e| Error::io(&output, e))?
         .display()
         .to_string();
+    // One line per finished epoch, so a long grid shows it is alive.
+    let log = opts.log;
+    let progress = move |p: &TrainProgress| {
+        if p.step == 0 && p.epoch > 0 {
+            log(&format!(
+                "  epoch {}/{}  loss {:.3}  target accuracy {}",
+                p.epoch,
+                p.epochs,
+                p.loss,
+                p.eval_accuracy
+                    .map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))
+            ));
+        }
+    };
     let report = train(
         &loaded,
         &TrainOptions {
             fresh: true,
+            progress: Some(std::sync::Arc::new(progress)),
             ..TrainOptions::default()
         },
     )?;

@@ -71,6 +71,8 @@ pub struct TrainProgress {
     pub lr: f64,
     pub idle_fraction: f64,
     pub steps_per_s: f64,
+    /// At an epoch's end: that epoch's accuracy on the eval split (reported only).
+    pub eval_accuracy: Option<f64>,
 }
 
 /// Running sums of one epoch (saved in checkpoints so a resumed epoch reports the
@@ -652,6 +654,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                         lr,
                         idle_fraction: idle_total.as_secs_f64() / elapsed.max(1e-9),
                         steps_per_s: (global_step - steps_before) as f64 / elapsed.max(1e-9),
+                        eval_accuracy: None,
                     });
                 }
                 if options.abort_after_steps == Some(global_step) {
@@ -746,6 +749,10 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     lr: learning_rate(&spec.optimizer, global_step, total_steps),
                     idle_fraction: idle_total.as_secs_f64() / step_total.as_secs_f64().max(1e-9),
                     steps_per_s: 0.0,
+                    eval_accuracy: history
+                        .last()
+                        .and_then(|h| h.target_eval.as_ref())
+                        .and_then(|e| e.accuracy),
                 });
             }
             epoch_started = Instant::now();
