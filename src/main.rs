@@ -1031,7 +1031,7 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
     eprintln!(
         "3/4 enriching source and target: caption -> pseudo_label -> clip_score -> uncertainty"
     );
-    let (mut enriched, _) = accuracy::enrich_all(&opts, &head, &opts.shifts)?;
+    let (mut enriched, weight_method) = accuracy::enrich_all(&opts, &head, &opts.shifts)?;
     for e in &enriched {
         eprintln!(
             "    {}: {} rows in, {} out, {} quarantined ({:.1} s)",
@@ -1054,7 +1054,7 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         runs.push(result);
     }
     let report = accuracy::AccuracyReport {
-        weight_method: accuracy::target_weight_method(&opts)?,
+        weight_method,
         text_head: head_metrics,
         table: accuracy::aggregate(&runs),
         enriched,

@@ -193,7 +193,7 @@ pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::V
         filters: Vec::new(),
         encoder: None,
         tokenizer: None,
-        classes: Some((0..10).map(|d| d.to_string()).collect()),
+        classes: Some((0..CLASSES).map(|d| d.to_string()).collect()),
         holdout: 0.1,
         fit: FitOptions::default(),
     })?;
@@ -202,12 +202,13 @@ pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::V
 
 /// Step 2: every domain's training rows through its enrichment pipeline (the source
 /// first), with the `class_max_cosine` calibration in between when the target
-/// pipeline's weights need it. Returns the domains in order, and the calibration file.
+/// pipeline's weights need it. Returns the domains in order, and the weight method the
+/// targets got.
 pub fn enrich_all(
     opts: &AccuracyOptions,
     head: &Path,
     targets: &[String],
-) -> Result<(Vec<EnrichedDomain>, Option<PathBuf>)> {
+) -> Result<(Vec<EnrichedDomain>, Option<WeightMethod>)> {
     (opts.log)(&format!("enriching {}/train", opts.source));
     let mut enriched = vec![enrich_domain(
         opts,
@@ -247,14 +248,14 @@ pub fn enrich_all(
             class_max.as_deref(),
         )?);
     }
-    Ok((enriched, class_max))
+    Ok((enriched, method))
 }
 
 /// The digits have ten classes.
 const CLASSES: usize = 10;
 
 /// The weight method the target enrichment will use: the override, else the file's.
-pub fn target_weight_method(opts: &AccuracyOptions) -> Result<Option<WeightMethod>> {
+fn target_weight_method(opts: &AccuracyOptions) -> Result<Option<WeightMethod>> {
     if opts.weights.is_some() {
         return Ok(opts.weights);
     }
@@ -439,7 +440,7 @@ pub fn run(opts: &AccuracyOptions) -> Result<AccuracyReport> {
     std::fs::create_dir_all(&opts.work).map_err(|e| Error::io(&opts.work, e))?;
     (opts.log)("fitting the text head on source captions");
     let (head, text_head) = fit_source_head(opts)?;
-    let (mut enriched, _) = enrich_all(opts, &head, &opts.shifts)?;
+    let (mut enriched, weight_method) = enrich_all(opts, &head, &opts.shifts)?;
     let mut runs = Vec::new();
     for shift in &opts.shifts {
         for &ablation in &opts.ablations {
@@ -460,7 +461,7 @@ pub fn run(opts: &AccuracyOptions) -> Result<AccuracyReport> {
     }
     let table = aggregate(&runs);
     Ok(AccuracyReport {
-        weight_method: target_weight_method(opts)?,
+        weight_method,
         text_head,
         enriched,
         runs,
