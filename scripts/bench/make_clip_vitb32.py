@@ -16,39 +16,17 @@ time) are those of real captions.
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+# The ONNX export wrappers are the tiny test CLIP's, so both models have one layout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from make_clip import TextExport, VisionExport, export  # noqa: E402
+
 SEED = 32
-
-
-class VisionExport(torch.nn.Module):
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, pixel_values):
-        pooled = self.clip.vision_model(pixel_values=pixel_values, return_dict=True).pooler_output
-        return self.clip.visual_projection(pooled)
-
-
-class TextExport(torch.nn.Module):
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, input_ids, attention_mask):
-        pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      return_dict=True).pooler_output
-        return self.clip.text_projection(pooled)
-
-
-def export(module, args, path, input_names, output_names, dynamic_axes):
-    torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17,
-                      input_names=input_names, output_names=output_names,
-                      dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
 def main():

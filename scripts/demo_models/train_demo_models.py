@@ -77,6 +77,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -88,8 +89,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer
+from transformers import GPT2Config, GPT2LMHeadModel
+
+# The captioner's tokenizer, special tokens and context are the test captioner's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from make_captioner import N_POSITIONS, SPECIAL, word_level_tokenizer  # noqa: E402
 
 SEED = 20260205
 SIDE = 28
@@ -99,8 +104,6 @@ EMBED_DIM = 384
 MEAN, STD = 0.5, 0.5
 DOMAINS = ["source", "target_a", "target_b"]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
-N_POSITIONS = 32
 MAX_NEW_TOKENS = 20         # the caption stage's default max_length
 
 CLIP_EPOCHS = 40
@@ -385,16 +388,6 @@ def make_vocab(captions):
     return vocab
 
 
-def make_tokenizer(vocab):
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="[BOS]", eos_token="[EOS]",
-                                   model_max_length=N_POSITIONS, clean_up_tokenization_spaces=False)
-
-
 class CnnEncoder(torch.nn.Module):
     """The captioner's image encoder: a small CNN whose 7x7 feature map becomes 49 tokens
     of width 64 (plus learned position embeddings and a LayerNorm), what the GPT-2
@@ -645,7 +638,7 @@ def main():
     if args.only in (None, "captioner"):
         t = time.time()
         vocab = make_vocab(src["captions"])
-        tok = make_tokenizer(vocab)
+        tok = word_level_tokenizer(vocab)
         encoder, decoder = train_captioner(src, vocab, args.threads)
         export_captioner(encoder, decoder, tok, vocab, args.out / "captioner")
         timings["captioner_train_s"] = time.time() - t
