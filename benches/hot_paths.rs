@@ -16,14 +16,16 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
-use trustflow::models::clip_preprocess::ClipImageConfig;
-use trustflow::models::image::{ImageFormatName, ImageLimits, decode_rgb};
-use trustflow::models::text::{CLIP_CAPTION_CHARS, TextTokenizer};
-use trustflow::stages::Stage;
-use trustflow::stages::clean_caption::{CleanCaptionConfig, CleanCaptionStage, clean_caption};
-use trustflow::stages::decode::{DecodeConfig, DecodeStage};
-use trustflow::stages::uncertainty::{UncertaintyConfig, UncertaintyStage, group_weights};
-use trustflow::train::{LossTerms, TrustBatch, trust_loss};
+use trustflow_engine::models::clip_preprocess::ClipImageConfig;
+use trustflow_engine::models::image::{ImageFormatName, ImageLimits, decode_rgb};
+use trustflow_engine::models::text::{CLIP_CAPTION_CHARS, TextTokenizer};
+use trustflow_engine::stages::Stage;
+use trustflow_engine::stages::clean_caption::{
+    CleanCaptionConfig, CleanCaptionStage, clean_caption,
+};
+use trustflow_engine::stages::decode::{DecodeConfig, DecodeStage};
+use trustflow_engine::stages::uncertainty::{UncertaintyConfig, UncertaintyStage, group_weights};
+use trustflow_train::{LossTerms, TrustBatch, trust_loss};
 
 fn jpeg(side: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(side, side, |x, y| {

@@ -1,24 +1,6 @@
-//! trustflow: streaming image-caption pipelines over Parquet shards for TRUST domain
-//! adaptation. See README.md for the user's view and ../shared/DESIGN.md for the shape.
-//!
-//! Layers, from the outside in: `spec` (YAML -> typed, validated pipeline), `source`
-//! (Parquet shards -> canonical Arrow batches), `runtime` (bounded queues, workers,
-//! metrics, cancellation), `stages` (one file per stage), `models` (image decoding and,
-//! later, ONNX sessions), `sink` (exactly-once shard output, quarantine, manifests).
+//! The tools on top of the engine and the trainer: benchmark harnesses, corpus
+//! generators and the digits demo's pieces ([`bench`]), and the terminal progress
+//! display of the `trustflow` binary ([`progress`]).
 
 pub mod bench;
-pub mod columns;
-pub mod error;
-pub mod inspect;
-pub mod models;
-pub mod plan;
-pub mod quarantine;
-pub mod run;
-pub mod runtime;
-pub mod sink;
-pub mod source;
-pub mod spec;
-pub mod stages;
-pub mod train;
-
-pub use error::{Error, Result};
+pub mod progress;

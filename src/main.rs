@@ -8,11 +8,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trustflow::bench::corpus::{GenLayout, GenOptions, generate};
-use trustflow::plan::{self, Overrides};
-use trustflow::run::{ProgressFn, RunOptions, RunReport, execute};
-use trustflow::runtime::progress::Progress;
-use trustflow::runtime::{CancelToken, RunSnapshot};
-use trustflow::{Error, inspect, spec};
+use trustflow::progress::Progress;
+use trustflow_engine::plan::{self, Overrides};
+use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow_engine::runtime::{CancelToken, RunSnapshot};
+use trustflow_engine::{Error, inspect, spec};
 
 /// Streaming image-caption pipelines over Parquet shards (TRUST domain adaptation).
 #[derive(Parser)]
@@ -489,7 +489,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Schema { train } => {
             match train {
-                true => print!("{}", trustflow::train::spec::json_schema()),
+                true => print!("{}", trustflow_train::spec::json_schema()),
                 false => print!("{}", spec::json_schema()),
             }
             Ok(())
@@ -514,8 +514,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             false => trust_demo(&out, rows, epochs),
         },
         Command::CalibrateWeights(args) => {
-            let shards = trustflow::source::shards::discover(Path::new("."), &args.source)?;
-            let calibration = trustflow::stages::class_max::calibrate(
+            let shards = trustflow_engine::source::shards::discover(Path::new("."), &args.source)?;
+            let calibration = trustflow_engine::stages::class_max::calibrate(
                 &shards,
                 &args.label_column,
                 &args.similarity_column,
@@ -527,7 +527,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::FitText(args) => {
-            use trustflow::train::text_head::{FitOptions, FitTextOptions, fit_text};
+            use trustflow_train::text_head::{FitOptions, FitTextOptions, fit_text};
             anyhow::ensure!(
                 (0.0..1.0).contains(&args.holdout),
                 "--holdout must be in [0, 1)"
@@ -575,8 +575,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Train(args) => train(args),
         Command::ValidateTrain { train_file } => {
-            let loaded = trustflow::train::load_train_file(&train_file)?;
-            let plan = trustflow::train::trainer::check_only(&loaded)?;
+            let loaded = trustflow_train::load_train_file(&train_file)?;
+            let plan = trustflow_train::trainer::check_only(&loaded)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             Ok(())
         }
@@ -656,8 +656,8 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    use trustflow::train::{TrainOptions, TrainProgress};
-    let loaded = trustflow::train::load_train_file(&args.train_file)?;
+    use trustflow_train::{TrainOptions, TrainProgress};
+    let loaded = trustflow_train::load_train_file(&args.train_file)?;
     let bar = indicatif::ProgressBar::with_draw_target(
         None,
         indicatif::ProgressDrawTarget::stderr_with_hz(4),
@@ -702,7 +702,7 @@ fn train(args: TrainArgs) -> Result<()> {
         abort_after_steps: args.abort_after_steps,
         progress: Some(std::sync::Arc::new(progress)),
     };
-    let report = trustflow::train::train(&loaded, &options)?;
+    let report = trustflow_train::train(&loaded, &options)?;
     eprintln!();
     let last = report.history.last();
     println!(
@@ -805,8 +805,8 @@ fn bench_accuracy(a: AccuracyArgs) -> Result<()> {
 }
 
 fn bench_train(a: BenchTrainArgs) -> Result<()> {
-    use trustflow::train::{TrainOptions, trainer};
-    let mut loaded = trustflow::train::load_train_file(&a.train_file)?;
+    use trustflow_train::{TrainOptions, trainer};
+    let mut loaded = trustflow_train::load_train_file(&a.train_file)?;
     std::fs::create_dir_all(&a.scratch)
         .with_context(|| format!("creating {}", a.scratch.display()))?;
     loaded.spec.output = std::fs::canonicalize(&a.scratch)?.display().to_string();
@@ -814,7 +814,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let mut memory_fed = Vec::new();
     for rep in 0..a.repetitions.max(1) {
         eprintln!("bench train: repetition {}: fed from shards", rep + 1);
-        let report = trustflow::train::train(
+        let report = trustflow_train::train(
             &loaded,
             &TrainOptions {
                 fresh: true,

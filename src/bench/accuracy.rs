@@ -20,16 +20,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::plan::{self, Overrides};
-use crate::run::{RunOptions, execute};
-use crate::stages::StageKind;
-use crate::stages::class_max::calibrate;
-use crate::stages::uncertainty::WeightMethod;
-use crate::train::spec::LossSpec;
-use crate::train::text_head::{FitOptions, FitTextOptions, fit_text};
-use crate::train::trainer::TrainProgress;
-use crate::train::{TrainOptions, load_train_file, train};
+use trustflow_engine::error::{Error, Result};
+use trustflow_engine::plan::{self, Overrides};
+use trustflow_engine::run::{RunOptions, execute};
+use trustflow_engine::stages::StageKind;
+use trustflow_engine::stages::class_max::calibrate;
+use trustflow_engine::stages::uncertainty::WeightMethod;
+use trustflow_train::spec::LossSpec;
+use trustflow_train::text_head::{FitOptions, FitTextOptions, fit_text};
+use trustflow_train::trainer::TrainProgress;
+use trustflow_train::{TrainOptions, load_train_file, train};
 
 /// The ablation grid of METHOD.md section 6, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -158,7 +158,7 @@ pub struct EnrichedDomain {
     pub wall_s: f64,
     /// Pseudo-label accuracy and weight AUROC over the rows (labels used for
     /// evaluation only), from the trainer's pre-training scan.
-    pub pseudo_labels: Option<crate::train::trainer::PseudoLabelQuality>,
+    pub pseudo_labels: Option<trustflow_train::trainer::PseudoLabelQuality>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,15 +181,15 @@ fn glob_of(dir: &Path) -> String {
 /// Step 1: the text head, fitted on source training captions.
 pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::Value)> {
     let head = opts.work.join("text_head.safetensors");
-    let shards = crate::source::shards::discover(
+    let shards = trustflow_engine::source::shards::discover(
         Path::new("."),
         &[glob_of(&opts.data.join(&opts.source).join("train"))],
     )?;
     let metrics = fit_text(&FitTextOptions {
         train: shards,
         out: head.clone(),
-        caption_column: Some(crate::columns::CAPTION.into()),
-        label_column: crate::columns::LABEL.into(),
+        caption_column: Some(trustflow_engine::columns::CAPTION.into()),
+        label_column: trustflow_engine::columns::LABEL.into(),
         filters: Vec::new(),
         encoder: None,
         tokenizer: None,
@@ -225,12 +225,14 @@ pub fn enrich_all(
                 "calibrating class_max_cosine weights on the enriched {} rows",
                 opts.source
             ));
-            let shards =
-                crate::source::shards::discover(Path::new("."), &[glob_of(&enriched[0].out_dir)])?;
+            let shards = trustflow_engine::source::shards::discover(
+                Path::new("."),
+                &[glob_of(&enriched[0].out_dir)],
+            )?;
             let calibration = calibrate(
                 &shards,
-                crate::columns::LABEL,
-                crate::stages::clip_score::CLIP_SIMILARITY,
+                trustflow_engine::columns::LABEL,
+                trustflow_engine::stages::clip_score::CLIP_SIMILARITY,
                 CLASSES,
             )?;
             calibration.save(&file)?;
@@ -259,7 +261,7 @@ fn target_weight_method(opts: &AccuracyOptions) -> Result<Option<WeightMethod>> 
     if opts.weights.is_some() {
         return Ok(opts.weights);
     }
-    let pipeline = crate::spec::load_file(&opts.enrich_pipeline)?;
+    let pipeline = trustflow_engine::spec::load_file(&opts.enrich_pipeline)?;
     Ok(pipeline.spec.stages.iter().find_map(|s| match &s.kind {
         StageKind::Uncertainty(c) => Some(c.method),
         _ => None,
@@ -275,7 +277,7 @@ pub fn enrich_domain(
     domain: &str,
     class_max: Option<&Path>,
 ) -> Result<EnrichedDomain> {
-    let mut pipeline = crate::spec::load_file(pipeline_file)?;
+    let mut pipeline = trustflow_engine::spec::load_file(pipeline_file)?;
     // Paths in a pipeline resolve against its own folder: give files absolutely.
     let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
     let head = absolute(head)?;
@@ -308,7 +310,7 @@ pub fn enrich_domain(
             pipeline_file.display()
         )));
     }
-    crate::spec::validate(&pipeline)?;
+    trustflow_engine::spec::validate(&pipeline)?;
     let out_dir = opts.work.join("enriched").join(domain);
     let plan = plan::build(
         pipeline,
@@ -337,7 +339,7 @@ pub fn train_one(
     shift: &str,
     ablation: Ablation,
     seed: u64,
-) -> Result<(RunResult, crate::train::TrainReport)> {
+) -> Result<(RunResult, trustflow_train::TrainReport)> {
     let mut loaded = load_train_file(&opts.train_file)?;
     let spec = &mut loaded.spec;
     let enriched = opts.work.join("enriched");
@@ -531,7 +533,7 @@ pub fn markdown(report: &AccuracyReport, shifts: &[String], ablations: &[Ablatio
 pub fn weight_split(dir: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{DataType, Float64Type, Int64Type};
-    let shards = crate::source::shards::discover(Path::new("."), &[glob_of(dir)])?;
+    let shards = trustflow_engine::source::shards::discover(Path::new("."), &[glob_of(dir)])?;
     let (mut right, mut wrong) = (Vec::new(), Vec::new());
     for shard in shards {
         let file = std::fs::File::open(&shard).map_err(|e| Error::io(&shard, e))?;

@@ -13,11 +13,11 @@ use arrow::array::{Array, AsArray};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::plan::{self, Overrides};
-use crate::run::{RunOptions, execute};
-use crate::stages::StageKind;
-use crate::stages::clip_score::ClipScoreStage;
+use trustflow_engine::error::{Error, Result};
+use trustflow_engine::plan::{self, Overrides};
+use trustflow_engine::run::{RunOptions, execute};
+use trustflow_engine::stages::StageKind;
+use trustflow_engine::stages::clip_score::ClipScoreStage;
 
 #[derive(Debug, Clone)]
 pub struct CeilingOptions {
@@ -84,7 +84,7 @@ pub(crate) fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<Stri
         let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
         let (ok, _) = converter.convert(&batch, first_row)?;
         first_row += batch.num_rows() as u64;
-        if let Some(col) = ok.column_by_name(crate::columns::CAPTION) {
+        if let Some(col) = ok.column_by_name(trustflow_engine::columns::CAPTION) {
             let col = col.as_string::<i32>();
             for i in 0..col.len() {
                 if col.is_valid(i) && captions.len() < rows {
@@ -147,9 +147,9 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
         .iter()
         .find_map(|s| match &s.kind {
             StageKind::ClipScore(c) => {
-                let name = s.name.clone().unwrap_or_else(|| "clip_score".into());
+                let name = s.common.name.clone().unwrap_or_else(|| "clip_score".into());
                 let wanted = opts.stage.as_deref().is_none_or(|w| w == name);
-                wanted.then(|| (name, s.workers.unwrap_or(1), c.clone()))
+                wanted.then(|| (name, s.common.workers.unwrap_or(1), c.clone()))
             }
             _ => None,
         })
@@ -164,7 +164,7 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
             ))
         })?;
     config.resolve_paths(&base);
-    let intra_op_threads = config.intra_op_threads;
+    let intra_op_threads = config.session.intra_op_threads;
     let stage = ClipScoreStage::new(stage_name.clone(), config)?;
     let captions = sample_captions(&probe, batch_size)?;
     drop(probe);

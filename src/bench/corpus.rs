@@ -28,7 +28,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use trustflow_engine::error::{Error, Result};
 
 /// Rows per Parquet row group (and per Arrow batch): keeps writer memory small even
 /// with large images.

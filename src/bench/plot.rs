@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use crate::error::{Error, Result};
+use trustflow_engine::error::{Error, Result};
 
 const FONT_CANDIDATES: [&str; 4] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -46,7 +46,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::corpus::{image_writer_props, remove_stale_shards, shard_stem};
-use crate::error::{Error, Result};
+use trustflow_engine::error::{Error, Result};
 
 /// Rows per Parquet row group (and per Arrow batch). The images are tiny, so groups
 /// can be larger than the general corpus generator's.
@@ -609,13 +609,13 @@ fn render(rng: &mut ChaCha8Rng, label: usize, classes: usize, size: u32, target:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::image::{ImageFormatName, ImageLimits, decode_rgb};
-    use crate::train::metrics::auroc;
     use arrow::array::{
         Array, AsArray, FixedSizeListArray, Float32Array, Int64Array, LargeBinaryArray,
     };
     use arrow::datatypes::{Float32Type, Int64Type};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use trustflow_engine::models::image::{ImageFormatName, ImageLimits, decode_rgb};
+    use trustflow_train::metrics::auroc;
 
     fn opts(out: &Path) -> TrainCorpusOptions {
         TrainCorpusOptions {

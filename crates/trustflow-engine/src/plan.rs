@@ -1,0 +1,267 @@
+//! Phase two and three of validation (after parsing): resolve the shards and their
+//! columns, build every stage and chain their output fields, so the whole output
+//! schema is known before any row is read. `validate` prints this; `run` executes it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result, SpecIssues};
+use crate::runtime::StageSlot;
+use crate::source::{self, SourcePlan};
+use crate::spec::{self, LoadedPipeline};
+
+/// Command-line replacements for parts of the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replace `source.paths` (relative to the current directory).
+    pub inputs: Option<Vec<String>>,
+    /// Replace `sink.path`.
+    pub out_dir: Option<PathBuf>,
+}
+
+/// A pipeline ready to run.
+pub struct Plan {
+    pub pipeline: LoadedPipeline,
+    pub source: SourcePlan,
+    pub stages: Vec<StageSlot>,
+    /// Schema after the last stage.
+    pub output_schema: SchemaRef,
+    /// What the output shards hold (`output_schema` minus `sink.drop_columns`).
+    pub sink_schema: SchemaRef,
+    pub out_dir: PathBuf,
+    /// Hash of everything in the spec that can change output values (not paths,
+    /// workers or queue depths); part of every manifest.
+    pub pipeline_hash: String,
+}
+
+/// Parse, check and plan `file`.
+pub fn load_and_plan(file: &std::path::Path, overrides: &Overrides) -> Result<Plan> {
+    let pipeline = spec::load_file(file)?;
+    spec::validate(&pipeline)?;
+    build(pipeline, overrides)
+}
+
+pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
+    let source = source::plan(&pipeline, overrides.inputs.as_deref())?;
+    let spec = &pipeline.spec;
+
+    let mut issues = Vec::new();
+    let mut stages = Vec::new();
+    let mut schema: Schema = source.canonical.as_ref().clone();
+    for (i, stage_spec) in spec.stages.iter().enumerate() {
+        let at = format!("stages[{i}]");
+        let stage = match stage_spec.build(pipeline.base_dir()) {
+            Ok(s) => s,
+            Err(e) => {
+                issues.push(pipeline.issue(&at, e.to_string()));
+                continue;
+            }
+        };
+        match stage.output_fields(&schema) {
+            Ok(fields) => {
+                let mut all: Vec<Field> =
+                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                for field in fields {
+                    if schema.field_with_name(field.name()).is_ok() {
+                        issues.push(pipeline.issue(
+                            &at,
+                            format!(
+                                "stage `{}` would add column `{}`, which already exists; a stage \
+                                 never rewrites columns it does not own",
+                                stage.name(),
+                                field.name()
+                            ),
+                        ));
+                    }
+                    all.push(field);
+                }
+                schema = Schema::new(all);
+            }
+            Err(e) => issues.push(pipeline.issue(&at, e.to_string())),
+        }
+        if let Some(multiple) = stage_spec.kind.config().batch_multiple() {
+            let batch = spec.runtime.batch_size;
+            if !batch.is_multiple_of(multiple) {
+                issues.push(pipeline.issue(
+                    "runtime.batch_size",
+                    format!(
+                        "batch_size {batch} is not a multiple of {multiple}, which stage `{}` \
+                         needs; use e.g. {}",
+                        stage.name(),
+                        batch.div_ceil(multiple) * multiple
+                    ),
+                ));
+            }
+        }
+        stages.push(StageSlot {
+            workers: stage_spec.common.workers.unwrap_or(1),
+            queue_depth: stage_spec
+                .common
+                .queue_depth
+                .unwrap_or(spec.runtime.queue_depth),
+            stage,
+        });
+    }
+    let output_schema = Arc::new(schema);
+    let mut kept: Vec<Field> = Vec::new();
+    for field in output_schema.fields() {
+        if !spec.sink.drop_columns.contains(field.name()) {
+            kept.push(field.as_ref().clone());
+        }
+    }
+    for (i, col) in spec.sink.drop_columns.iter().enumerate() {
+        if output_schema.field_with_name(col).is_err() {
+            issues.push(pipeline.issue(
+                &format!("sink.drop_columns[{i}]"),
+                format!(
+                    "no column `{col}` to drop; the output has: {}",
+                    names(&output_schema)
+                ),
+            ));
+        }
+    }
+    if !issues.is_empty() {
+        return Err(Error::Spec(SpecIssues(issues)));
+    }
+    let out_dir = overrides
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| pipeline.resolve(&spec.sink.path));
+    // Model files are part of what a shard's output depends on.
+    let digests: Vec<String> = stages
+        .iter()
+        .filter_map(|slot| slot.stage.content_digest())
+        .collect();
+    let pipeline_hash = pipeline_hash(spec, &digests);
+    Ok(Plan {
+        source,
+        stages,
+        sink_schema: Arc::new(Schema::new(kept)),
+        output_schema,
+        out_dir,
+        pipeline_hash,
+        pipeline,
+    })
+}
+
+fn names(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Hash of the output-relevant part of the spec.
+pub fn pipeline_hash(spec: &spec::PipelineSpec, content_digests: &[String]) -> String {
+    let mut value = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(top) = value.as_object_mut() {
+        top.remove("name");
+        // Queue depth changes timing, never values; batch size can (batch-level
+        // stages such as uncertainty groups), so it stays in the hash.
+        if let Some(rt) = top.get_mut("runtime").and_then(|r| r.as_object_mut()) {
+            rt.remove("queue_depth");
+        }
+        if let Some(src) = top.get_mut("source").and_then(|s| s.as_object_mut()) {
+            src.remove("paths");
+        }
+        if let Some(sink) = top.get_mut("sink").and_then(|s| s.as_object_mut()) {
+            sink.remove("path");
+            sink.remove("row_group_bytes");
+            // What runs after the shards are written does not change them.
+            sink.remove("train");
+        }
+        if let Some(stages) = top.get_mut("stages").and_then(|s| s.as_array_mut()) {
+            for stage in stages.iter_mut().filter_map(|s| s.as_object_mut()) {
+                stage.remove("workers");
+                stage.remove("queue_depth");
+            }
+        }
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hasher.update(value.to_string().as_bytes());
+    for digest in content_digests {
+        hasher.update(digest.as_bytes());
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+impl Plan {
+    /// A human-readable description of the plan (what `validate` prints).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "pipeline `{}` ({})",
+            self.pipeline.name(),
+            self.pipeline.file.display()
+        );
+        let total_rows: u64 = self.source.shards.iter().map(|s| s.file_rows).sum();
+        let _ = writeln!(
+            s,
+            "source: {} shard(s), {} rows before filter{}",
+            self.source.shards.len(),
+            total_rows,
+            self.source
+                .filter
+                .as_ref()
+                .map(|f| format!(", filter: {f}"))
+                .unwrap_or_default()
+        );
+        if let Some(first) = self.source.shards.first() {
+            for (logical, physical) in &first.mapping.columns {
+                let _ = writeln!(s, "  {logical:<8} <- {physical}");
+            }
+            if !first.mapping.kept.is_empty() {
+                let kept: Vec<&str> = first
+                    .mapping
+                    .kept
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect();
+                let _ = writeln!(s, "  kept as is: {}", kept.join(", "));
+            }
+            if let Some(image) = first.mapping.image {
+                let _ = writeln!(s, "  image layout: {image:?}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "runtime: batch_size {}, queue depth {}",
+            self.source.batch_size, self.pipeline.spec.runtime.queue_depth
+        );
+        for (i, slot) in self.stages.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "stage {}: {} ({} worker(s), input queue {} batches)",
+                i + 1,
+                slot.stage.name(),
+                slot.workers,
+                slot.queue_depth
+            );
+        }
+        let _ = writeln!(s, "sink: {}", self.out_dir.display());
+        let _ = writeln!(s, "output schema:");
+        for f in self.sink_schema.fields() {
+            let _ = writeln!(
+                s,
+                "  {:<16} {}{}",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { "" } else { " not null" }
+            );
+        }
+        let _ = writeln!(s, "quarantine schema:");
+        for f in self.source.quarantine.fields() {
+            let _ = writeln!(s, "  {:<16} {}", f.name(), f.data_type());
+        }
+        let _ = write!(s, "pipeline hash: {}", self.pipeline_hash);
+        s
+    }
+}

@@ -1,0 +1,218 @@
+//! Executing a [`Plan`]: decide which shards still need work (resume), run the
+//! topology into the Parquet sink, and write the JSON report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::runtime::{self, CancelToken, RunSnapshot, ShardCounts, StepReport, Topology};
+use crate::sink::{self, Manifest, ParquetSink};
+
+/// A live-figures callback.
+pub type ProgressFn = Box<dyn Fn(&RunSnapshot) + Sync>;
+
+/// How to run.
+#[derive(Default)]
+pub struct RunOptions {
+    pub cancel: CancelToken,
+    /// Redo every shard even when its manifest matches.
+    pub force: bool,
+    /// Process only shards with `index % count == part` (for splitting a run over
+    /// processes or machines; each shard's output depends on that shard alone).
+    pub part: Option<(usize, usize)>,
+    /// Where to write the JSON report (default `<out_dir>/_report.json`).
+    pub report_path: Option<PathBuf>,
+    /// Called with live figures about four times a second.
+    pub on_progress: Option<ProgressFn>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardReport {
+    pub stem: String,
+    pub input: PathBuf,
+    /// `done` (processed now) or `skipped` (a matching manifest was found).
+    pub status: &'static str,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub rows_quarantined: u64,
+    /// `rows_in == rows_out + rows_quarantined`.
+    pub invariant_holds: bool,
+    pub quarantine_reasons: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub pipeline_file: PathBuf,
+    pub pipeline_hash: String,
+    pub out_dir: PathBuf,
+    pub wall_s: f64,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub rows_quarantined: u64,
+    pub invariant_holds: bool,
+    pub shards_processed: usize,
+    pub shards_skipped: usize,
+    /// Rows per second over the shards processed now.
+    pub rows_per_s: f64,
+    pub cpu_seconds: Option<f64>,
+    /// CPU seconds / wall seconds (2.0 = both cores of this machine busy).
+    pub cpu_utilisation: Option<f64>,
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_rows_in_flight: u64,
+    pub peak_bytes_in_flight: u64,
+    pub bottleneck: Option<String>,
+    pub steps: Vec<StepReport>,
+    pub quarantine_reasons: BTreeMap<String, u64>,
+    pub shards: Vec<ShardReport>,
+    /// Input-queue fill over time: (seconds, fill per queue in step order).
+    pub queue_samples: Vec<(f64, Vec<f64>)>,
+}
+
+fn shard_report(stem: &str, input: &Path, status: &'static str, m: &Manifest) -> ShardReport {
+    ShardReport {
+        stem: stem.to_string(),
+        input: input.to_path_buf(),
+        status,
+        rows_in: m.rows_in,
+        rows_out: m.rows_out,
+        rows_quarantined: m.rows_quarantined,
+        invariant_holds: m.rows_in == m.rows_out + m.rows_quarantined,
+        quarantine_reasons: m.quarantine_reasons.clone(),
+    }
+}
+
+/// Run `plan` to completion. On error or cancellation, shards already finished keep
+/// their outputs and manifests; the others leave nothing under a final name.
+pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
+    let out_dir = plan.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let cpu_start = runtime::metrics::process_cpu_seconds();
+
+    let mut todo = Vec::new();
+    let mut reports: Vec<(usize, ShardReport)> = Vec::new();
+    for shard in &plan.source.shards {
+        if let Some((part, count)) = options.part
+            && shard.index % count != part
+        {
+            continue;
+        }
+        let manifest = Manifest::read(&Manifest::path_for(&out_dir, &shard.stem));
+        match manifest {
+            Some(m)
+                if !options.force
+                    && m.matches(&out_dir, &plan.pipeline_hash, &shard.fingerprint) =>
+            {
+                reports.push((
+                    shard.index,
+                    shard_report(&shard.stem, &shard.path, "skipped", &m),
+                ));
+            }
+            _ => {
+                // Whatever a previous run left for this shard is stale now.
+                sink::remove_stale_tmp(&out_dir, &shard.stem);
+                let _ = std::fs::remove_file(Manifest::path_for(&out_dir, &shard.stem));
+                todo.push(shard.index);
+            }
+        }
+    }
+    let skipped = reports.len();
+    tracing::info!("{} shard(s) to process, {skipped} already done", todo.len());
+
+    let sink = ParquetSink::new(
+        &plan.pipeline.spec.sink,
+        out_dir.clone(),
+        plan.sink_schema.clone(),
+        plan.source.quarantine.clone(),
+        plan.pipeline_hash.clone(),
+        plan.source
+            .shards
+            .iter()
+            .map(|s| sink::ShardTarget {
+                stem: s.stem.clone(),
+                input: s.path.clone(),
+                fingerprint: s.fingerprint.clone(),
+            })
+            .collect(),
+    );
+    let finished = sink.finished.clone();
+    let processed = todo.len();
+    let topology = Topology {
+        source: Box::new(plan.source.clone()),
+        shards: todo,
+        stages: plan.stages,
+        queue_depth: plan.pipeline.spec.runtime.queue_depth,
+    };
+    let stats = runtime::run(
+        topology,
+        Box::new(sink),
+        options.cancel.clone(),
+        Duration::from_millis(250),
+        options.on_progress.as_deref(),
+    )?;
+
+    if let Ok(done) = finished.lock() {
+        for (index, manifest) in done.iter() {
+            if let Some(shard) = plan.source.shards.get(*index) {
+                reports.push((
+                    *index,
+                    shard_report(&shard.stem, &shard.path, "done", manifest),
+                ));
+            }
+        }
+    }
+    reports.sort_by_key(|(i, _)| *i);
+    let shards: Vec<ShardReport> = reports.into_iter().map(|(_, r)| r).collect();
+
+    let mut totals = ShardCounts::default();
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &shards {
+        totals.rows_in += s.rows_in;
+        totals.rows_out += s.rows_out;
+        totals.rows_quarantined += s.rows_quarantined;
+        for (k, v) in &s.quarantine_reasons {
+            *reasons.entry(k.clone()).or_default() += v;
+        }
+    }
+    let snap = stats.snapshot;
+    let processed_rows: u64 = stats.shards.iter().map(|(_, c)| c.rows_in).sum();
+    let cpu_seconds = match (cpu_start, runtime::metrics::process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let report = RunReport {
+        pipeline: plan.pipeline.name(),
+        pipeline_file: plan.pipeline.file.clone(),
+        pipeline_hash: plan.pipeline_hash.clone(),
+        out_dir: out_dir.clone(),
+        wall_s: snap.elapsed_s,
+        rows_in: totals.rows_in,
+        rows_out: totals.rows_out,
+        rows_quarantined: totals.rows_quarantined,
+        invariant_holds: shards.iter().all(|s| s.invariant_holds),
+        shards_processed: processed,
+        shards_skipped: skipped,
+        rows_per_s: processed_rows as f64 / snap.elapsed_s.max(1e-9),
+        cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),
+        cpu_seconds,
+        peak_rss_bytes: runtime::metrics::peak_rss_bytes(),
+        peak_rows_in_flight: snap.peak_rows_in_flight,
+        peak_bytes_in_flight: snap.peak_bytes_in_flight,
+        bottleneck: snap.bottleneck.clone(),
+        steps: snap.steps,
+        quarantine_reasons: reasons,
+        shards,
+        queue_samples: stats.queue_samples,
+    };
+    let report_path = options
+        .report_path
+        .clone()
+        .unwrap_or_else(|| out_dir.join("_report.json"));
+    let text = serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report_path, e))?;
+    std::fs::write(&report_path, text).map_err(|e| Error::io(&report_path, e))?;
+    Ok(report)
+}

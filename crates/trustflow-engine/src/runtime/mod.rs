@@ -1,0 +1,783 @@
+//! The runtime moves batches; it knows nothing about models. Source -> stages -> sink,
+//! each step on its own threads, joined by bounded crossbeam queues: a full queue blocks
+//! its producer, so a slow step slows everything upstream down to the Parquet reader
+//! (backpressure) and rows in flight stay bounded by queue depth x batch size.
+//!
+//! Order is restored before the sink (batches carry a per-shard sequence number), so
+//! the output does not depend on worker counts or timing. The first hard error, or a
+//! cancellation, stops the reader; the queues then drain and close, and the sink
+//! discards every shard it had not completed.
+
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::error::{Error, Result};
+use crate::quarantine::split_rows;
+use crate::stages::Stage;
+pub use metrics::{InFlight, StepMetrics, StepReport};
+
+/// A batch on its way through the pipeline.
+#[derive(Debug)]
+pub struct Envelope {
+    pub shard: usize,
+    pub seq: u64,
+    /// Rows still in the main flow, with every stage's columns so far.
+    pub batch: RecordBatch,
+    /// Rows rejected so far (quarantine schema).
+    pub quarantine: Vec<RecordBatch>,
+    /// Rows and bytes this envelope entered with (for in-flight accounting).
+    pub rows_in: u64,
+    pub bytes_in: u64,
+}
+
+#[derive(Debug)]
+pub enum Message {
+    Batch(Envelope),
+    /// The reader has sent every batch of `shard`.
+    ShardEnd {
+        shard: usize,
+        batches: u64,
+        rows_in: u64,
+    },
+}
+
+/// Shared stop flag: set by a signal handler, or by the first hard error.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Relaxed)
+    }
+
+    /// The flag itself, for `signal_hook::flag::register`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+/// Row counts of one finished shard. `rows_in = rows_out + rows_quarantined` holds for
+/// every shard the runtime hands to [`Sink::finish_shard`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShardCounts {
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub rows_quarantined: u64,
+}
+
+/// Where batches come from: shards, each read on its own, in order. The runtime knows
+/// shards only by index; what a shard is (a Parquet file, a list in a test) is the
+/// source's business.
+pub trait BatchSource: Send + Sync {
+    /// Rows per batch leaving the reader (the last batch of a shard may be shorter).
+    fn batch_size(&self) -> usize;
+    /// The schema of rows the source rejects (the quarantine schema); stages' rejected
+    /// rows are written in it too.
+    fn quarantine_schema(&self) -> SchemaRef;
+    /// A name for shard `index` in messages (its path).
+    fn shard_label(&self, index: usize) -> String;
+    /// Start reading shard `index`.
+    fn open_shard(&self, index: usize) -> Result<Box<dyn ShardReader + '_>>;
+}
+
+/// One shard being read.
+pub trait ShardReader {
+    /// The next rows as stored (any number of them); None at the end of the shard.
+    fn next_rows(&mut self) -> Option<Result<RecordBatch>>;
+    /// Split `rows` (starting at row `first_row` of the shard) into the canonical rows
+    /// that flow on and the rows the source rejects (quarantine schema).
+    fn convert(
+        &mut self,
+        rows: &RecordBatch,
+        first_row: u64,
+    ) -> Result<(RecordBatch, Option<RecordBatch>)>;
+}
+
+/// Where finished batches go. Called from one thread, in order per shard; shards are
+/// named by their index in the source.
+pub trait Sink: Send {
+    /// Rows of `shard` that passed every stage, and rows that were quarantined.
+    fn write(
+        &mut self,
+        shard: usize,
+        batch: &RecordBatch,
+        quarantine: &[RecordBatch],
+    ) -> Result<()>;
+    /// Every batch of `shard` has been written: make the output durable.
+    fn finish_shard(&mut self, shard: usize, counts: ShardCounts) -> Result<()>;
+    /// The run is stopping: discard every shard not finished.
+    fn abort(&mut self);
+}
+
+/// A built stage with its parallelism.
+pub struct StageSlot {
+    pub stage: Arc<dyn Stage>,
+    pub workers: usize,
+    pub queue_depth: usize,
+}
+
+/// What [`run`] needs.
+pub struct Topology {
+    pub source: Box<dyn BatchSource>,
+    /// Indices of the source's shards to process, in order.
+    pub shards: Vec<usize>,
+    pub stages: Vec<StageSlot>,
+    /// Depth of the queue between the reader and the first stage (and into the sink).
+    pub queue_depth: usize,
+}
+
+/// Live view handed to a progress callback, and the final figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSnapshot {
+    pub elapsed_s: f64,
+    pub steps: Vec<StepReport>,
+    pub rows_in_flight: u64,
+    pub bytes_in_flight: u64,
+    pub peak_rows_in_flight: u64,
+    pub peak_bytes_in_flight: u64,
+    pub shards_done: u64,
+    pub shards_total: u64,
+    /// Name of the step with the highest busy fraction (the one to give workers to).
+    pub bottleneck: Option<String>,
+}
+
+/// Figures of a whole run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunStats {
+    pub snapshot: RunSnapshot,
+    pub shards: Vec<(usize, ShardCounts)>,
+    /// Queue fill samples over time: (seconds, fill 0..1 per queue in step order).
+    pub queue_samples: Vec<(f64, Vec<f64>)>,
+}
+
+struct Shared {
+    cancel: CancelToken,
+    first_error: Mutex<Option<Error>>,
+    in_flight: InFlight,
+    shards_done: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        if let Ok(mut slot) = self.first_error.lock()
+            && slot.is_none()
+        {
+            *slot = Some(e);
+        }
+        self.cancel.cancel();
+    }
+}
+
+/// Run the topology to completion (or to the first error / cancellation). `on_progress`
+/// is called about every `progress_every` from a monitor thread.
+pub fn run(
+    topology: Topology,
+    sink: Box<dyn Sink>,
+    cancel: CancelToken,
+    progress_every: Duration,
+    on_progress: Option<&(dyn Fn(&RunSnapshot) + Sync)>,
+) -> Result<RunStats> {
+    let Topology {
+        source,
+        shards,
+        stages,
+        queue_depth,
+    } = topology;
+    let shared = Shared {
+        cancel: cancel.clone(),
+        first_error: Mutex::new(None),
+        in_flight: InFlight::default(),
+        shards_done: Default::default(),
+    };
+    let mut steps = vec![StepMetrics::new("source", 1)];
+    for slot in &stages {
+        steps.push(StepMetrics::new(slot.stage.name(), slot.workers.max(1)));
+    }
+    steps.push(StepMetrics::new("sink", 1));
+    let steps: Vec<StepMetrics> = steps;
+
+    // Queue i feeds step i+1 (stage i, or the sink after the last stage).
+    let mut senders: Vec<Sender<Message>> = Vec::new();
+    let mut receivers: Vec<Receiver<Message>> = Vec::new();
+    for i in 0..=stages.len() {
+        let depth = stages.get(i).map_or(queue_depth, |s| s.queue_depth).max(1);
+        let (tx, rx) = bounded(depth);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    // Queue fill is counted beside the channels: holding a Sender clone to ask for
+    // `len()` would keep a queue open after its producers ended.
+    let gauges: Vec<QueueGauge> = senders
+        .iter()
+        .map(|s| QueueGauge::new(s.capacity().unwrap_or(1)))
+        .collect();
+    let probes = &gauges;
+
+    let started = Instant::now();
+    let snapshot = |steps: &[StepMetrics], fills: &[(f64, f64)]| {
+        let elapsed = started.elapsed();
+        let mut reports: Vec<StepReport> = steps.iter().map(|s| s.snapshot(elapsed)).collect();
+        for (i, (mean, max)) in fills.iter().enumerate() {
+            if let Some(r) = reports.get_mut(i + 1) {
+                r.queue_fill_mean = *mean;
+                r.queue_fill_max = *max;
+            }
+        }
+        let bottleneck = reports
+            .iter()
+            .max_by(|a, b| a.busy_fraction.total_cmp(&b.busy_fraction))
+            .filter(|r| r.busy_fraction > 0.0)
+            .map(|r| r.name.clone());
+        RunSnapshot {
+            elapsed_s: elapsed.as_secs_f64(),
+            steps: reports,
+            rows_in_flight: shared.in_flight.rows.load(Relaxed),
+            bytes_in_flight: shared.in_flight.bytes.load(Relaxed),
+            peak_rows_in_flight: shared.in_flight.peak_rows.load(Relaxed),
+            peak_bytes_in_flight: shared.in_flight.peak_bytes.load(Relaxed),
+            shards_done: shared.shards_done.load(Relaxed),
+            shards_total: shards.len() as u64,
+            bottleneck,
+        }
+    };
+
+    let done = AtomicBool::new(false);
+    let mut shard_counts = Vec::new();
+    let mut queue_samples: Vec<(f64, Vec<f64>)> = Vec::new();
+    let mut fills = vec![(0.0f64, 0.0f64); probes.len()];
+    std::thread::scope(|scope| {
+        let steps = &steps;
+        let shared = &shared;
+        let source = &source;
+        let shards = &shards;
+
+        // Monitor: samples queue fill, drives progress. Sleeps in short steps so the run
+        // ends promptly.
+        let monitor = scope.spawn(|| {
+            let mut samples = Vec::new();
+            let mut sums = vec![0.0f64; probes.len()];
+            let mut maxes = vec![0.0f64; probes.len()];
+            let mut count = 0u64;
+            let mut last_progress = Instant::now();
+            while !done.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                let now: Vec<f64> = probes.iter().map(QueueGauge::fill).collect();
+                for (i, f) in now.iter().enumerate() {
+                    sums[i] += f;
+                    maxes[i] = maxes[i].max(*f);
+                }
+                count += 1;
+                if count.is_multiple_of(5) {
+                    samples.push((started.elapsed().as_secs_f64(), now));
+                }
+                if let Some(cb) = on_progress
+                    && last_progress.elapsed() >= progress_every
+                {
+                    last_progress = Instant::now();
+                    let fills: Vec<(f64, f64)> = sums
+                        .iter()
+                        .zip(&maxes)
+                        .map(|(s, m)| (s / count as f64, *m))
+                        .collect();
+                    cb(&snapshot(steps, &fills));
+                }
+            }
+            let n = count.max(1) as f64;
+            let fills: Vec<(f64, f64)> =
+                sums.iter().zip(&maxes).map(|(s, m)| (s / n, *m)).collect();
+            (samples, fills)
+        });
+
+        let reader_tx = Outlet {
+            tx: senders[0].clone(),
+            gauge: &gauges[0],
+        };
+        let reader = scope.spawn(move || {
+            if let Err(e) = read_all(source.as_ref(), shards, &reader_tx, &steps[0], shared) {
+                shared.fail(e);
+            }
+        });
+
+        let mut workers = Vec::new();
+        for (i, slot) in stages.iter().enumerate() {
+            for _ in 0..slot.workers.max(1) {
+                let rx = Inlet {
+                    rx: receivers[i].clone(),
+                    gauge: &gauges[i],
+                };
+                let tx = Outlet {
+                    tx: senders[i + 1].clone(),
+                    gauge: &gauges[i + 1],
+                };
+                let stage = slot.stage.clone();
+                let metrics = &steps[i + 1];
+                let quarantine = source.quarantine_schema();
+                workers.push(scope.spawn(move || {
+                    stage_worker(stage.as_ref(), &rx, &tx, metrics, &quarantine, shared)
+                }));
+            }
+        }
+        // Only the threads hold queue ends now, so a queue closes when its producers end.
+        let sink_rx = Inlet {
+            rx: receivers[stages.len()].clone(),
+            gauge: &gauges[stages.len()],
+        };
+        senders.clear();
+        receivers.clear();
+
+        let counts = sink_worker(
+            sink,
+            &sink_rx,
+            source.as_ref(),
+            &steps[steps.len() - 1],
+            shared,
+        );
+        drop(sink_rx);
+        let _ = reader.join();
+        for w in workers {
+            let _ = w.join();
+        }
+        done.store(true, Relaxed);
+        if let Ok((samples, f)) = monitor.join() {
+            queue_samples = samples;
+            fills = f;
+        }
+        shard_counts = counts;
+    });
+
+    if let Ok(mut slot) = shared.first_error.lock()
+        && let Some(e) = slot.take()
+    {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    Ok(RunStats {
+        snapshot: snapshot(&steps, &fills),
+        shards: shard_counts,
+        queue_samples,
+    })
+}
+
+/// Fill of one queue, kept beside the channel. Counted after a send completes (a
+/// producer blocked on a full queue is not "in" it) and before the matching receive is
+/// counted, so the value can dip below zero for an instant: it is clamped when read.
+struct QueueGauge {
+    len: std::sync::atomic::AtomicIsize,
+    capacity: usize,
+}
+
+impl QueueGauge {
+    fn new(capacity: usize) -> Self {
+        QueueGauge {
+            len: Default::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn fill(&self) -> f64 {
+        let len = self.len.load(Relaxed).clamp(0, self.capacity as isize);
+        len as f64 / self.capacity as f64
+    }
+}
+
+/// The producing end of a queue.
+struct Outlet<'a> {
+    tx: Sender<Message>,
+    gauge: &'a QueueGauge,
+}
+
+impl Outlet<'_> {
+    /// Blocks while the queue is full (backpressure); false once the consumers are gone.
+    fn send(&self, msg: Message, metrics: &StepMetrics) -> bool {
+        let ok = StepMetrics::timed(&metrics.blocked_ns, || self.tx.send(msg)).is_ok();
+        if ok {
+            self.gauge.len.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+}
+
+/// The consuming end of a queue.
+struct Inlet<'a> {
+    rx: Receiver<Message>,
+    gauge: &'a QueueGauge,
+}
+
+impl Inlet<'_> {
+    fn recv(&self, metrics: &StepMetrics) -> Option<Message> {
+        let msg = StepMetrics::timed(&metrics.starved_ns, || self.rx.recv()).ok()?;
+        self.gauge.len.fetch_sub(1, Relaxed);
+        Some(msg)
+    }
+}
+
+fn read_all(
+    source: &dyn BatchSource,
+    shards: &[usize],
+    tx: &Outlet<'_>,
+    metrics: &StepMetrics,
+    shared: &Shared,
+) -> Result<()> {
+    for &index in shards {
+        let t0 = Instant::now();
+        let mut reader = source.open_shard(index)?;
+        StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+        let (mut seq, mut rows_in) = (0u64, 0u64);
+        // Batches leave the reader with exactly `batch_size` rows (the last of a shard
+        // may be shorter), whatever the shard's row groups: batch-level behaviour (such
+        // as uncertainty groups) then depends on the data alone.
+        let mut chunker = Chunker::new(source.batch_size());
+        let mut upstream_done = false;
+        loop {
+            if shared.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let t0 = Instant::now();
+            let next = match chunker.take_full() {
+                Some(full) => full,
+                None if upstream_done => match chunker.flush() {
+                    Some(rest) => rest,
+                    None => break,
+                },
+                None => {
+                    match reader.next_rows() {
+                        Some(rows) => chunker.push(rows?),
+                        None => upstream_done = true,
+                    }
+                    StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+                    continue;
+                }
+            };
+            let batch = next.map_err(|e| Error::input(source.shard_label(index), e.to_string()))?;
+            let rows = batch.num_rows() as u64;
+            let (ok, bad) = reader.convert(&batch, rows_in)?;
+            StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+            let quarantined = bad.as_ref().map_or(0, |b| b.num_rows() as u64);
+            metrics.rows_in.fetch_add(rows, Relaxed);
+            metrics.rows_out.fetch_add(rows - quarantined, Relaxed);
+            metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
+            metrics.batches.fetch_add(1, Relaxed);
+            // Measured after conversion: DataFusion's batches are slices sharing a row
+            // group's buffers, so their own size would count those buffers many times.
+            let bytes = (ok.get_array_memory_size()
+                + bad.as_ref().map_or(0, |b| b.get_array_memory_size()))
+                as u64;
+            shared.in_flight.enter(rows, bytes);
+            let envelope = Envelope {
+                shard: index,
+                seq,
+                batch: ok,
+                quarantine: bad.into_iter().collect(),
+                rows_in: rows,
+                bytes_in: bytes,
+            };
+            if !tx.send(Message::Batch(envelope), metrics) {
+                return Ok(()); // downstream stopped; its error (if any) is recorded
+            }
+            seq += 1;
+            rows_in += rows;
+        }
+        let end = Message::ShardEnd {
+            shard: index,
+            batches: seq,
+            rows_in,
+        };
+        if !tx.send(end, metrics) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Re-cuts a stream of batches into batches of exactly `size` rows.
+struct Chunker {
+    size: usize,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+}
+
+impl Chunker {
+    fn new(size: usize) -> Self {
+        Chunker {
+            size: size.max(1),
+            pending: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    fn push(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.rows += batch.num_rows();
+            self.pending.push(batch);
+        }
+    }
+
+    /// A batch of exactly `size` rows, if that many are pending.
+    fn take_full(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
+        (self.rows >= self.size).then(|| self.take(self.size))
+    }
+
+    /// Whatever is pending (the end of a shard).
+    fn flush(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
+        (self.rows > 0).then(|| self.take(self.rows.min(self.size)))
+    }
+
+    fn take(&mut self, n: usize) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let schema = self.pending[0].schema();
+        let all = arrow::compute::concat_batches(&schema, &self.pending)?;
+        let out = all.slice(0, n);
+        self.pending.clear();
+        self.rows -= n;
+        if self.rows > 0 {
+            self.pending.push(all.slice(n, self.rows));
+        }
+        Ok(out)
+    }
+}
+
+fn stage_worker(
+    stage: &dyn Stage,
+    rx: &Inlet<'_>,
+    tx: &Outlet<'_>,
+    metrics: &StepMetrics,
+    quarantine_schema: &arrow::datatypes::SchemaRef,
+    shared: &Shared,
+) {
+    loop {
+        let Some(msg) = rx.recv(metrics) else { return };
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        let msg = match msg {
+            Message::Batch(mut env) => {
+                let t0 = Instant::now();
+                match apply_stage(stage, &env.batch, quarantine_schema) {
+                    Ok((ok, bad)) => {
+                        let rows = env.batch.num_rows() as u64;
+                        let quarantined = bad.as_ref().map_or(0, |b| b.num_rows() as u64);
+                        metrics.rows_in.fetch_add(rows, Relaxed);
+                        metrics.rows_out.fetch_add(rows - quarantined, Relaxed);
+                        metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
+                        metrics.batches.fetch_add(1, Relaxed);
+                        env.batch = ok;
+                        env.quarantine.extend(bad);
+                    }
+                    Err(e) => {
+                        shared.fail(e);
+                        return;
+                    }
+                }
+                StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+                Message::Batch(env)
+            }
+            end @ Message::ShardEnd { .. } => end,
+        };
+        if !tx.send(msg, metrics) {
+            return;
+        }
+    }
+}
+
+/// Run one stage on a batch: append its columns, move its rejected rows out.
+pub fn apply_stage(
+    stage: &dyn Stage,
+    batch: &RecordBatch,
+    quarantine_schema: &arrow::datatypes::SchemaRef,
+) -> Result<(RecordBatch, Option<RecordBatch>)> {
+    let name = stage.name();
+    if batch.num_rows() == 0 {
+        // Still append (empty) columns so every output batch has the same schema.
+        let fields = stage.output_fields(&batch.schema())?;
+        let columns = fields
+            .iter()
+            .map(|f| arrow::array::new_empty_array(f.data_type()))
+            .collect();
+        return Ok((append_columns(name, batch, &fields, columns)?, None));
+    }
+    let out = stage.process(batch)?;
+    let fields = stage.output_fields(&batch.schema())?;
+    if out.columns.len() != fields.len() {
+        return Err(Error::stage(
+            name,
+            format!(
+                "returned {} columns but declared {}",
+                out.columns.len(),
+                fields.len()
+            ),
+        ));
+    }
+    let full = append_columns(name, batch, &fields, out.columns)?;
+    split_rows(&full, &out.rejected, name, quarantine_schema)
+}
+
+fn append_columns(
+    stage: &str,
+    batch: &RecordBatch,
+    fields: &[arrow::datatypes::Field],
+    columns: Vec<arrow::array::ArrayRef>,
+) -> Result<RecordBatch> {
+    let mut all_fields: Vec<arrow::datatypes::FieldRef> = batch.schema().fields().to_vec();
+    all_fields.extend(fields.iter().map(|f| Arc::new(f.clone())));
+    let mut all_columns = batch.columns().to_vec();
+    all_columns.extend(columns);
+    RecordBatch::try_new(
+        Arc::new(arrow::datatypes::Schema::new(all_fields)),
+        all_columns,
+    )
+    .map_err(|e| Error::stage(stage, e))
+}
+
+#[derive(Default)]
+struct ShardProgress {
+    next_seq: u64,
+    pending: BTreeMap<u64, Envelope>,
+    expected: Option<(u64, u64)>,
+    counts: ShardCounts,
+}
+
+fn sink_worker(
+    mut sink: Box<dyn Sink>,
+    rx: &Inlet<'_>,
+    source: &dyn BatchSource,
+    metrics: &StepMetrics,
+    shared: &Shared,
+) -> Vec<(usize, ShardCounts)> {
+    let mut open: HashMap<usize, ShardProgress> = HashMap::new();
+    let mut finished = Vec::new();
+    let result = (|| -> Result<()> {
+        loop {
+            let Some(msg) = rx.recv(metrics) else { break };
+            if shared.cancel.is_cancelled() {
+                break;
+            }
+            let t0 = Instant::now();
+            let shard_index = match msg {
+                Message::Batch(env) => {
+                    let shard = env.shard;
+                    let entry = open.entry(shard).or_default();
+                    entry.pending.insert(env.seq, env);
+                    shard
+                }
+                Message::ShardEnd {
+                    shard,
+                    batches,
+                    rows_in,
+                } => {
+                    open.entry(shard).or_default().expected = Some((batches, rows_in));
+                    shard
+                }
+            };
+            let Some(progress) = open.get_mut(&shard_index) else {
+                continue;
+            };
+            while let Some(env) = progress.pending.remove(&progress.next_seq) {
+                let quarantined: u64 = env.quarantine.iter().map(|b| b.num_rows() as u64).sum();
+                let rows_out = env.batch.num_rows() as u64;
+                sink.write(shard_index, &env.batch, &env.quarantine)?;
+                progress.counts.rows_in += env.rows_in;
+                progress.counts.rows_out += rows_out;
+                progress.counts.rows_quarantined += quarantined;
+                metrics.rows_in.fetch_add(env.rows_in, Relaxed);
+                metrics.rows_out.fetch_add(rows_out, Relaxed);
+                metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
+                metrics.batches.fetch_add(1, Relaxed);
+                shared.in_flight.leave(env.rows_in, env.bytes_in);
+                progress.next_seq += 1;
+            }
+            if let Some((batches, rows_in)) = progress.expected
+                && progress.next_seq == batches
+            {
+                let counts = progress.counts;
+                if counts.rows_in != rows_in
+                    || counts.rows_in != counts.rows_out + counts.rows_quarantined
+                {
+                    return Err(Error::Internal(format!(
+                        "{}: row accounting broken: read {rows_in}, received {}, wrote {} + \
+                         quarantined {}",
+                        source.shard_label(shard_index),
+                        counts.rows_in,
+                        counts.rows_out,
+                        counts.rows_quarantined
+                    )));
+                }
+                sink.finish_shard(shard_index, counts)?;
+                open.remove(&shard_index);
+                finished.push((shard_index, counts));
+                shared.shards_done.fetch_add(1, Relaxed);
+            }
+            StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        shared.fail(e);
+    }
+    if !open.is_empty() || shared.cancel.is_cancelled() {
+        sink.abort();
+    }
+    if !open.is_empty() && !shared.cancel.is_cancelled() {
+        shared.fail(Error::Internal(format!(
+            "{} shard(s) ended incomplete without an error",
+            open.len()
+        )));
+    }
+    finished
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::Chunker;
+
+    fn batch(values: std::ops::Range<i64>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(values))]).unwrap()
+    }
+
+    #[test]
+    fn chunker_recuts_to_exact_sizes_in_order() {
+        let mut c = Chunker::new(4);
+        let mut out = Vec::new();
+        for b in [batch(0..3), batch(3..13), batch(13..13), batch(13..14)] {
+            c.push(b);
+            while let Some(full) = c.take_full() {
+                out.push(full.unwrap());
+            }
+        }
+        while let Some(rest) = c.flush() {
+            out.push(rest.unwrap());
+        }
+        let sizes: Vec<usize> = out.iter().map(|b| b.num_rows()).collect();
+        assert_eq!(sizes, vec![4, 4, 4, 2]);
+        let values: Vec<i64> = out
+            .iter()
+            .flat_map(|b| {
+                let col = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                col.values().to_vec()
+            })
+            .collect();
+        assert_eq!(values, (0..14).collect::<Vec<_>>());
+    }
+}

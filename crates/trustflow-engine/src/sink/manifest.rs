@@ -1,0 +1,145 @@
+//! The small JSON file written after a shard's outputs are renamed into place. Its
+//! presence (and match) is what makes a shard "done": a rerun skips exactly those.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Fingerprint;
+use crate::error::{Error, Result};
+use crate::runtime::ShardCounts;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub trustflow_version: String,
+    pub pipeline_hash: String,
+    pub input: PathBuf,
+    pub input_fingerprint: Fingerprint,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub rows_quarantined: u64,
+    pub output: FileEntry,
+    pub quarantine: FileEntry,
+    /// Quarantined rows per `stage: reason` (reasons with their specifics elided).
+    pub quarantine_reasons: BTreeMap<String, u64>,
+}
+
+impl Manifest {
+    pub fn counts(&self) -> ShardCounts {
+        ShardCounts {
+            rows_in: self.rows_in,
+            rows_out: self.rows_out,
+            rows_quarantined: self.rows_quarantined,
+        }
+    }
+
+    pub fn path_for(out_dir: &Path, stem: &str) -> PathBuf {
+        out_dir.join(format!("{stem}.manifest.json"))
+    }
+
+    pub fn read(path: &Path) -> Option<Manifest> {
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Write atomically: temporary file, fsync, rename.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::output(path, e))?;
+        let tmp = super::tmp_path(path);
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// True when this manifest describes a finished shard of the same input under the
+    /// same pipeline, and its outputs are still there, whole.
+    pub fn matches(&self, out_dir: &Path, pipeline_hash: &str, input: &Fingerprint) -> bool {
+        let intact = |entry: &FileEntry| {
+            std::fs::metadata(out_dir.join(&entry.file)).is_ok_and(|m| m.len() == entry.bytes)
+        };
+        self.pipeline_hash == pipeline_hash
+            && &self.input_fingerprint == input
+            && intact(&self.output)
+            && intact(&self.quarantine)
+    }
+}
+
+/// Group reasons that differ only in specifics (sizes, file names) for summaries.
+pub fn reason_key(stage: &str, reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len() + stage.len() + 2);
+    out.push_str(stage);
+    out.push_str(": ");
+    let mut in_quote = false;
+    let mut depth = 0usize;
+    let mut last_digit = false;
+    for c in reason.chars() {
+        // Parenthesised details (sizes, magic bytes) vary row to row.
+        if c == '(' {
+            if depth == 0 {
+                out.push_str("(…)");
+            }
+            depth += 1;
+            continue;
+        }
+        if depth > 0 {
+            depth -= usize::from(c == ')');
+            continue;
+        }
+        if c == '`' {
+            if !in_quote {
+                out.push_str("`…`");
+            }
+            in_quote = !in_quote;
+            continue;
+        }
+        if in_quote {
+            continue;
+        }
+        if c.is_ascii_digit() {
+            if !last_digit {
+                out.push('N');
+            }
+            last_digit = true;
+            continue;
+        }
+        last_digit = false;
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason_key;
+
+    #[test]
+    fn reason_keys_elide_specifics() {
+        assert_eq!(
+            reason_key(
+                "decode",
+                "declared 60000x60000 pixels, over the limit of 40000000"
+            ),
+            "decode: declared NxN pixels, over the limit of N"
+        );
+        assert_eq!(
+            reason_key("source", "image file `a/b.jpg` cannot be opened"),
+            "source: image file `…` cannot be opened"
+        );
+        assert_eq!(
+            reason_key(
+                "decode",
+                "not a recognised image format (magic bytes 1f 8b (x))"
+            ),
+            "decode: not a recognised image format (…)"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Parquet output, exactly once per shard: for input `<stem>.parquet` the sink writes
+//! `<stem>.parquet` (rows that passed), `<stem>.quarantine.parquet` (rows that failed,
+//! with `error_stage` and `error`), then `<stem>.manifest.json`. Each file is written
+//! under a temporary name and renamed only when complete, so a killed run never
+//! leaves a partial file under a final name, and the manifest (last) marks completion.
+
+pub mod manifest;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression as PqCompression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::columns::{ERROR, ERROR_STAGE};
+pub use crate::columns::{QUARANTINE_SUFFIX, output_name, quarantine_name};
+use crate::digest::Fingerprint;
+use crate::error::{Error, Result};
+use crate::runtime::{ShardCounts, Sink};
+use crate::spec::{Compression, SinkSpec};
+pub use manifest::{Manifest, reason_key};
+
+/// Temporary sibling of `path`, unique to this process, hidden, ending in `.tmp`.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Remove temporary files a killed run left for `stem` (any process id).
+pub fn remove_stale_tmp(out_dir: &Path, stem: &str) {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return;
+    };
+    let prefixes = [
+        format!(".{}.", output_name(stem)),
+        format!(".{}.", quarantine_name(stem)),
+        format!(".{stem}.manifest.json."),
+    ];
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") && prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+struct OpenShard {
+    out: ArrowWriter<File>,
+    out_tmp: PathBuf,
+    quarantine: ArrowWriter<File>,
+    quarantine_tmp: PathBuf,
+    reasons: BTreeMap<String, u64>,
+}
+
+/// What the sink needs to know of an input shard: the stem its outputs are named
+/// after, and the input's identity for the manifest.
+#[derive(Debug, Clone)]
+pub struct ShardTarget {
+    pub stem: String,
+    pub input: PathBuf,
+    pub fingerprint: Fingerprint,
+}
+
+/// The Parquet [`Sink`].
+pub struct ParquetSink {
+    /// The source's shards, by index.
+    shards: Vec<ShardTarget>,
+    out_dir: PathBuf,
+    output_schema: SchemaRef,
+    quarantine_schema: SchemaRef,
+    props: WriterProperties,
+    row_group_bytes: usize,
+    pipeline_hash: String,
+    open: HashMap<usize, OpenShard>,
+    /// Manifests of the shards finished by this run, by shard index.
+    pub finished: std::sync::Arc<std::sync::Mutex<Vec<(usize, Manifest)>>>,
+}
+
+impl ParquetSink {
+    pub fn new(
+        spec: &SinkSpec,
+        out_dir: PathBuf,
+        output_schema: SchemaRef,
+        quarantine_schema: SchemaRef,
+        pipeline_hash: String,
+        shards: Vec<ShardTarget>,
+    ) -> Self {
+        let compression = match spec.compression {
+            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::None => PqCompression::UNCOMPRESSED,
+        };
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(spec.row_group_rows.max(1)))
+            .set_created_by(format!("trustflow {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        ParquetSink {
+            shards,
+            out_dir,
+            output_schema,
+            quarantine_schema,
+            props,
+            row_group_bytes: spec.row_group_bytes,
+            pipeline_hash,
+            open: HashMap::new(),
+            finished: Default::default(),
+        }
+    }
+
+    fn writer(&self, path: &Path, schema: &SchemaRef) -> Result<ArrowWriter<File>> {
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        ArrowWriter::try_new(file, schema.clone(), Some(self.props.clone()))
+            .map_err(|e| Error::output(path, e))
+    }
+
+    fn target(&self, index: usize) -> Result<ShardTarget> {
+        self.shards
+            .get(index)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("the sink knows no shard #{index}")))
+    }
+
+    fn open_shard(&mut self, index: usize) -> Result<&mut OpenShard> {
+        if !self.open.contains_key(&index) {
+            let shard = self.target(index)?;
+            let out_tmp = tmp_path(&self.out_dir.join(output_name(&shard.stem)));
+            let quarantine_tmp = tmp_path(&self.out_dir.join(quarantine_name(&shard.stem)));
+            let entry = OpenShard {
+                out: self.writer(&out_tmp, &self.output_schema)?,
+                quarantine: self.writer(&quarantine_tmp, &self.quarantine_schema)?,
+                out_tmp,
+                quarantine_tmp,
+                reasons: BTreeMap::new(),
+            };
+            self.open.insert(index, entry);
+        }
+        self.open
+            .get_mut(&index)
+            .ok_or_else(|| Error::Internal("shard writer vanished".into()))
+    }
+}
+
+fn write_batch(
+    writer: &mut ArrowWriter<File>,
+    path: &Path,
+    batch: RecordBatch,
+    row_group_bytes: usize,
+) -> Result<()> {
+    writer.write(&batch).map_err(|e| Error::output(path, e))?;
+    // Big images make row groups big; cap the buffered bytes, not just the rows.
+    if writer.in_progress_size() >= row_group_bytes {
+        writer.flush().map_err(|e| Error::output(path, e))?;
+    }
+    Ok(())
+}
+
+fn close(writer: ArrowWriter<File>, path: &Path) -> Result<()> {
+    let file = writer.into_inner().map_err(|e| Error::output(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+impl Sink for ParquetSink {
+    fn write(
+        &mut self,
+        shard: usize,
+        batch: &RecordBatch,
+        quarantine: &[RecordBatch],
+    ) -> Result<()> {
+        let output_schema = self.output_schema.clone();
+        let quarantine_schema = self.quarantine_schema.clone();
+        let row_group_bytes = self.row_group_bytes;
+        let open = self.open_shard(shard)?;
+        if batch.num_rows() > 0 {
+            let projected =
+                project(batch, &output_schema).map_err(|e| Error::output(&open.out_tmp, e))?;
+            write_batch(&mut open.out, &open.out_tmp, projected, row_group_bytes)?;
+        }
+        for q in quarantine.iter().filter(|q| q.num_rows() > 0) {
+            let projected = project(q, &quarantine_schema)
+                .map_err(|e| Error::output(&open.quarantine_tmp, e))?;
+            count_reasons(&projected, &mut open.reasons);
+            write_batch(
+                &mut open.quarantine,
+                &open.quarantine_tmp,
+                projected,
+                row_group_bytes,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn finish_shard(&mut self, index: usize, counts: ShardCounts) -> Result<()> {
+        // A shard whose every batch was empty still gets (empty) outputs.
+        self.open_shard(index)?;
+        let shard = self.target(index)?;
+        let Some(open) = self.open.remove(&index) else {
+            return Err(Error::Internal("shard writer vanished".into()));
+        };
+        let out_final = self.out_dir.join(output_name(&shard.stem));
+        let quarantine_final = self.out_dir.join(quarantine_name(&shard.stem));
+        close(open.out, &open.out_tmp)?;
+        close(open.quarantine, &open.quarantine_tmp)?;
+        std::fs::rename(&open.out_tmp, &out_final).map_err(|e| Error::io(&out_final, e))?;
+        std::fs::rename(&open.quarantine_tmp, &quarantine_final)
+            .map_err(|e| Error::io(&quarantine_final, e))?;
+        let size = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|e| Error::io(p, e))
+        };
+        let manifest = Manifest {
+            trustflow_version: env!("CARGO_PKG_VERSION").into(),
+            pipeline_hash: self.pipeline_hash.clone(),
+            input: shard.input.clone(),
+            input_fingerprint: shard.fingerprint.clone(),
+            rows_in: counts.rows_in,
+            rows_out: counts.rows_out,
+            rows_quarantined: counts.rows_quarantined,
+            output: manifest::FileEntry {
+                file: output_name(&shard.stem),
+                bytes: size(&out_final)?,
+            },
+            quarantine: manifest::FileEntry {
+                file: quarantine_name(&shard.stem),
+                bytes: size(&quarantine_final)?,
+            },
+            quarantine_reasons: open.reasons,
+        };
+        manifest.write(&Manifest::path_for(&self.out_dir, &shard.stem))?;
+        if let Ok(dir) = File::open(&self.out_dir) {
+            let _ = dir.sync_all();
+        }
+        if let Ok(mut finished) = self.finished.lock() {
+            finished.push((index, manifest));
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        for (_, open) in self.open.drain() {
+            drop(open.out);
+            drop(open.quarantine);
+            let _ = std::fs::remove_file(&open.out_tmp);
+            let _ = std::fs::remove_file(&open.quarantine_tmp);
+        }
+    }
+}
+
+impl Drop for ParquetSink {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Select `schema`'s columns from `batch` by name.
+fn project(batch: &RecordBatch, schema: &SchemaRef) -> std::result::Result<RecordBatch, String> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            batch
+                .column_by_name(f.name())
+                .cloned()
+                .ok_or_else(|| format!("batch lacks column `{}`", f.name()))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+fn count_reasons(quarantine: &RecordBatch, reasons: &mut BTreeMap<String, u64>) {
+    let (Some(stages), Some(errors)) = (
+        quarantine.column_by_name(ERROR_STAGE),
+        quarantine.column_by_name(ERROR),
+    ) else {
+        return;
+    };
+    let (Some(stages), Some(errors)) =
+        (stages.as_string_opt::<i32>(), errors.as_string_opt::<i32>())
+    else {
+        return;
+    };
+    for i in 0..quarantine.num_rows() {
+        if stages.is_valid(i) && errors.is_valid(i) {
+            *reasons
+                .entry(reason_key(stages.value(i), errors.value(i)))
+                .or_default() += 1;
+        }
+    }
+}

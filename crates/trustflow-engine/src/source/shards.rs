@@ -1,0 +1,103 @@
+//! Finding shards (files, folders, globs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+fn has_glob_chars(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expand `patterns` (resolved against `base`) into a sorted, de-duplicated list of
+/// shard files. A folder means every `*.parquet` file directly inside it. Folders and
+/// globs skip the quarantine shards a sink writes beside its outputs
+/// (`*.quarantine.parquet`), so one pipeline's output folder is another's input; name
+/// a quarantine shard explicitly to read it.
+pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for pattern in patterns {
+        let full = if Path::new(pattern).is_absolute() {
+            PathBuf::from(pattern)
+        } else {
+            base.join(pattern)
+        };
+        // Only the user's pattern is a pattern: `[`, `*`, `?` in the base folder's
+        // name are literal.
+        let glob_text = if Path::new(pattern).is_absolute() {
+            pattern.clone()
+        } else {
+            format!(
+                "{}/{pattern}",
+                glob::Pattern::escape(&base.to_string_lossy())
+            )
+        };
+        let before = found.len();
+        if has_glob_chars(pattern) {
+            let paths = glob::glob(&glob_text)
+                .map_err(|e| Error::input(&full, format!("invalid glob pattern: {e}")))?;
+            for entry in paths {
+                let path = entry.map_err(|e| Error::input(e.path(), e.error().to_string()))?;
+                if path.is_file() && !is_quarantine_shard(&path) {
+                    found.push(path);
+                }
+            }
+        } else if full.is_dir() {
+            let entries = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
+            for entry in entries {
+                let path = entry.map_err(|e| Error::io(&full, e))?.path();
+                if path.is_file()
+                    && path.extension().is_some_and(|e| e == "parquet")
+                    && !is_quarantine_shard(&path)
+                {
+                    found.push(path);
+                }
+            }
+        } else if full.is_file() {
+            found.push(full.clone());
+        } else {
+            return Err(Error::input(&full, "no such shard file or folder"));
+        }
+        if found.len() == before {
+            return Err(Error::input(
+                &full,
+                format!("`{pattern}` matches no Parquet shard"),
+            ));
+        }
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+fn is_quarantine_shard(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .ends_with(crate::columns::QUARANTINE_SUFFIX)
+    })
+}
+
+/// Output names derive from shard stems, so two shards may not share one.
+pub fn check_unique_stems(shards: &[PathBuf]) -> Result<()> {
+    let mut seen: HashMap<String, &PathBuf> = HashMap::new();
+    for path in shards {
+        let stem = stem_of(path);
+        if let Some(first) = seen.insert(stem.clone(), path) {
+            return Err(Error::input(
+                path,
+                format!(
+                    "shard stem `{stem}` is also the stem of {}; outputs are named by stem, \
+                     so rename one of them",
+                    first.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn stem_of(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "shard".into())
+}

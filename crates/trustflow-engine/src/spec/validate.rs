@@ -1,0 +1,154 @@
+//! Semantic checks on a parsed spec that need no data: ranges, names, references.
+//! All problems are collected and reported together, each at its field's line.
+
+use super::LoadedPipeline;
+use crate::error::{Error, SpecIssues};
+
+/// Upper bounds that catch typos (`queue_depth: 40000`) before they eat the memory.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+pub const MAX_QUEUE_DEPTH: usize = 4096;
+pub const MAX_WORKERS: usize = 256;
+
+/// Check everything that can be checked without opening a shard.
+pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
+    let spec = &p.spec;
+    let mut issues = Vec::new();
+    let mut check = |ok: bool, field: &str, message: String| {
+        if !ok {
+            issues.push(p.issue(field, message));
+        }
+    };
+
+    check(
+        !spec.source.paths.is_empty(),
+        "source.paths",
+        "expected at least one shard file or glob pattern".into(),
+    );
+    for (i, path) in spec.source.paths.iter().enumerate() {
+        check(
+            !path.trim().is_empty(),
+            &format!("source.paths[{i}]"),
+            "expected a file path or glob pattern, found an empty string".into(),
+        );
+        if let Err(e) = glob::Pattern::new(path) {
+            check(
+                false,
+                &format!("source.paths[{i}]"),
+                format!("invalid glob pattern: {e}"),
+            );
+        }
+    }
+    if let Some(filter) = &spec.source.filter {
+        check(
+            !filter.trim().is_empty(),
+            "source.filter",
+            "expected an SQL predicate, found an empty string (remove the key to read all rows)"
+                .into(),
+        );
+    }
+    check(
+        spec.source.max_image_file_bytes > 0,
+        "source.max_image_file_bytes",
+        "expected a positive number of bytes".into(),
+    );
+
+    let rt = &spec.runtime;
+    check(
+        (1..=MAX_BATCH_SIZE).contains(&rt.batch_size),
+        "runtime.batch_size",
+        format!(
+            "expected 1 to {MAX_BATCH_SIZE} rows, found {}",
+            rt.batch_size
+        ),
+    );
+    check(
+        (1..=MAX_QUEUE_DEPTH).contains(&rt.queue_depth),
+        "runtime.queue_depth",
+        format!(
+            "impossible queue size {}: expected 1 to {MAX_QUEUE_DEPTH} batches",
+            rt.queue_depth
+        ),
+    );
+
+    let mut seen = std::collections::HashMap::new();
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let at = format!("stages[{i}]");
+        let name = stage.resolved_name();
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        check(
+            name_ok,
+            &format!("{at}.name"),
+            format!("stage name `{name}` must be non-empty letters, digits, `_` or `-`"),
+        );
+        check(
+            !matches!(name.as_str(), "source" | "sink"),
+            &format!("{at}.name"),
+            format!("stage name `{name}` is reserved; choose another"),
+        );
+        if let Some(first) = seen.insert(name.clone(), i) {
+            check(
+                false,
+                &format!("{at}.name"),
+                format!(
+                    "stage name `{name}` is already used by stages[{first}]; names must be unique \
+                     (set `name:` on one of them)"
+                ),
+            );
+        }
+        if let Some(w) = stage.common.workers {
+            check(
+                (1..=MAX_WORKERS).contains(&w),
+                &format!("{at}.workers"),
+                format!("expected 1 to {MAX_WORKERS} workers, found {w}"),
+            );
+        }
+        if let Some(d) = stage.common.queue_depth {
+            check(
+                (1..=MAX_QUEUE_DEPTH).contains(&d),
+                &format!("{at}.queue_depth"),
+                format!("impossible queue size {d}: expected 1 to {MAX_QUEUE_DEPTH} batches"),
+            );
+        }
+        for (field, message) in stage.kind.config().validate() {
+            check(false, &format!("{at}.{field}"), message);
+        }
+    }
+
+    let sink = &spec.sink;
+    check(
+        !sink.path.trim().is_empty(),
+        "sink.path",
+        "expected an output folder, found an empty string".into(),
+    );
+    check(
+        sink.row_group_rows >= 1,
+        "sink.row_group_rows",
+        "expected at least 1 row per row group".into(),
+    );
+    check(
+        sink.row_group_bytes >= 1024,
+        "sink.row_group_bytes",
+        format!(
+            "expected at least 1024 bytes, found {}",
+            sink.row_group_bytes
+        ),
+    );
+    for (i, col) in sink.drop_columns.iter().enumerate() {
+        check(
+            col != crate::columns::ID,
+            &format!("sink.drop_columns[{i}]"),
+            "the `id` column cannot be dropped: it identifies rows across outputs".into(),
+        );
+    }
+
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        // In file order, as an editor would list them.
+        issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
+        Err(Error::Spec(SpecIssues(issues)))
+    }
+}

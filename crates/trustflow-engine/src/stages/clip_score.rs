@@ -1,0 +1,716 @@
+//! The `clip_score` stage: how well each caption fits its image according to CLIP
+//! (METHOD.md section 3). Every row's image is decoded and preprocessed exactly as
+//! transformers' `CLIPImageProcessor` does, its caption cut to 75 characters and
+//! tokenised to the model's context; one ONNX call per batch for each of the vision and
+//! text models gives the embeddings, which are unit-normalised. Adds `clip_similarity`
+//! (the cosine of the pair) and, by default, the two unit embeddings, which the
+//! `uncertainty` stage turns into weights.
+
+use crate::models::files;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, AsArray, BinaryArrayType, FixedSizeListArray, Float32Array, StringArrayType,
+};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use ort::value::TensorElementType;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Stage, StageConfig, StageOutput, require_column};
+use crate::columns::{CAPTION, IMAGE};
+use crate::error::{Error, Result};
+use crate::models::clip_preprocess::{ClipImageConfig, ResizeTarget};
+use crate::models::image::{ImageSettings, decode_rgb};
+use crate::models::onnx::{ExecutionProviderName, InputTensor, OnnxModel, SessionConfig, TensorSpec};
+use crate::models::text::{CLIP_CAPTION_CHARS, TextTokenizer};
+
+/// Output column: cosine similarity of the unit image and text embeddings (Float32).
+pub const CLIP_SIMILARITY: &str = "clip_similarity";
+/// Output column: unit image embedding, `FixedSizeList<Float32, D>`.
+pub const CLIP_IMAGE_EMBEDDING: &str = "clip_image_embedding";
+/// Output column: unit text embedding, `FixedSizeList<Float32, D>`.
+pub const CLIP_TEXT_EMBEDDING: &str = "clip_text_embedding";
+/// Field metadata key on the output columns holding the logit scale `s` (decimal).
+pub const LOGIT_SCALE_METADATA: &str = "logit_scale";
+/// The cleaned caption column, preferred when present.
+const CAPTION_CLEAN: &str = "caption_clean";
+
+const IMAGE_TYPES: [DataType; 3] = [
+    DataType::LargeBinary,
+    DataType::Binary,
+    DataType::BinaryView,
+];
+const TEXT_TYPES: [DataType; 3] = [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View];
+
+fn default_true() -> bool {
+    true
+}
+fn default_text_output() -> String {
+    "text_embeds".into()
+}
+
+/// Settings of the `clip_score` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClipScoreConfig {
+    /// Folder of a CLIP export in Hugging Face Optimum's layout: `vision_model.onnx`
+    /// (input `pixel_values`, output `image_embeds`), `text_model.onnx` (inputs
+    /// `input_ids` and optionally `attention_mask`, output `text_embeds`),
+    /// `tokenizer.json`, `config.json`, `preprocessor_config.json`. A relative path is
+    /// resolved against the pipeline file's folder. Optional when all five files are given.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Path of the vision model, overriding `<model>/vision_model.onnx`.
+    #[serde(default)]
+    pub vision_model: Option<String>,
+    /// Path of the text model, overriding `<model>/text_model.onnx`.
+    #[serde(default)]
+    pub text_model: Option<String>,
+    /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Name of the text model's embedding output [B, D]. Default `text_embeds`; set it
+    /// to use a sentence encoder as the text tower (e.g. `461` for the
+    /// paraphrase-MiniLM ONNX that setup.sh installs).
+    #[serde(default = "default_text_output")]
+    pub text_output: String,
+    /// Path of the model configuration, overriding `<model>/config.json`.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Path of the image processor settings, overriding
+    /// `<model>/preprocessor_config.json`.
+    #[serde(default)]
+    pub preprocessor_config: Option<String>,
+    /// Column holding the captions. Default: `caption_clean` when an earlier stage
+    /// provides it, else `caption`.
+    #[serde(default)]
+    pub caption_column: Option<String>,
+    /// CLIP's logit scale `s` (the exponential of the learned parameter; 100 for OpenAI
+    /// CLIP), recorded as `logit_scale` metadata on the output columns for the
+    /// `uncertainty` stage. Default: `exp(logit_scale_init_value)` from `config.json`,
+    /// which is the value *before* training: for a trained model, give its learned
+    /// scale here.
+    #[serde(default)]
+    pub logit_scale: Option<f64>,
+    /// Also output the unit embeddings `clip_image_embedding` and `clip_text_embedding`
+    /// (needed by the `uncertainty` stage). Default true.
+    #[serde(default = "default_true")]
+    pub emit_embeddings: bool,
+    /// ONNX Runtime settings: `execution_provider`, `fallback`, `intra_op_threads`,
+    /// `sessions`.
+    #[serde(flatten)]
+    pub session: SessionConfig,
+    /// Image limits and formats: `max_pixels`, `max_bytes`, `formats`.
+    #[serde(flatten)]
+    pub image: ImageSettings,
+}
+
+impl ClipScoreConfig {
+    /// A configuration reading the export folder `model`, every other field default.
+    pub fn for_model(model: impl Into<String>) -> Self {
+        Self {
+            session: SessionConfig::default(),
+            image: ImageSettings::default(),
+            model: Some(model.into()),
+            vision_model: None,
+            text_model: None,
+            tokenizer: None,
+            text_output: default_text_output(),
+            config: None,
+            preprocessor_config: None,
+            caption_column: None,
+            logit_scale: None,
+            emit_embeddings: true,
+        }
+    }
+
+    /// Make every relative model path relative to `base` (the pipeline file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        files::resolve_against(
+            base,
+            [
+                &mut self.model,
+                &mut self.vision_model,
+                &mut self.text_model,
+                &mut self.tokenizer,
+                &mut self.config,
+                &mut self.preprocessor_config,
+            ],
+        );
+    }
+
+    fn file(&self, explicit: &Option<String>, default_name: &str) -> PathBuf {
+        files::lookup(explicit, &self.model, default_name)
+            .unwrap_or_else(|| PathBuf::from(default_name))
+    }
+}
+
+impl StageConfig for ClipScoreConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut problem = |field: &str, message: String| problems.push((field.into(), message));
+        let file_fields = [
+            ("vision_model", &self.vision_model),
+            ("text_model", &self.text_model),
+            ("tokenizer", &self.tokenizer),
+            ("config", &self.config),
+            ("preprocessor_config", &self.preprocessor_config),
+        ];
+        for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
+            problem(&field, message);
+        }
+        for (field, message) in files::blank_fields(&file_fields) {
+            problem(&field, message);
+        }
+        for (field, message) in files::blank_fields(&[
+            ("model", &self.model),
+            ("caption_column", &self.caption_column),
+        ]) {
+            problem(&field, message);
+        }
+        for (field, message) in self.session.validate() {
+            problem(&field, message);
+        }
+        if let Some(s) = self.logit_scale
+            && !(s.is_finite() && s > 0.0)
+        {
+            problem(
+                "logit_scale",
+                format!("must be a positive number, found {s}"),
+            );
+        }
+        for (field, message) in self.image.validate() {
+            problem(&field, message);
+        }
+        problems
+    }
+
+    fn build(&self, name: String, base: &std::path::Path) -> Result<Arc<dyn Stage>> {
+        let mut config = self.clone();
+        config.resolve_paths(base);
+        Ok(Arc::new(ClipScoreStage::new(name, config)?))
+    }
+}
+
+/// What `config.json` says about the model.
+struct ModelFacts {
+    projection_dim: Option<usize>,
+    context: usize,
+    logit_scale_init: f64,
+}
+
+fn read_model_config(path: &Path) -> Result<ModelFacts> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(path, format!("not valid JSON: {e}")))?;
+    let positive = |v: Option<&Value>, what: &str| -> Result<Option<usize>> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| Error::input(path, format!("`{what}` must be a positive integer"))),
+        }
+    };
+    let text_config = value.get("text_config");
+    Ok(ModelFacts {
+        projection_dim: positive(value.get("projection_dim"), "projection_dim")?,
+        context: positive(
+            text_config.and_then(|t| t.get("max_position_embeddings")),
+            "text_config.max_position_embeddings",
+        )?
+        .unwrap_or(77),
+        logit_scale_init: value
+            .get("logit_scale_init_value")
+            .and_then(Value::as_f64)
+            .unwrap_or(2.6592),
+    })
+}
+
+/// The built `clip_score` stage.
+#[derive(Debug)]
+pub struct ClipScoreStage {
+    name: String,
+    config: ClipScoreConfig,
+    vision: OnnxModel,
+    text: OnnxModel,
+    text_has_mask: bool,
+    /// The text model's embedding output (`text_output`).
+    text_output: &'static str,
+    tokenizer: TextTokenizer,
+    image: ClipImageConfig,
+    /// (height, width) of `pixel_values`.
+    pixel_size: (usize, usize),
+    dim: usize,
+    logit_scale: f64,
+    /// Fingerprints of the five model files (see `Stage::content_digest`).
+    digest: String,
+}
+
+impl ClipScoreStage {
+    /// Load and check the models, tokenizer and settings. Every problem (a missing
+    /// folder or file, a file that is not ONNX, inputs or outputs that do not match, an
+    /// execution provider that is not available) is an error naming the file.
+    pub fn new(name: String, config: ClipScoreConfig) -> Result<Self> {
+        let err = |e: Error| Error::stage(&name, e);
+        if let Some(folder) = &config.model
+            && !Path::new(folder).is_dir()
+        {
+            return Err(err(Error::input(
+                folder,
+                "model folder not found (expected an export folder holding vision_model.onnx, \
+                 text_model.onnx, tokenizer.json, config.json, preprocessor_config.json; a \
+                 relative path is resolved against the pipeline file's folder)",
+            )));
+        }
+        let vision_path = config.file(&config.vision_model, "vision_model.onnx");
+        let text_path = config.file(&config.text_model, "text_model.onnx");
+        if let Some(folder) = &config.model
+            && !vision_path.exists()
+            && Path::new(folder).join("model.onnx").is_file()
+        {
+            return Err(err(Error::input(
+                &vision_path,
+                "not found; the folder holds a combined model.onnx, but clip_score needs the \
+                 separate vision_model.onnx and text_model.onnx (or set vision_model and \
+                 text_model)",
+            )));
+        }
+        let facts = read_model_config(&config.file(&config.config, "config.json")).map_err(err)?;
+        let preprocessor_path =
+            config.file(&config.preprocessor_config, "preprocessor_config.json");
+        let image = ClipImageConfig::load(&preprocessor_path).map_err(err)?;
+        let pixel_size = match (image.do_center_crop, image.do_resize, image.size) {
+            (true, _, _) => (image.crop_size.0 as usize, image.crop_size.1 as usize),
+            (false, true, ResizeTarget::Exact { height, width }) => {
+                (height as usize, width as usize)
+            }
+            _ => {
+                return Err(err(Error::input(
+                    &preprocessor_path,
+                    "images would keep different sizes (no centre crop and no fixed size), \
+                     so they cannot be batched; clip_score needs do_center_crop or a \
+                     {height, width} size",
+                )));
+            }
+        };
+        let tokenizer = TextTokenizer::load(
+            &config.file(&config.tokenizer, "tokenizer.json"),
+            facts.context,
+            Some(CLIP_CAPTION_CHARS),
+        )
+        .map_err(err)?;
+
+        let session = config.session;
+        let vision = OnnxModel::load(&vision_path, &session).map_err(err)?;
+        vision
+            .check(
+                &[TensorSpec::new(
+                    "pixel_values",
+                    TensorElementType::Float32,
+                    4,
+                )],
+                &[],
+                &[TensorSpec::new(
+                    "image_embeds",
+                    TensorElementType::Float32,
+                    2,
+                )],
+            )
+            .map_err(err)?;
+        let text = OnnxModel::load(&text_path, &session).map_err(err)?;
+        let ids = TensorSpec::new("input_ids", TensorElementType::Int64, 2);
+        let mask = TensorSpec::new("attention_mask", TensorElementType::Int64, 2);
+        // TensorSpec names are `&'static str`; the configured output name is leaked
+        // once per stage build (a few bytes), as pseudo_label does.
+        let text_output: &'static str = Box::leak(config.text_output.clone().into_boxed_str());
+        text.check(
+            &[ids],
+            &[mask],
+            &[TensorSpec::new(text_output, TensorElementType::Float32, 2)],
+        )
+        .map_err(err)?;
+        let text_has_mask = text.input_names().iter().any(|n| n == "attention_mask");
+
+        // Static sizes in the models must agree with the configuration.
+        let file_name = |p: &Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        if let Some(shape) = vision.shape_of("pixel_values") {
+            let want = [3, pixel_size.0 as i64, pixel_size.1 as i64];
+            for (axis, (&have, want)) in shape[1..].iter().zip(want).enumerate() {
+                if have > 0 && have != want {
+                    return Err(err(Error::input(
+                        &vision_path,
+                        format!(
+                            "input `pixel_values` has shape {shape:?} but {} gives \
+                             [_, 3, {}, {}] (axis {} differs)",
+                            file_name(&preprocessor_path),
+                            pixel_size.0,
+                            pixel_size.1,
+                            axis + 1
+                        ),
+                    )));
+                }
+            }
+        }
+        let static_dim = |model: &OnnxModel, output: &str| {
+            model
+                .shape_of(output)
+                .and_then(|s| s.last().copied())
+                .filter(|&d| d > 0)
+                .map(|d| d as usize)
+        };
+        let image_dim = static_dim(&vision, "image_embeds");
+        let text_dim = static_dim(&text, text_output);
+        let dim = facts
+            .projection_dim
+            .or(image_dim)
+            .or(text_dim)
+            .ok_or_else(|| {
+                err(Error::input(
+                    config.file(&config.config, "config.json"),
+                    "no `projection_dim`, and the models' embedding sizes are dynamic; cannot \
+                 tell the embedding size",
+                ))
+            })?;
+        for (path, output, have) in [
+            (&vision_path, "image_embeds", image_dim),
+            (&text_path, text_output, text_dim),
+        ] {
+            if let Some(have) = have
+                && have != dim
+            {
+                return Err(err(Error::input(
+                    path,
+                    format!(
+                        "output `{output}` has {have} values per row but config.json's \
+                         projection_dim is {dim}"
+                    ),
+                )));
+            }
+        }
+        let logit_scale = config
+            .logit_scale
+            .unwrap_or_else(|| facts.logit_scale_init.exp());
+        let digest = crate::digest::files_digest([
+            vision_path.clone(),
+            text_path.clone(),
+            config.file(&config.tokenizer, "tokenizer.json"),
+            config.file(&config.config, "config.json"),
+            preprocessor_path.clone(),
+        ]).map_err(err)?;
+        Ok(Self {
+            digest,
+            name,
+            config,
+            vision,
+            text,
+            text_has_mask,
+            text_output,
+            tokenizer,
+            image,
+            pixel_size,
+            dim,
+            logit_scale,
+        })
+    }
+
+    /// Embedding size D.
+    pub fn embedding_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The logit scale `s` (configured, or `exp(logit_scale_init_value)`).
+    pub fn logit_scale(&self) -> f64 {
+        self.logit_scale
+    }
+
+    /// The execution provider the models run on (CPU after a fallback).
+    pub fn provider(&self) -> ExecutionProviderName {
+        self.vision.provider()
+    }
+
+    /// The caption column read for an input with `schema`.
+    pub fn caption_column(&self, schema: &Schema) -> String {
+        match &self.config.caption_column {
+            Some(c) => c.clone(),
+            None if schema.field_with_name(CAPTION_CLEAN).is_ok() => CAPTION_CLEAN.to_string(),
+            None => CAPTION.to_string(),
+        }
+    }
+
+    fn embedding_type(&self) -> DataType {
+        DataType::FixedSizeList(
+            Arc::new(Field::new_list_field(DataType::Float32, true)),
+            self.dim as i32,
+        )
+    }
+
+    /// Preprocess one row's image; the reason when it cannot be used.
+    fn pixels(&self, bytes: &[u8], out: &mut Vec<f32>) -> std::result::Result<(), String> {
+        let limits = self.config.image.limits();
+        let (_, rgb) =
+            decode_rgb(bytes, &limits, &self.config.image.formats).map_err(|e| e.to_string())?;
+        let (w, h) = self.image.resized_size(rgb.width(), rgb.height());
+        if u64::from(w) * u64::from(h) > self.config.image.max_pixels {
+            return Err(format!(
+                "image of {}x{} would be resized to {w}x{h}, over the limit of {} pixels",
+                rgb.width(),
+                rgb.height(),
+                self.config.image.max_pixels
+            ));
+        }
+        let start = out.len();
+        let size = self.image.preprocess_into(&rgb, out)?;
+        if size != self.pixel_size {
+            out.truncate(start);
+            return Err(format!(
+                "preprocessed image is {}x{}, the model takes {}x{}",
+                size.1, size.0, self.pixel_size.1, self.pixel_size.0
+            ));
+        }
+        Ok(())
+    }
+
+    fn score<'a, 'b>(
+        &self,
+        images: impl BinaryArrayType<'a>,
+        captions: impl StringArrayType<'b>,
+        rows: usize,
+        caption_name: &str,
+    ) -> Result<StageOutput> {
+        let mut rejected = Vec::new();
+        let mut kept = Vec::new();
+        let mut pixels = Vec::new();
+        let mut tokens = Vec::new();
+        for row in 0..rows {
+            let outcome = (|| {
+                if images.is_null(row) {
+                    return Err("image is null".to_string());
+                }
+                if captions.is_null(row) {
+                    return Err(format!("caption `{caption_name}` is null"));
+                }
+                let ids = self.tokenizer.encode(captions.value(row))?;
+                self.pixels(images.value(row), &mut pixels)?;
+                Ok(ids)
+            })();
+            match outcome {
+                Ok(ids) => {
+                    kept.push(row);
+                    tokens.push(ids);
+                }
+                Err(reason) => rejected.push((row, reason)),
+            }
+        }
+        let (image_embeds, text_embeds) = if kept.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.embed(kept.len(), pixels, &tokens)?
+        };
+        let d = self.dim;
+        let mut similarity = vec![0f32; rows];
+        let mut image_values = vec![0f32; rows * d];
+        let mut text_values = vec![0f32; rows * d];
+        let mut valid = vec![false; rows];
+        for (i, &row) in kept.iter().enumerate() {
+            let (u, v) = (
+                &image_embeds[i * d..(i + 1) * d],
+                &text_embeds[i * d..(i + 1) * d],
+            );
+            let (Some(u), Some(v)) = (unit(u), unit(v)) else {
+                rejected.push((
+                    row,
+                    "CLIP gave an embedding of zero (or non-finite) norm".into(),
+                ));
+                continue;
+            };
+            similarity[row] = u
+                .iter()
+                .zip(&v)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>() as f32;
+            image_values[row * d..(row + 1) * d].copy_from_slice(&u);
+            text_values[row * d..(row + 1) * d].copy_from_slice(&v);
+            valid[row] = true;
+        }
+        rejected.sort_by_key(|(row, _)| *row);
+        let nulls = NullBuffer::from(valid);
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(Float32Array::new(
+            similarity.into(),
+            Some(nulls.clone()),
+        ))];
+        if self.config.emit_embeddings {
+            let item = Arc::new(Field::new_list_field(DataType::Float32, true));
+            for values in [image_values, text_values] {
+                let list = FixedSizeListArray::try_new(
+                    item.clone(),
+                    d as i32,
+                    Arc::new(Float32Array::from(values)),
+                    Some(nulls.clone()),
+                )
+                .map_err(|e| Error::stage(&self.name, e))?;
+                columns.push(Arc::new(list));
+            }
+        }
+        Ok(StageOutput { columns, rejected })
+    }
+
+    /// The model-only ceiling: `calls` calls of both models on inputs made before the
+    /// clock starts (pixels already preprocessed, `captions` already tokenised), the
+    /// same calls `process` makes per batch of `captions.len()` rows. Returns the
+    /// seconds taken. Used by `trustflow bench ceiling`.
+    pub fn time_models_on_premade(&self, captions: &[String], calls: usize) -> Result<f64> {
+        let n = captions.len();
+        let (h, w) = self.pixel_size;
+        // Any finite values cost the same; a ramp avoids an all-zero special case.
+        let pixels: Vec<f32> = (0..n * 3 * h * w)
+            .map(|i| (i % 255) as f32 / 127.5 - 1.0)
+            .collect();
+        let tokens = captions
+            .iter()
+            .map(|c| self.tokenizer.encode(c))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::stage(&self.name, e))?;
+        let started = std::time::Instant::now();
+        for _ in 0..calls {
+            self.embed(n, pixels.clone(), &tokens)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// One ONNX call per model for `n` rows; returns the raw (not normalised) embeddings.
+    fn embed(
+        &self,
+        n: usize,
+        pixels: Vec<f32>,
+        tokens: &[Vec<u32>],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (h, w) = self.pixel_size;
+        let image = self.vision.run(
+            vec![(
+                "pixel_values",
+                InputTensor::F32 {
+                    shape: vec![n, 3, h, w],
+                    data: pixels,
+                },
+            )],
+            &["image_embeds"],
+        )?;
+        let batch = self.tokenizer.pad(tokens);
+        let shape = vec![batch.rows, batch.seq_len];
+        let mut inputs = vec![(
+            "input_ids",
+            InputTensor::I64 {
+                shape: shape.clone(),
+                data: batch.input_ids,
+            },
+        )];
+        if self.text_has_mask {
+            inputs.push((
+                "attention_mask",
+                InputTensor::I64 {
+                    shape,
+                    data: batch.attention_mask,
+                },
+            ));
+        }
+        let text = self.text.run(inputs, &[self.text_output])?;
+        let [image] = <[_; 1]>::try_from(image)
+            .map_err(|_| Error::stage(&self.name, "vision model output missing"))?;
+        let [text] = <[_; 1]>::try_from(text)
+            .map_err(|_| Error::stage(&self.name, "text model output missing"))?;
+        for (model, out) in [(&self.vision, &image), (&self.text, &text)] {
+            if out.shape != [n, self.dim] {
+                return Err(Error::input(
+                    model.path(),
+                    format!(
+                        "gave an output of shape {:?}, expected [{n}, {}]",
+                        out.shape, self.dim
+                    ),
+                ));
+            }
+        }
+        Ok((image.data, text.data))
+    }
+}
+
+/// `v / |v|` (the norm in f64), or None for a zero or non-finite norm.
+fn unit(v: &[f32]) -> Option<Vec<f32>> {
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    (norm.is_finite() && norm > 0.0)
+        .then(|| v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
+}
+
+impl Stage for ClipScoreStage {
+    fn content_digest(&self) -> Option<String> {
+        Some(self.digest.clone())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn output_fields(&self, input: &Schema) -> Result<Vec<Field>> {
+        require_column(&self.name, input, IMAGE, &IMAGE_TYPES)?;
+        require_column(&self.name, input, &self.caption_column(input), &TEXT_TYPES)?;
+        let metadata = std::collections::HashMap::from([(
+            LOGIT_SCALE_METADATA.to_string(),
+            self.logit_scale.to_string(),
+        )]);
+        let mut fields = vec![
+            Field::new(CLIP_SIMILARITY, DataType::Float32, true).with_metadata(metadata.clone()),
+        ];
+        if self.config.emit_embeddings {
+            for name in [CLIP_IMAGE_EMBEDDING, CLIP_TEXT_EMBEDDING] {
+                fields.push(
+                    Field::new(name, self.embedding_type(), true).with_metadata(metadata.clone()),
+                );
+            }
+        }
+        Ok(fields)
+    }
+
+    fn process(&self, batch: &RecordBatch) -> Result<StageOutput> {
+        let schema = batch.schema();
+        self.output_fields(&schema)?;
+        let caption_name = self.caption_column(&schema);
+        let missing = |c: &str| Error::stage(&self.name, format!("batch lacks column `{c}`"));
+        let images = batch.column_by_name(IMAGE).ok_or_else(|| missing(IMAGE))?;
+        let captions = batch
+            .column_by_name(&caption_name)
+            .ok_or_else(|| missing(&caption_name))?;
+        let rows = batch.num_rows();
+        macro_rules! with_captions {
+            ($images:expr) => {
+                match captions.data_type() {
+                    DataType::Utf8 => {
+                        self.score($images, captions.as_string::<i32>(), rows, &caption_name)
+                    }
+                    DataType::LargeUtf8 => {
+                        self.score($images, captions.as_string::<i64>(), rows, &caption_name)
+                    }
+                    _ => self.score($images, captions.as_string_view(), rows, &caption_name),
+                }
+            };
+        }
+        match images.data_type() {
+            DataType::LargeBinary => with_captions!(images.as_binary::<i64>()),
+            DataType::Binary => with_captions!(images.as_binary::<i32>()),
+            _ => with_captions!(images.as_binary_view()),
+        }
+    }
+}

@@ -1,0 +1,1094 @@
+//! The training loop (METHOD.md sections 4-6) fed by [`super::data`]: plan and check
+//! both domains, build or restore the model, then for every step take the next ready
+//! batch from the prefetch queue (the wait is the trainer's idle time), run one forward
+//! pass over all views, compute the switched-on TRUST terms, and take an SGD step on
+//! the cosine schedule. Each epoch ends with evaluation (when an `eval` split is
+//! given; reported only), a line in `metrics.jsonl` and a checkpoint.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+pub use super::checkpoint::EpochSums;
+use super::checkpoint::{self, CheckpointState};
+use super::data::{self, DomainData, Needs, ReadyStep, SideTensors, StepJob, ViewSettings};
+use super::losses::{LossError, TrustBatch, trust_loss};
+use super::metrics::{self, ClassAccuracy, WeightSeparation};
+use super::model::VisionModel;
+use super::scan::{self, DomainScan};
+use super::sgd::{Sgd, learning_rate};
+use super::spec::{LoadedTrain, TrainDevice};
+use trustflow_engine::error::{Error, Result};
+use trustflow_engine::runtime::CancelToken;
+use trustflow_engine::source;
+use trustflow_engine::spec::{SourceSpec, SpecOrigin};
+
+/// Called with the run's progress after every step and at every epoch's end.
+pub type ProgressFn = std::sync::Arc<dyn Fn(&TrainProgress) + Send + Sync>;
+
+/// How a training run is started.
+#[derive(Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the output's latest checkpoint (it must come from the same
+    /// training file and shards).
+    pub resume: bool,
+    /// Delete earlier checkpoints and metrics in the output folder first.
+    pub fresh: bool,
+    /// Checked between steps: save a checkpoint and stop.
+    pub cancel: Option<CancelToken>,
+    /// Stop abruptly after this many steps in total, writing nothing (what a kill
+    /// does; for tests of resuming).
+    pub abort_after_steps: Option<u64>,
+    /// Called after every step and at every epoch's end.
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for TrainOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainOptions")
+            .field("resume", &self.resume)
+            .field("fresh", &self.fresh)
+            .field("abort_after_steps", &self.abort_after_steps)
+            .finish()
+    }
+}
+
+/// A live view of the run for progress displays.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainProgress {
+    pub epoch: u64,
+    pub epochs: u64,
+    pub step: u64,
+    pub steps_per_epoch: u64,
+    pub global_step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub idle_fraction: f64,
+    pub steps_per_s: f64,
+    /// At an epoch's end: that epoch's accuracy on the eval split (reported only).
+    pub eval_accuracy: Option<f64>,
+}
+
+/// Mean of each switched-on term over an epoch's steps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossMeans {
+    pub total: f64,
+    pub src: Option<f64>,
+    pub tgt: Option<f64>,
+    pub self_train: Option<f64>,
+    pub ctr: Option<f64>,
+}
+
+/// Pseudo-label quality on target rows that carry a label (evaluation only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PseudoLabelQuality {
+    pub rows: usize,
+    pub accuracy: Option<f64>,
+    pub weights: WeightSeparation,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    pub global_step: u64,
+    pub steps: u64,
+    pub skipped_steps: u64,
+    pub lr_end: f64,
+    pub loss: LossMeans,
+    /// Top-1 accuracy on the `eval` split (reported only; never used to choose a
+    /// checkpoint).
+    pub target_eval: Option<ClassAccuracy>,
+    pub pseudo_labels: Option<PseudoLabelQuality>,
+    /// Share of the epoch's step time (waiting included; evaluation and checkpoints
+    /// not) that the loop spent waiting on the prefetch queue.
+    pub trainer_idle_fraction: f64,
+    /// Steps per second of step time.
+    pub steps_per_s: f64,
+    /// The whole epoch, evaluation and checkpoint included.
+    pub wall_s: f64,
+    pub eval_s: f64,
+    pub rows_dropped: u64,
+}
+
+/// `_report.json` of a training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub name: String,
+    pub status: String,
+    pub spec_hash: String,
+    pub output: PathBuf,
+    pub device: String,
+    pub classes: i64,
+    pub feature_dim: i64,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    pub eval_rows: Option<u64>,
+    pub epochs: u64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub global_step: u64,
+    pub resumed_from_step: Option<u64>,
+    pub wall_s: f64,
+    /// Steps per second of step time (waiting on data included; evaluation and
+    /// checkpoints not).
+    pub steps_per_s: f64,
+    /// Share of step time spent waiting on the prefetch queue.
+    pub trainer_idle_fraction: f64,
+    /// Time in steps, in evaluation and in writing checkpoints (this process).
+    pub step_s: f64,
+    pub eval_s: f64,
+    pub checkpoint_s: f64,
+    pub rows_dropped: u64,
+    /// Up to 20 examples of rows left out, with the reason.
+    pub dropped_examples: Vec<(String, String)>,
+    pub checkpoint: Option<PathBuf>,
+    pub history: Vec<EpochMetrics>,
+}
+
+const DROPPED_EXAMPLES: usize = 20;
+
+fn plan_domain(
+    loaded: &LoadedTrain,
+    spec: &SourceSpec,
+    domain: data::Domain,
+    needs: Needs,
+    batch_size: usize,
+) -> Result<DomainData> {
+    let section = domain.section();
+    // Plan once as written (so the user's own mistakes are located), then with the
+    // enriched columns the losses need added to keep_columns.
+    let plain = source::plan_section(loaded, spec, section, batch_size, None)?;
+    let needed: Vec<&String> = [
+        &needs.pseudo_label,
+        &needs.pseudo_weight,
+        &needs.text_feature,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Each footer is read once, whatever the number of columns checked.
+    let schemas = match needed.is_empty() {
+        true => Vec::new(),
+        false => plain
+            .shards
+            .iter()
+            .map(|shard| shard_schema(&shard.path))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    for name in &needed {
+        for (shard, schema) in plain.shards.iter().zip(&schemas) {
+            if schema.field_with_name(name).is_err() {
+                return Err(Error::input(
+                    &shard.path,
+                    format!(
+                        "{section}: no column `{name}`, which the switched-on loss terms \
+                         need (run the enrichment stages first, or rename it under `columns`, \
+                         or set the terms that need it to 0 under `loss`)"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut with_columns = spec.clone();
+    for name in needed {
+        if !with_columns.keep_columns.contains(name) {
+            with_columns.keep_columns.push(name.clone());
+        }
+    }
+    let plan = source::plan_section(loaded, &with_columns, section, batch_size, None)?;
+    Ok(DomainData {
+        domain,
+        plan,
+        needs,
+    })
+}
+
+/// Whether the first shard of `spec` has column `name` (for optional columns).
+fn has_column(plan: &source::SourcePlan, name: &str) -> bool {
+    plan.shards.first().is_some_and(|s| {
+        shard_schema(&s.path).is_ok_and(|schema| schema.field_with_name(name).is_ok())
+    })
+}
+
+/// A shard's Arrow schema, from its footer.
+fn shard_schema(path: &Path) -> Result<arrow::datatypes::SchemaRef> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map(|b| b.schema().clone())
+        .map_err(|e| Error::input(path, e.to_string()))
+}
+
+fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData]) -> String {
+    let mut h = Sha256::new();
+    let mut spec = loaded.spec.clone();
+    // Where checkpoints go does not change what is trained.
+    spec.output.clear();
+    h.update(serde_json::to_vec(&spec).unwrap_or_default());
+    for d in domains {
+        for shard in &d.plan.shards {
+            h.update(shard.path.to_string_lossy().as_bytes());
+            h.update(format!("{:?}", shard.fingerprint).as_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// Both domains planned and scanned: what a run needs before its first step.
+struct Prepared {
+    source: DomainData,
+    target: DomainData,
+    eval: Option<DomainData>,
+    source_scan: DomainScan,
+    target_scan: DomainScan,
+    eval_scan: Option<DomainScan>,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    hash: String,
+}
+
+/// Plans every domain and checks its data (columns, labels, weights, features).
+fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
+    let spec = &loaded.spec;
+    let loss = &spec.loss;
+    let batch_size = spec.data.batch_size;
+    let cols = &spec.columns;
+    let feature = loss
+        .needs_text_features()
+        .then(|| cols.text_feature.clone());
+    let source = plan_domain(
+        loaded,
+        &spec.source,
+        data::Domain::Source,
+        Needs {
+            label: loss.src != 0.0,
+            text_feature: feature.clone(),
+            ..Needs::default()
+        },
+        batch_size,
+    )?;
+    let target_plain = source::plan_section(loaded, &spec.target, "target", batch_size, None)?;
+    // Pseudo-labels and weights are read when present even if no term needs them,
+    // to report their quality.
+    let target_needs = Needs {
+        label: false,
+        pseudo_label: (loss.needs_pseudo_labels() || has_column(&target_plain, &cols.pseudo_label))
+            .then(|| cols.pseudo_label.clone()),
+        pseudo_weight: (loss.needs_weights() || has_column(&target_plain, &cols.pseudo_weight))
+            .then(|| cols.pseudo_weight.clone()),
+        text_feature: feature,
+    };
+    let target = plan_domain(
+        loaded,
+        &spec.target,
+        data::Domain::Target,
+        target_needs,
+        batch_size,
+    )?;
+    let eval = match &spec.eval {
+        Some(e) => Some(plan_domain(
+            loaded,
+            e,
+            data::Domain::Eval,
+            Needs {
+                label: true,
+                ..Needs::default()
+            },
+            batch_size,
+        )?),
+        None => None,
+    };
+    let classes = spec.model.classes;
+    let source_scan = scan::scan(&source, classes)?;
+    let target_scan = scan::scan(&target, classes)?;
+    let eval_scan = match &eval {
+        Some(e) => Some(scan::scan(e, classes)?),
+        None => None,
+    };
+    if let (Some(a), Some(b)) = (source_scan.feature_dim, target_scan.feature_dim)
+        && a != b
+    {
+        return Err(Error::Other(format!(
+            "{}: source rows' `{}` have {a} values but target rows' have {b}; both must \
+             come from the same text encoder",
+            loaded.file.display(),
+            cols.text_feature
+        )));
+    }
+    for (scan, section) in [(&source_scan, "source"), (&target_scan, "target")] {
+        if scan.rows == 0 {
+            return Err(Error::Other(format!(
+                "{}: `{section}` has no rows (after its filter)",
+                loaded.file.display()
+            )));
+        }
+    }
+    let b = batch_size as u64;
+    let steps_per_epoch = source_scan
+        .rows
+        .div_ceil(b)
+        .max(target_scan.rows.div_ceil(b));
+    let epochs = spec.optimizer.epochs;
+    let total_steps = steps_per_epoch * epochs;
+    let mut domains = vec![&source, &target];
+    domains.extend(eval.as_ref());
+    let hash = spec_hash(loaded, &domains);
+
+    Ok(Prepared {
+        source,
+        target,
+        eval,
+        source_scan,
+        target_scan,
+        eval_scan,
+        steps_per_epoch,
+        total_steps,
+        hash,
+    })
+}
+
+/// What `trustflow validate-train` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainPlan {
+    pub name: String,
+    pub spec_hash: String,
+    pub source_rows: u64,
+    pub source_shards: usize,
+    pub target_rows: u64,
+    pub target_shards: usize,
+    pub eval_rows: Option<u64>,
+    pub text_feature_dim: Option<usize>,
+    pub feature_dim: i64,
+    pub classes: i64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub pseudo_labels: Option<PseudoLabelQuality>,
+}
+
+/// Every check `train` makes before its first step (data scan, model build and the
+/// TorchScript probe), without training.
+pub fn check_only(loaded: &LoadedTrain) -> Result<TrainPlan> {
+    let p = prepare(loaded)?;
+    let spec = &loaded.spec;
+    let model = VisionModel::new(
+        &spec.model.backbone,
+        |f| loaded.resolve(f),
+        spec.model.classes,
+        i64::from(spec.augment.size),
+        Device::Cpu,
+        None,
+        spec.seed,
+    )?;
+    Ok(TrainPlan {
+        name: loaded.name(),
+        spec_hash: p.hash,
+        source_rows: p.source_scan.rows,
+        source_shards: p.source.plan.shards.len(),
+        target_rows: p.target_scan.rows,
+        target_shards: p.target.plan.shards.len(),
+        eval_rows: p.eval_scan.as_ref().map(|s| s.rows),
+        text_feature_dim: p.source_scan.feature_dim.or(p.target_scan.feature_dim),
+        feature_dim: model.feature_dim,
+        classes: spec.model.classes,
+        steps_per_epoch: p.steps_per_epoch,
+        total_steps: p.total_steps,
+        pseudo_labels: pseudo_label_quality(&p.target_scan),
+    })
+}
+
+/// Runs (or resumes) the training described by `loaded`.
+pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport> {
+    let started = Instant::now();
+    let spec = &loaded.spec;
+    let loss = &spec.loss;
+    let batch_size = spec.data.batch_size;
+    let device = match spec.model.device {
+        TrainDevice::Cpu => Device::Cpu,
+        TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        TrainDevice::Cuda => {
+            return Err(Error::Other(format!(
+                "{}: model.device is `cuda` but libtorch sees no CUDA device (the setup \
+                 script installs a CPU build of libtorch); use `device: cpu`",
+                loaded.file.display()
+            )));
+        }
+    };
+    if let Some(threads) = spec.model.threads {
+        tch::set_num_threads(threads as i32);
+    }
+
+    let Prepared {
+        source,
+        target,
+        eval,
+        source_scan,
+        target_scan,
+        eval_scan,
+        steps_per_epoch,
+        total_steps,
+        hash,
+    } = prepare(loaded)?;
+    let classes = spec.model.classes;
+    let epochs = spec.optimizer.epochs;
+
+    // Output folder, earlier state.
+    let output = loaded.resolve(&spec.output);
+    if options.fresh && output.exists() {
+        for name in ["checkpoints", "metrics.jsonl", "_report.json"] {
+            let p = output.join(name);
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(e) = r
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io(&p, e));
+            }
+        }
+    }
+    std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
+    let existing = checkpoint::latest(&output)?;
+    let resume_from = match (existing, options.resume) {
+        (Some(dir), true) => {
+            let state = checkpoint::read_state(&dir)?;
+            if state.spec_hash != hash {
+                return Err(Error::input(
+                    &dir,
+                    format!(
+                        "this checkpoint comes from another training file or other shards \
+                         (hash {} vs {hash}); use --fresh to start over",
+                        state.spec_hash
+                    ),
+                ));
+            }
+            Some((dir, state))
+        }
+        (Some(dir), false) => {
+            return Err(Error::input(
+                &output,
+                format!(
+                    "holds checkpoints of an earlier run (latest {}); pass --resume to \
+                     continue it or --fresh to start over",
+                    dir.display()
+                ),
+            ));
+        }
+        (None, _) => None,
+    };
+
+    let mut model = VisionModel::new(
+        &spec.model.backbone,
+        |p| loaded.resolve(p),
+        classes,
+        i64::from(spec.augment.size),
+        device,
+        resume_from
+            .as_ref()
+            .and_then(|(dir, _)| checkpoint::backbone_file(dir))
+            .as_deref(),
+        spec.seed,
+    )?;
+    let mut sgd = Sgd::new(
+        &model.vs,
+        spec.optimizer.momentum,
+        spec.optimizer.weight_decay,
+    );
+    let metrics_path = output.join("metrics.jsonl");
+    let (start_epoch, start_step, mut global_step, mut sums, resumed_from_step) = match &resume_from
+    {
+        Some((dir, state)) => {
+            checkpoint::restore(dir, &mut model, &mut sgd)?;
+            truncate_lines(&metrics_path, state.metrics_lines)?;
+            (
+                state.epoch,
+                state.step,
+                state.global_step,
+                state.partial.clone(),
+                Some(state.global_step),
+            )
+        }
+        None => {
+            std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
+            (0, 0, 0, EpochSums::default(), None)
+        }
+    };
+    let mut history = read_history(&metrics_path)?;
+    let pseudo_quality = pseudo_label_quality(&target_scan);
+
+    let views = ViewSettings {
+        augment: spec.augment.clone(),
+        seed: spec.seed,
+        strong_source: loss.needs_strong_source(),
+        strong_target: loss.needs_strong_target(),
+        unit_weights: loss.unweighted,
+    };
+    let workers = spec.data.workers;
+    let (jobs_tx, jobs_rx) = bounded::<StepJob>(workers);
+    let (ready_tx, ready_rx) = bounded::<Result<ReadyStep>>(spec.data.prefetch);
+    let shuffle_buffer = spec.data.shuffle_buffer;
+    let seed = spec.seed;
+    let mut dropped_examples: Vec<(String, String)> = Vec::new();
+    let mut rows_dropped_total = 0u64;
+    let mut idle_total = Duration::ZERO;
+    let mut step_total = Duration::ZERO;
+    let mut eval_total = Duration::ZERO;
+    let mut checkpoint_total = Duration::ZERO;
+    let mut last_checkpoint: Option<PathBuf> = None;
+    let mut status = "finished".to_string();
+    let steps_before = global_step;
+
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        let (source, target) = (&source, &target);
+        let sampler_ready = ready_tx.clone();
+        scope.spawn(move || {
+            for epoch in start_epoch..epochs {
+                let plan = data::EpochSampling {
+                    seed,
+                    epoch,
+                    steps: steps_per_epoch,
+                    first_step: if epoch == start_epoch { start_step } else { 0 },
+                    batch_size,
+                    shuffle_buffer,
+                };
+                let r = data::sample_epoch(source, target, plan, |job| jobs_tx.send(job).is_ok());
+                if let Err(e) = r {
+                    let _ = sampler_ready.send(Err(e));
+                    return;
+                }
+            }
+        });
+        for _ in 0..workers {
+            let (jobs_rx, ready_tx, views) = (jobs_rx.clone(), ready_tx.clone(), &views);
+            scope.spawn(move || {
+                for job in jobs_rx.iter() {
+                    if ready_tx.send(data::build_step(job, views)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((ready_tx, jobs_rx));
+        let ready = ready_rx;
+        let mut reorder: BTreeMap<(u64, u64), ReadyStep> = BTreeMap::new();
+        let mut epoch_started = Instant::now();
+        let mut epoch_wall_before = sums.wall_s;
+        for epoch in start_epoch..epochs {
+            let terms = loss.terms_in_epoch(epoch);
+            let first = if epoch == start_epoch { start_step } else { 0 };
+            model.set_train(true)?;
+            for step in first..steps_per_epoch {
+                let t0 = Instant::now();
+                let batch = next_ready(&ready, &mut reorder, (epoch, step))?;
+                let waited = t0.elapsed();
+                idle_total += waited;
+                sums.idle_s += waited.as_secs_f64();
+                sums.rows_dropped += batch.dropped.len() as u64;
+                rows_dropped_total += batch.dropped.len() as u64;
+                for d in batch.dropped.iter() {
+                    if dropped_examples.len() < DROPPED_EXAMPLES {
+                        dropped_examples.push(d.clone());
+                    }
+                }
+                let lr = learning_rate(&spec.optimizer, global_step, total_steps);
+                match (&batch.source, &batch.target) {
+                    (Some(s), Some(t)) => {
+                        let values =
+                            step_loss(&model, s, t, &terms, loss, device).map_err(|e| {
+                                describe_loss_error(e, global_step, epoch, step, &last_checkpoint)
+                            })?;
+                        sgd.zero_grad();
+                        values.0.backward();
+                        sgd.step(lr);
+                        let v = values.1;
+                        sums.steps += 1;
+                        sums.total += v[0];
+                        sums.src += v[1];
+                        sums.tgt += v[2];
+                        sums.self_train += v[3];
+                        sums.ctr += v[4];
+                    }
+                    // Every image of one side failed to decode: nothing to learn from.
+                    _ => sums.skipped_steps += 1,
+                }
+                global_step += 1;
+                let took = t0.elapsed();
+                step_total += took;
+                sums.step_s += took.as_secs_f64();
+                let elapsed = step_total.as_secs_f64();
+                if let Some(report) = &options.progress {
+                    report(&TrainProgress {
+                        epoch,
+                        epochs,
+                        step: step + 1,
+                        steps_per_epoch,
+                        global_step,
+                        total_steps,
+                        loss: sums.total / sums.steps.max(1) as f64,
+                        lr,
+                        idle_fraction: idle_total.as_secs_f64() / elapsed.max(1e-9),
+                        steps_per_s: (global_step - steps_before) as f64 / elapsed.max(1e-9),
+                        eval_accuracy: None,
+                    });
+                }
+                if options.abort_after_steps == Some(global_step) {
+                    status = "aborted".into();
+                    return Ok(());
+                }
+                let at_epoch_end = step + 1 == steps_per_epoch;
+                let every = spec
+                    .checkpoint_every_steps
+                    .is_some_and(|n| global_step % n == 0);
+                let cancelled = options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
+                if (every || cancelled) && !at_epoch_end {
+                    sums.wall_s = epoch_wall_before + epoch_started.elapsed().as_secs_f64();
+                    let state = CheckpointState {
+                        format: checkpoint::STATE_FORMAT,
+                        spec_hash: hash.clone(),
+                        epoch,
+                        step: step + 1,
+                        global_step,
+                        steps_per_epoch,
+                        total_steps,
+                        metrics_lines: history.len(),
+                        partial: sums.clone(),
+                    };
+                    let t = Instant::now();
+                    last_checkpoint = Some(checkpoint::save(&output, &state, &model, &sgd)?);
+                    checkpoint_total += t.elapsed();
+                }
+                if cancelled && !at_epoch_end {
+                    status = "interrupted".into();
+                    return Ok(());
+                }
+            }
+            // End of epoch: evaluate, report, checkpoint.
+            sums.wall_s = epoch_wall_before + epoch_started.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let target_eval = match &eval {
+                Some(e) => Some(evaluate(&mut model, e, batch_size, &spec.augment, device)?),
+                None => None,
+            };
+            let eval_s = t.elapsed();
+            eval_total += eval_s;
+            let steps = sums.steps.max(1) as f64;
+            let on = |scale: f64, sum: f64| (scale != 0.0).then_some(sum / steps);
+            let record = EpochMetrics {
+                epoch,
+                global_step,
+                steps: sums.steps,
+                skipped_steps: sums.skipped_steps,
+                lr_end: learning_rate(&spec.optimizer, global_step, total_steps),
+                loss: LossMeans {
+                    total: sums.total / steps,
+                    src: on(terms.src, sums.src),
+                    tgt: on(terms.tgt, sums.tgt),
+                    self_train: on(terms.self_train, sums.self_train),
+                    ctr: on(terms.ctr, sums.ctr),
+                },
+                target_eval,
+                pseudo_labels: pseudo_quality.clone(),
+                trainer_idle_fraction: sums.idle_s / sums.step_s.max(1e-9),
+                steps_per_s: (sums.steps + sums.skipped_steps) as f64 / sums.step_s.max(1e-9),
+                wall_s: sums.wall_s + eval_s.as_secs_f64(),
+                eval_s: eval_s.as_secs_f64(),
+                rows_dropped: sums.rows_dropped,
+            };
+            append_line(&metrics_path, &record)?;
+            history.push(record);
+            sums = EpochSums::default();
+            let state = CheckpointState {
+                format: checkpoint::STATE_FORMAT,
+                spec_hash: hash.clone(),
+                epoch: epoch + 1,
+                step: 0,
+                global_step,
+                steps_per_epoch,
+                total_steps,
+                metrics_lines: history.len(),
+                partial: EpochSums::default(),
+            };
+            let t = Instant::now();
+            last_checkpoint = Some(checkpoint::save(&output, &state, &model, &sgd)?);
+            checkpoint_total += t.elapsed();
+            if let Some(report) = &options.progress {
+                report(&TrainProgress {
+                    epoch: epoch + 1,
+                    epochs,
+                    step: 0,
+                    steps_per_epoch,
+                    global_step,
+                    total_steps,
+                    loss: history.last().map_or(0.0, |h| h.loss.total),
+                    lr: learning_rate(&spec.optimizer, global_step, total_steps),
+                    idle_fraction: idle_total.as_secs_f64() / step_total.as_secs_f64().max(1e-9),
+                    steps_per_s: 0.0,
+                    eval_accuracy: history
+                        .last()
+                        .and_then(|h| h.target_eval.as_ref())
+                        .and_then(|e| e.accuracy),
+                });
+            }
+            epoch_started = Instant::now();
+            epoch_wall_before = 0.0;
+            if options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) && epoch + 1 < epochs {
+                status = "interrupted".into();
+                return Ok(());
+            }
+        }
+        Ok(())
+    });
+    outcome?;
+
+    let step_s = step_total.as_secs_f64();
+    let report = TrainReport {
+        name: loaded.name(),
+        status,
+        spec_hash: hash,
+        output: output.clone(),
+        device: format!("{device:?}"),
+        classes,
+        feature_dim: model.feature_dim,
+        source_rows: source_scan.rows,
+        target_rows: target_scan.rows,
+        eval_rows: eval_scan.map(|s| s.rows),
+        epochs,
+        steps_per_epoch,
+        total_steps,
+        global_step,
+        resumed_from_step,
+        wall_s: started.elapsed().as_secs_f64(),
+        steps_per_s: (global_step - steps_before) as f64 / step_s.max(1e-9),
+        trainer_idle_fraction: idle_total.as_secs_f64() / step_s.max(1e-9),
+        step_s,
+        eval_s: eval_total.as_secs_f64(),
+        checkpoint_s: checkpoint_total.as_secs_f64(),
+        rows_dropped: rows_dropped_total,
+        dropped_examples,
+        checkpoint: last_checkpoint.or_else(|| checkpoint::latest(&output).ok().flatten()),
+        history,
+    };
+    if report.status != "aborted" {
+        let file = output.join("_report.json");
+        let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::output(&file, e))?;
+        std::fs::write(&file, json).map_err(|e| Error::io(&file, e))?;
+    }
+    Ok(report)
+}
+
+/// Waits for step `want`, keeping steps that arrive early (workers finish out of
+/// order).
+fn next_ready(
+    ready: &Receiver<Result<ReadyStep>>,
+    reorder: &mut BTreeMap<(u64, u64), ReadyStep>,
+    want: (u64, u64),
+) -> Result<ReadyStep> {
+    loop {
+        if let Some(step) = reorder.remove(&want) {
+            return Ok(step);
+        }
+        match ready.recv() {
+            Ok(Ok(step)) => {
+                reorder.insert((step.epoch, step.step), step);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::Other(format!(
+                    "the data side stopped before epoch {} step {}",
+                    want.0, want.1
+                )));
+            }
+        }
+    }
+}
+
+/// Forward pass over every view of the step at once, then the TRUST terms. Returns
+/// the scaled total (with its graph) and [total, src, tgt, self_train, ctr] values.
+fn step_loss(
+    model: &VisionModel,
+    s: &SideTensors,
+    t: &SideTensors,
+    terms: &super::losses::LossTerms,
+    loss: &super::spec::LossSpec,
+    device: Device,
+) -> std::result::Result<(Tensor, [f64; 5]), StepError> {
+    let mut views = vec![&s.weak, &t.weak];
+    views.extend(s.strong.iter());
+    views.extend(t.strong.iter());
+    let x = Tensor::cat(&views, 0).to_device(device);
+    let out = model.forward(&x).map_err(StepError::Engine)?;
+    let (ns, nt) = (s.rows as i64, t.rows as i64);
+    let mut offset = 0;
+    let mut take = |n: i64| {
+        let r = (
+            out.logits.narrow(0, offset, n),
+            out.features.narrow(0, offset, n),
+        );
+        offset += n;
+        r
+    };
+    let (source_logits, source_features) = take(ns);
+    let (target_logits, target_features) = take(nt);
+    let source_strong = s.strong.as_ref().map(|_| take(ns));
+    let target_strong = t.strong.as_ref().map(|_| take(nt));
+    let on = |x: &Option<Tensor>| x.as_ref().map(|t| t.to_device(device));
+    let batch = TrustBatch {
+        source_logits: Some(source_logits),
+        source_labels: on(&s.labels),
+        source_features: Some(source_features),
+        source_features_strong: source_strong.as_ref().map(|(_, f)| f.shallow_clone()),
+        source_caption_features: on(&s.features),
+        target_logits: Some(target_logits),
+        target_strong_logits: target_strong.as_ref().map(|(l, _)| l.shallow_clone()),
+        pseudo_labels: on(&t.pseudo_labels),
+        weights: on(&t.weights),
+        target_features: Some(target_features),
+        target_features_strong: target_strong.as_ref().map(|(_, f)| f.shallow_clone()),
+        target_caption_features: on(&t.features),
+    };
+    let values = trust_loss(&batch, terms, loss.tau, loss.tau_base).map_err(StepError::Loss)?;
+    let v = [
+        values.total.double_value(&[]),
+        values.src.unwrap_or(0.0),
+        values.tgt.unwrap_or(0.0),
+        values.self_train.unwrap_or(0.0),
+        values.ctr.unwrap_or(0.0),
+    ];
+    Ok((values.total, v))
+}
+
+enum StepError {
+    Engine(Error),
+    Loss(LossError),
+}
+
+fn describe_loss_error(
+    e: StepError,
+    global_step: u64,
+    epoch: u64,
+    step: u64,
+    last_checkpoint: &Option<PathBuf>,
+) -> Error {
+    let kept = match last_checkpoint {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was written by this run yet".into(),
+    };
+    match e {
+        StepError::Engine(e) => e,
+        StepError::Loss(
+            e @ (LossError::NonFiniteLoss { .. } | LossError::NonFiniteInput { .. }),
+        ) => Error::stage(
+            "train",
+            format!(
+                "step {global_step} (epoch {epoch}, step {step}): {e}; training stopped, {kept}"
+            ),
+        ),
+        StepError::Loss(e) => Error::stage(
+            "train",
+            format!("step {global_step} (epoch {epoch}, step {step}): {e}"),
+        ),
+    }
+}
+
+/// Top-1 accuracy of the model on the eval split (weak views, eval mode, no grad).
+fn evaluate(
+    model: &mut VisionModel,
+    eval: &DomainData,
+    batch_size: usize,
+    augment: &super::augment::AugmentConfig,
+    device: Device,
+) -> Result<ClassAccuracy> {
+    model.set_train(false)?;
+    let mut predictions = Vec::new();
+    let mut labels = Vec::new();
+    let mut views = Vec::with_capacity(batch_size);
+    let mut batch_labels = Vec::with_capacity(batch_size);
+    let mut flush =
+        |views: &mut Vec<super::augment::Chw>, batch_labels: &mut Vec<i64>| -> Result<()> {
+            if views.is_empty() {
+                return Ok(());
+            }
+            let x = super::augment::batch_tensor(views)
+                .map_err(|e| Error::stage("train", e))?
+                .to_device(device);
+            let out = tch::no_grad(|| model.forward(&x))?;
+            let pred = Vec::<i64>::try_from(out.logits.argmax(-1, false).to_kind(Kind::Int64))
+                .map_err(|e| Error::stage("train", e))?;
+            predictions.extend(pred);
+            labels.append(batch_labels);
+            views.clear();
+            Ok(())
+        };
+    data::read_all(eval, |row| {
+        if let (Ok(img), Some(label)) = (data::decode(row.image.as_deref()), row.label) {
+            views.push(super::augment::weak(&img, augment));
+            batch_labels.push(label);
+            if views.len() == batch_size {
+                flush(&mut views, &mut batch_labels)?;
+            }
+        }
+        Ok(())
+    })?;
+    flush(&mut views, &mut batch_labels)?;
+    model.set_train(true)?;
+    Ok(metrics::accuracy(
+        &predictions,
+        &labels,
+        model.classes as usize,
+    ))
+}
+
+fn pseudo_label_quality(target: &DomainScan) -> Option<PseudoLabelQuality> {
+    if target.pseudo_vs_label.is_empty() {
+        return None;
+    }
+    let pseudo: Vec<i64> = target.pseudo_vs_label.iter().map(|r| r.0).collect();
+    let labels: Vec<i64> = target.pseudo_vs_label.iter().map(|r| r.2).collect();
+    let right = pseudo.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    let weighted: Vec<(f64, i64, i64)> = target
+        .pseudo_vs_label
+        .iter()
+        .filter_map(|&(p, w, l)| w.map(|w| (w, p, l)))
+        .collect();
+    let w: Vec<f64> = weighted.iter().map(|r| r.0).collect();
+    let p: Vec<i64> = weighted.iter().map(|r| r.1).collect();
+    let l: Vec<i64> = weighted.iter().map(|r| r.2).collect();
+    Some(PseudoLabelQuality {
+        rows: pseudo.len(),
+        accuracy: Some(right as f64 / pseudo.len() as f64),
+        weights: metrics::weight_separation(&w, &p, &l),
+    })
+}
+
+fn append_line(path: &Path, record: &EpochMetrics) -> Result<()> {
+    let mut line = serde_json::to_vec(record).map_err(|e| Error::output(path, e))?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.write_all(&line).map_err(|e| Error::io(path, e))
+}
+
+/// Keeps the first `keep` lines (a resumed run rewrites the epochs after its
+/// checkpoint).
+fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, kept).map_err(|e| Error::io(path, e))
+}
+
+fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::input(path, format!("not a metrics line: {e}")))
+        })
+        .collect()
+}
+
+/// What [`memory_fed`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryFed {
+    pub steps: u64,
+    pub distinct_batches: usize,
+    pub wall_s: f64,
+    pub steps_per_s: f64,
+}
+
+/// The trainer's own ceiling: the same model, losses and optimiser as [`train`], fed
+/// from steps decoded and augmented before the clock starts (the first
+/// `min(steps, steps_per_epoch)` steps of epoch 0, cycled). `trustflow bench train`
+/// sets it beside a run fed from the shards.
+pub fn memory_fed(loaded: &LoadedTrain, steps: u64) -> Result<MemoryFed> {
+    let spec = &loaded.spec;
+    if let Some(threads) = spec.model.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let p = prepare(loaded)?;
+    let device = match spec.model.device {
+        TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let model = VisionModel::new(
+        &spec.model.backbone,
+        |f| loaded.resolve(f),
+        spec.model.classes,
+        i64::from(spec.augment.size),
+        device,
+        None,
+        spec.seed,
+    )?;
+    let mut sgd = Sgd::new(
+        &model.vs,
+        spec.optimizer.momentum,
+        spec.optimizer.weight_decay,
+    );
+    let views = ViewSettings {
+        augment: spec.augment.clone(),
+        seed: spec.seed,
+        strong_source: spec.loss.needs_strong_source(),
+        strong_target: spec.loss.needs_strong_target(),
+        unit_weights: spec.loss.unweighted,
+    };
+    let wanted = steps.min(p.steps_per_epoch).max(1);
+    let mut jobs = Vec::new();
+    data::sample_epoch(
+        &p.source,
+        &p.target,
+        data::EpochSampling {
+            seed: spec.seed,
+            epoch: 0,
+            steps: wanted,
+            first_step: 0,
+            batch_size: spec.data.batch_size,
+            shuffle_buffer: spec.data.shuffle_buffer,
+        },
+        |job| {
+            jobs.push(job);
+            true
+        },
+    )?;
+    let cached = jobs
+        .into_iter()
+        .map(|job| data::build_step(job, &views))
+        .collect::<Result<Vec<_>>>()?;
+    let terms = spec.loss.terms();
+    let started = Instant::now();
+    for i in 0..steps {
+        let Some(batch) = cached.get(i as usize % cached.len()) else {
+            break;
+        };
+        let (Some(s), Some(t)) = (&batch.source, &batch.target) else {
+            continue;
+        };
+        let lr = learning_rate(&spec.optimizer, i, steps);
+        let (total, _) = step_loss(&model, s, t, &terms, &spec.loss, device)
+            .map_err(|e| describe_loss_error(e, i, 0, i, &None))?;
+        sgd.zero_grad();
+        total.backward();
+        sgd.step(lr);
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    Ok(MemoryFed {
+        steps,
+        distinct_batches: cached.len(),
+        wall_s,
+        steps_per_s: steps as f64 / wall_s.max(1e-9),
+    })
+}

@@ -1,7 +1,0 @@
-//! Model-side building blocks shared by stages: image decoding with safety limits,
-//! ONNX Runtime sessions, CLIP image preprocessing and tokenisation.
-pub mod clip_preprocess;
-pub mod files;
-pub mod image;
-pub mod onnx;
-pub mod text;
