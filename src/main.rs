@@ -31,7 +31,7 @@ enum Command {
     Validate {
         pipeline: PathBuf,
         #[command(flatten)]
-        overrides: OverrideArgs,
+        overrides: Overrides,
     },
     /// Print the JSON Schema of pipeline files (`--train`: of training files).
     Schema {
@@ -323,29 +323,10 @@ struct GenTrainArgs {
 }
 
 #[derive(Args)]
-struct OverrideArgs {
-    /// Replace `source.paths` (files, folders or globs; may repeat).
-    #[arg(long = "input", value_name = "PATH")]
-    inputs: Vec<String>,
-    /// Replace `sink.path`.
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
-}
-
-impl OverrideArgs {
-    fn to_overrides(&self) -> Overrides {
-        Overrides {
-            inputs: (!self.inputs.is_empty()).then(|| self.inputs.clone()),
-            out_dir: self.out.clone(),
-        }
-    }
-}
-
-#[derive(Args)]
 struct RunArgs {
     pipeline: PathBuf,
     #[command(flatten)]
-    overrides: OverrideArgs,
+    overrides: Overrides,
     /// Redo every shard, even those whose manifest matches.
     #[arg(long)]
     force: bool,
@@ -444,7 +425,7 @@ fn cancel_on_signals() -> Result<CancelToken> {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let plan = plan::load_and_plan(&args.pipeline, &args.overrides.to_overrides())?;
+            let plan = plan::load_and_plan(&args.pipeline, &args.overrides)?;
             let then_train = plan
                 .pipeline
                 .spec
@@ -453,7 +434,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .as_deref()
                 .map(|t| plan.pipeline.resolve(t));
             let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
-            print_report(&report);
+            print!("{report}");
             if !report.invariant_holds {
                 anyhow::bail!("row accounting invariant broken (see report)");
             }
@@ -482,7 +463,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             pipeline,
             overrides,
         } => {
-            let plan = plan::load_and_plan(&pipeline, &overrides.to_overrides())?;
+            let plan = plan::load_and_plan(&pipeline, &overrides)?;
             println!("{}", plan.describe());
             println!("ok: {} is valid", pipeline.display());
             Ok(())
@@ -718,7 +699,7 @@ fn train(args: TrainArgs) -> Result<()> {
             "checkpoint": report.checkpoint,
         }))?
     );
-    if report.status == "interrupted" {
+    if report.status == trustflow_train::TrainStatus::Interrupted {
         return Err(Error::Cancelled.into());
     }
     Ok(())
@@ -892,7 +873,7 @@ fn run_with_progress(
                     && t.elapsed().as_secs() >= 5
                 {
                     *t = Instant::now();
-                    eprintln!("{}", progress_line(s));
+                    eprintln!("{}", trustflow::progress::progress_line(s));
                 }
             }))
         }
@@ -910,74 +891,6 @@ fn run_with_progress(
         p.finish();
     }
     Ok(result?)
-}
-
-fn progress_line(s: &RunSnapshot) -> String {
-    let rows = s.steps.last().map_or(0, |x| x.rows_in);
-    format!(
-        "progress: {:.0}s, {}/{} shards, {rows} rows done, bottleneck {}",
-        s.elapsed_s,
-        s.shards_done,
-        s.shards_total,
-        s.bottleneck.as_deref().unwrap_or("-")
-    )
-}
-
-fn print_report(r: &RunReport) {
-    println!(
-        "{}: {} shard(s) processed, {} skipped (already done)",
-        r.pipeline, r.shards_processed, r.shards_skipped
-    );
-    println!(
-        "{:<28} {:>10} {:>10} {:>12}  rows_in = rows_out + rows_quarantined",
-        "shard", "rows in", "rows out", "quarantined"
-    );
-    for s in &r.shards {
-        println!(
-            "{:<28} {:>10} {:>10} {:>12}  {} ({})",
-            s.stem,
-            s.rows_in,
-            s.rows_out,
-            s.rows_quarantined,
-            if s.invariant_holds { "holds" } else { "BROKEN" },
-            s.status
-        );
-    }
-    println!(
-        "total: {} in, {} out, {} quarantined; invariant {}",
-        r.rows_in,
-        r.rows_out,
-        r.rows_quarantined,
-        if r.invariant_holds { "holds" } else { "BROKEN" }
-    );
-    if !r.quarantine_reasons.is_empty() {
-        println!("quarantine reasons:");
-        for (reason, n) in &r.quarantine_reasons {
-            println!("  {n:>8}  {reason}");
-        }
-    }
-    println!("steps:");
-    for s in &r.steps {
-        println!(
-            "  {:<16} {:>9} rows  {:>9.0} rows/s  busy {:>5.1}%  blocked {:>5.1}%  starved {:>5.1}%",
-            s.name,
-            s.rows_out,
-            s.rows_per_s,
-            s.busy_fraction * 100.0,
-            s.blocked_fraction * 100.0,
-            s.starved_fraction * 100.0
-        );
-    }
-    println!(
-        "wall {:.2}s, {:.0} rows/s, peak RSS {}, bottleneck {}",
-        r.wall_s,
-        r.rows_per_s,
-        r.peak_rss_bytes
-            .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
-            .unwrap_or_else(|| "n/a".into()),
-        r.bottleneck.as_deref().unwrap_or("-")
-    );
-    println!("report: {}", r.out_dir.join("_report.json").display());
 }
 
 const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
@@ -1111,7 +1024,7 @@ fn demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
     };
     let plan = plan::build(pipeline, &overrides)?;
     let report = run_with_progress(plan, true, None, None, false)?;
-    print_report(&report);
+    print!("{report}");
     eprintln!("3/3 inspecting {}", enriched.display());
     print!("{}", inspect::inspect(&enriched)?.to_text());
     if !report.invariant_holds {

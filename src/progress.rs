@@ -77,3 +77,15 @@ impl Progress {
         let _ = self.multi.clear();
     }
 }
+
+/// One plain line of progress, for logs and other non-terminals.
+pub fn progress_line(s: &RunSnapshot) -> String {
+    let rows = s.steps.last().map_or(0, |x| x.rows_in);
+    format!(
+        "progress: {:.0}s, {}/{} shards, {rows} rows done, bottleneck {}",
+        s.elapsed_s,
+        s.shards_done,
+        s.shards_total,
+        s.bottleneck.as_deref().unwrap_or("-")
+    )
+}

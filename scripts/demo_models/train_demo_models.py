@@ -6,7 +6,7 @@ How to run (from the repository root; CPU only, no network, a few minutes on 2 c
 
     source scripts/setup.sh          # TRUSTFLOW_MINILM_DIR, TRUSTFLOW_MINILM_TOKENIZER
     # the benchmark shards (until `trustflow bench gen-digits` exists):
-    TRUSTFLOW_DIGITS_OUT=/tmp/digits cargo test --test digits -- --ignored write_full
+    TRUSTFLOW_DIGITS_OUT=/tmp/digits cargo test --test integration -- --ignored write_full
     $(bash scripts/fixtures/setup-venv.sh) scripts/demo_models/train_demo_models.py \
         --data /tmp/digits
 
@@ -98,7 +98,7 @@ from make_captioner import N_POSITIONS, SPECIAL, word_level_tokenizer  # noqa: E
 
 SEED = 20260205
 SIDE = 28
-CAPTION_CHARS = 75          # METHOD.md section 3, as the clip_score stage cuts
+CAPTION_CHARS = 75          # docs/method.md section 3, as the clip_score stage cuts
 TEXT_CONTEXT = 128          # MiniLM tokenizer's truncation; clip_score reads it from config.json
 EMBED_DIM = 384
 MEAN, STD = 0.5, 0.5
@@ -536,7 +536,8 @@ def export_captioner(encoder, decoder, tok, vocab, out):
 
 
 def greedy_onnx(out, images, threads, bos, eos):
-    """The caption stage's greedy decoding (src/stages/caption.rs), with onnxruntime."""
+    """The caption stage's greedy decoding, with onnxruntime (the Rust side:
+    crates/trustflow-engine/src/stages/caption.rs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     enc = ort.InferenceSession(str(out / "encoder_model.onnx"), options, providers=["CPUExecutionProvider"])

@@ -31,7 +31,7 @@ use trustflow_train::text_head::{FitOptions, FitTextOptions, fit_text};
 use trustflow_train::trainer::TrainProgress;
 use trustflow_train::{TrainOptions, load_train_file, train};
 
-/// The ablation grid of METHOD.md section 6, in order.
+/// The ablation grid of docs/method.md section 6, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ablation {
@@ -305,7 +305,7 @@ pub fn enrich_domain(
         }
     }
     if !found {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "{}: no pseudo_label stage to give the fitted head",
             pipeline_file.display()
         )));

@@ -68,11 +68,11 @@ fn mean(v: &[f64]) -> f64 {
 pub(crate) fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<String>> {
     let source = &plan.source;
     let Some(shard) = source.shards.first() else {
-        return Err(Error::Other("the pipeline has no shards".into()));
+        return Err(Error::Invalid("the pipeline has no shards".into()));
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Error::Other(format!("cannot start a reader: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start a reader: {e}")))?;
     let converter = source.converter(shard)?;
     let mut stream = rt.block_on(source.open(shard))?;
     let mut captions = Vec::with_capacity(rows);
@@ -121,7 +121,7 @@ pub(crate) fn models_rows_per_s(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Other("a ceiling thread panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::Internal("a ceiling thread panicked".into())))
             })
             .collect()
     });
@@ -154,7 +154,7 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
             _ => None,
         })
         .ok_or_else(|| {
-            Error::Other(format!(
+            Error::Invalid(format!(
                 "{}: no clip_score stage{}",
                 opts.pipeline.display(),
                 opts.stage

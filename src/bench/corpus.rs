@@ -99,7 +99,7 @@ impl FromStr for GenLayout {
             .into_iter()
             .find(|l| l.name().eq_ignore_ascii_case(s.trim()))
             .ok_or_else(|| {
-                Error::Other(format!(
+                Error::Invalid(format!(
                     "unknown layout `{s}` (expected bytes, hf, path or img2dataset)"
                 ))
             })
@@ -225,7 +225,7 @@ pub fn generate(opts: &GenOptions) -> Result<GenSummary> {
         match result {
             Ok(Ok(done)) => stats.extend(done),
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Error::Other("a generator thread panicked".into())),
+            Err(_) => return Err(Error::Internal("a generator thread panicked".into())),
         }
     }
     stats.sort_by_key(|(shard, _)| *shard);
@@ -257,7 +257,7 @@ pub fn generate(opts: &GenOptions) -> Result<GenSummary> {
 }
 
 fn validate(o: &GenOptions) -> Result<()> {
-    let bad = |msg: String| Err(Error::Other(format!("bench gen: {msg}")));
+    let bad = |msg: String| Err(Error::Invalid(format!("bench gen: {msg}")));
     if o.rows == 0 {
         return bad("--rows must be at least 1".into());
     }
@@ -318,7 +318,7 @@ pub(crate) fn remove_stale_shards(dir: &Path, keep: usize, ours: bool) -> Result
         return Ok(stale);
     }
     if !ours {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "{} already holds other shards ({}); choose an empty folder",
             dir.display(),
             stale.join(", ")
@@ -458,7 +458,7 @@ pub(crate) fn image_writer_props(
     image: ColumnPath,
     row_group_rows: usize,
 ) -> Result<WriterProperties> {
-    let zstd = ZstdLevel::try_new(3).map_err(|e| Error::Other(e.to_string()))?;
+    let zstd = ZstdLevel::try_new(3).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(zstd))
         .set_max_row_group_row_count(Some(row_group_rows))
@@ -544,7 +544,10 @@ impl Columns {
         cols.push(Arc::new(self.split.finish()));
         cols.push(Arc::new(self.corruption.finish()));
         cols.push(Arc::new(self.quality.finish()));
-        RecordBatch::try_new(ctx.schema.clone(), cols).map_err(|e| Error::Other(e.to_string()))
+        RecordBatch::try_new(ctx.schema.clone(), cols).map_err(|source| Error::Arrow {
+            context: "bench gen: building a batch".into(),
+            source,
+        })
     }
 }
 
@@ -643,7 +646,7 @@ fn write_shard_to(
 
         if (row_index + 1).is_multiple_of(ROW_GROUP_ROWS) || row_index + 1 == rows {
             if failed.load(Ordering::Relaxed) {
-                return Err(Error::Other("stopped: another shard failed".into()));
+                return Err(Error::Cancelled);
             }
             let batch = cols.finish(ctx)?;
             writer.write(&batch).map_err(|e| Error::output(tmp, e))?;
@@ -799,13 +802,13 @@ fn encode(rng: &mut ChaCha8Rng, img: &RgbImage, png: bool, buf: &mut Vec<u8>) ->
             ExtendedColorType::Rgb8,
         )
     };
-    result.map_err(|e| Error::Other(format!("bench gen: encoding an image: {e}")))
+    result.map_err(|e| Error::Internal(format!("bench gen: encoding an image: {e}")))
 }
 
 /// Rewrites the IHDR width and height of a PNG and fixes the chunk CRC.
 fn patch_ihdr(png: &mut [u8], w: u32, h: u32) -> Result<()> {
     if png.len() < 33 || &png[12..16] != b"IHDR" {
-        return Err(Error::Other("bench gen: PNG without IHDR".into()));
+        return Err(Error::Internal("bench gen: PNG without IHDR".into()));
     }
     png[16..20].copy_from_slice(&w.to_be_bytes());
     png[20..24].copy_from_slice(&h.to_be_bytes());
@@ -1410,7 +1413,7 @@ mod tests {
         ];
         for opts in cases {
             let err = generate(&opts).unwrap_err();
-            assert!(matches!(err, Error::Other(_)), "{err}");
+            assert!(matches!(err, Error::Invalid(_)), "{err}");
         }
         assert!(
             fs::read_dir(dir.path()).unwrap().next().is_none(),

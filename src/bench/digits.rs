@@ -156,13 +156,13 @@ impl CaptionRates {
         let values = [self.right, self.wrong, self.vague, self.missing];
         // Also rejects NaN.
         if !values.iter().all(|v| (0.0..=1.0).contains(v)) {
-            return Err(Error::Other(format!(
+            return Err(Error::Invalid(format!(
                 "digits: every {name} caption rate must be within [0, 1], got {self:?}"
             )));
         }
         let sum: f64 = values.iter().sum();
         if (sum - 1.0).abs() > 1e-9 {
-            return Err(Error::Other(format!(
+            return Err(Error::Invalid(format!(
                 "digits: the {name} caption rates must sum to 1, got {sum} ({self:?})"
             )));
         }
@@ -253,7 +253,7 @@ pub fn generate_digits(opts: &DigitsOptions) -> Result<DigitsSummary> {
         rates.0.check(rates.1)?;
     }
     if opts.shards == 0 {
-        return Err(Error::Other("digits: shards must be at least 1".into()));
+        return Err(Error::Invalid("digits: shards must be at least 1".into()));
     }
 
     let mnist = read_digits_csv(&mnist_path, 28, 255)?;
@@ -283,7 +283,7 @@ pub fn generate_digits(opts: &DigitsOptions) -> Result<DigitsSummary> {
     for plan in &plans {
         for (split, rows) in SPLITS.iter().zip([plan.train_rows(), plan.test_rows()]) {
             if rows < opts.shards {
-                return Err(Error::Other(format!(
+                return Err(Error::Invalid(format!(
                     "digits: {}/{split} would hold {rows} rows, fewer than the {} shards asked \
                      for (raise max_rows_per_domain or lower shards)",
                     DOMAINS[plan.domain], opts.shards
@@ -380,7 +380,7 @@ fn resolve_path(
         .map(Path::to_path_buf)
         .or_else(|| env_value.filter(|v| !v.is_empty()).map(PathBuf::from))
         .ok_or_else(|| {
-            Error::Other(format!(
+            Error::Environment(format!(
                 "digits: no path for {what}: {env_name} is unset (run `source scripts/setup.sh`, \
                  which installs it and sets {env_name}, or give the path explicitly)"
             ))
@@ -556,7 +556,7 @@ fn render_domain(
                 image.height(),
                 ExtendedColorType::Rgb8,
             )
-            .map_err(|e| Error::Other(format!("digits: encoding a PNG: {e}")))?;
+            .map_err(|e| Error::Internal(format!("digits: encoding a PNG: {e}")))?;
         let mut id = String::new();
         let _ = write!(id, "{}-{dataset}-{index:05}", domain.name()); // a String cannot fail
         rows.push(Row {
@@ -654,7 +654,7 @@ const VAGUE_TEMPLATES: [&str; 8] = [
 /// numeral 7`) or as `a handwritten seven`. Vague captions fill a vague template. Every
 /// caption is lowercase words separated by single spaces, without punctuation (so a
 /// word-level captioner can reproduce them), and at most 75 characters long (CLIP's cut,
-/// METHOD.md section 3).
+/// docs/method.md section 3).
 pub fn caption<R: Rng>(
     rng: &mut R,
     kind: CaptionKind,

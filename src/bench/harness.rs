@@ -1570,9 +1570,10 @@ fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Res
         cmd.env("PYTHONPATH", pp);
     }
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::Other(format!("cannot start {}: {e}", b.python.display())))?;
+    let mut child = cmd.spawn().map_err(|e| Error::Program {
+        program: b.python.clone(),
+        message: format!("cannot start: {e}"),
+    })?;
     // Pipes are drained on their own threads so a chatty child never blocks on them.
     let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
@@ -1608,9 +1609,10 @@ fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Res
                 std::thread::sleep(CHILD_SAMPLE_EVERY);
             }
             Err(e) => {
-                return Err(Error::Other(format!(
-                    "waiting for the Python baseline: {e}"
-                )));
+                return Err(Error::Program {
+                    program: b.python.clone(),
+                    message: format!("waiting for the Python baseline: {e}"),
+                });
             }
         }
     };
@@ -1618,21 +1620,25 @@ fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Res
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     if !status.success() {
-        return Err(Error::Other(format!(
-            "the Python baseline failed ({status}): {}",
-            tail(&stderr, 15)
-        )));
+        return Err(Error::Program {
+            program: b.python.clone(),
+            message: format!(
+                "the Python baseline failed ({status}): {}",
+                tail(&stderr, 15)
+            ),
+        });
     }
     let raw: Value = stdout
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .filter(Value::is_object)
-        .ok_or_else(|| {
-            Error::Other(format!(
+        .ok_or_else(|| Error::Program {
+            program: b.python.clone(),
+            message: format!(
                 "the Python baseline printed no JSON line; stderr: {}",
                 tail(&stderr, 15)
-            ))
+            ),
         })?;
     let u = |k: &str| raw.get(k).and_then(Value::as_u64);
     let f = |k: &str| raw.get(k).and_then(Value::as_f64);
@@ -1870,15 +1876,20 @@ fn scaling_run_process(
         .arg(&report_path)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| Error::Other(format!("cannot start {}: {e}", exe.display())))?;
+        .map_err(|e| Error::Program {
+            program: exe.to_path_buf(),
+            message: format!("cannot start: {e}"),
+        })?;
     if !output.status.success() {
-        return Err(Error::Other(format!(
-            "{} run {} failed ({}): {}",
-            exe.display(),
-            pipeline.display(),
-            output.status,
-            tail(&String::from_utf8_lossy(&output.stderr), 15)
-        )));
+        return Err(Error::Program {
+            program: exe.to_path_buf(),
+            message: format!(
+                "run {} failed ({}): {}",
+                pipeline.display(),
+                output.status,
+                tail(&String::from_utf8_lossy(&output.stderr), 15)
+            ),
+        });
     }
     let text = std::fs::read_to_string(&report_path).map_err(|e| Error::io(&report_path, e))?;
     let v: Value = serde_json::from_str(&text)
@@ -2047,7 +2058,7 @@ mod tests {
     use super::*;
 
     fn loaded(text: &str) -> Result<LoadedBenchSpec> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Other(e.to_string()))?;
+        let dir = tempfile::tempdir().map_err(|e| Error::Internal(e.to_string()))?;
         let path = dir.path().join("bench.yaml");
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
         load_spec(&path)

@@ -44,7 +44,7 @@ fn ensure_font() -> Result<()> {
     found
         .as_ref()
         .map(|_| ())
-        .map_err(|m| Error::Other(m.clone()))
+        .map_err(|m| Error::Environment(m.clone()))
 }
 
 fn draw_err(path: &Path, e: impl std::fmt::Display) -> Error {

@@ -1,8 +1,8 @@
-//! A synthetic *enriched* training corpus for the TRUST trainer (`src/train/`): Parquet
+//! A synthetic *enriched* training corpus for the TRUST trainer (`trustflow-train`): Parquet
 //! shards that look like the output of the enrichment pipeline (captions, pseudo-labels,
 //! CLIP weights, caption features), with a known ground truth, so the trainer can be
 //! built and tested end to end without GeoNet or DomainNet (tens of GB, not reachable
-//! here). See ../shared/METHOD.md sections 4-6 for what the trainer does with each column.
+//! here). See docs/method.md sections 4-6 for what the trainer does with each column.
 //!
 //! Layout under `out`: `source/` (labelled source rows, split `train`), `target/`
 //! (target rows, split `train`; `label` is kept for evaluation only) and `eval/` (labelled
@@ -19,7 +19,7 @@
 //! Pseudo-labels are the true label except for an exact `pseudo_noise` share of target
 //! rows, replaced by another class. `pseudo_weight` plays CLIP's weight w: Beta(4, 2)
 //! draws for right pseudo-labels and Beta(2, 3) for wrong ones, whose AUROC for right vs
-//! wrong is about 0.83, the kind of separation METHOD.md section 6 measures.
+//! wrong is about 0.83, the kind of separation docs/method.md section 6 measures.
 //!
 //! Everything comes from `seed` through ChaCha8 streams, one per folder; parquet-rs writes
 //! no timestamps, so the same options give byte-identical shards.
@@ -229,7 +229,7 @@ pub fn generate_train_corpus(opts: &TrainCorpusOptions) -> Result<TrainCorpusSum
     let mut folders = folders.into_iter();
     let (Some(source), Some(target), Some(eval)) = (folders.next(), folders.next(), folders.next())
     else {
-        return Err(Error::Other(
+        return Err(Error::Internal(
             "train corpus: a folder was not written".into(),
         ));
     };
@@ -247,7 +247,7 @@ pub fn generate_train_corpus(opts: &TrainCorpusOptions) -> Result<TrainCorpusSum
 }
 
 fn validate(o: &TrainCorpusOptions) -> Result<()> {
-    let bad = |msg: String| Err(Error::Other(format!("train corpus: {msg}")));
+    let bad = |msg: String| Err(Error::Invalid(format!("train corpus: {msg}")));
     if o.shards == 0 {
         return bad("shards must be at least 1".into());
     }
@@ -414,7 +414,10 @@ impl Columns {
             Arc::new(self.pseudo_weight.finish()),
             Arc::new(self.text_feature.finish()),
         ];
-        RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::Other(e.to_string()))
+        RecordBatch::try_new(schema.clone(), cols).map_err(|source| Error::Arrow {
+            context: "train corpus: building a batch".into(),
+            source,
+        })
     }
 }
 

@@ -1,7 +1,8 @@
-//! The trainer's augmentations (src/train/augment.rs): determinism of the seeded
-//! streams, the exact values of the weak view, each strong op in isolation (all other
-//! ops switched off through the config), the crop sampler's statistics, shapes and
-//! finiteness on tiny and extreme-aspect images, the tensor helper, and config checks.
+//! The trainer's augmentations (crates/trustflow-train/src/augment.rs): determinism of
+//! the seeded streams, the exact values of the weak view, each strong op in isolation
+//! (all other ops switched off through the config), the crop sampler's statistics,
+//! shapes and finiteness on tiny and extreme-aspect images, the tensor helper, and
+//! config checks.
 
 use std::time::Instant;
 

@@ -9,7 +9,7 @@
 //! `write_full_benchmark` is ignored: it writes the full benchmark where
 //! `TRUSTFLOW_DIGITS_OUT` says, for scripts/demo_models/train_demo_models.py:
 //!
-//!     TRUSTFLOW_DIGITS_OUT=/tmp/digits cargo test --test digits -- --ignored write_full
+//!     TRUSTFLOW_DIGITS_OUT=/tmp/digits cargo test --test integration -- --ignored write_full
 
 use crate::common;
 

@@ -1,9 +1,9 @@
-//! Parity of the TRUST losses (src/train/losses.rs) with an independent PyTorch
-//! implementation: the golden files in tests/fixtures/losses/ come from
+//! Parity of the TRUST losses (crates/trustflow-train/src/losses.rs) with an independent
+//! PyTorch implementation: the golden files in tests/fixtures/losses/ come from
 //! scripts/fixtures/losses.py (see its header; Python is not needed to run these
 //! tests). Values must agree within 1e-5, gradients within 1e-4 and the parameters after
-//! SGD steps within 1e-5 (absolute). Also the edge cases of METHOD.md section 5 (no NaN
-//! or infinity from any input) and the switching of terms.
+//! SGD steps within 1e-5 (absolute). Also the edge cases of docs/method.md section 5
+//! (no NaN or infinity from any input) and the switching of terms.
 
 use std::path::PathBuf;
 

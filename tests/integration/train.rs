@@ -78,7 +78,7 @@ fn builtin_backbone_learns_and_reports_every_epoch() {
     let c = corpus(dir.path(), 1);
     let file = train_file(dir.path(), &c, "learn", "", "");
     let report = run(&file, &fresh()).expect("training runs");
-    assert_eq!(report.status, "finished");
+    assert_eq!(report.status, trustflow_train::TrainStatus::Finished);
     assert_eq!(report.history.len(), 3);
     // 64 rows per domain in steps of 16: 4 steps per epoch, 3 epochs.
     assert_eq!((report.steps_per_epoch, report.total_steps), (4, 12));
@@ -145,7 +145,7 @@ fn killed_run_resumes_on_the_same_schedule_step() {
         },
     )
     .expect("runs until the simulated kill");
-    assert_eq!(aborted.status, "aborted");
+    assert_eq!(aborted.status, trustflow_train::TrainStatus::Aborted);
     assert_eq!(aborted.global_step, 7);
     // Without --resume an output with checkpoints is refused.
     let refused = run(&killed, &TrainOptions::default()).expect_err("needs --resume");

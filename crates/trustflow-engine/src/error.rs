@@ -97,12 +97,30 @@ pub enum Error {
     #[error("run cancelled by signal; completed shards are kept, the rest were discarded")]
     Cancelled,
 
+    /// A setting, argument or input that cannot work (the message says which, and what
+    /// is expected).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// Something the machine lacks: a library, an environment variable, a device.
+    #[error("{0}")]
+    Environment(String),
+
+    /// A helper program (such as a benchmark's Python baseline) could not run or failed.
+    #[error("{program}: {message}")]
+    Program { program: PathBuf, message: String },
+
+    /// An Arrow operation failed on data the engine built itself.
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+
     /// A broken invariant of the engine itself (a bug, not a user error).
     #[error("internal error (please report it): {0}")]
     Internal(String),
-
-    #[error("{0}")]
-    Other(String),
 }
 
 impl Error {

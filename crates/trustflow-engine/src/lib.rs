@@ -14,7 +14,8 @@
 //!    small `BatchSource`/`Sink` traits, so it knows nothing about Parquet);
 //! 7. `source` (Parquet shards -> canonical batches), `sink` (exactly-once shard
 //!    output, quarantine, manifests);
-//! 8. `plan` (validation phases 2-4, the resolved plan);
+//! 8. `plan` (validation phases 3 and 4: shard footers, stage building and schema
+//!    chaining; the resolved plan);
 //! 9. `run` (resume, execution, the report) and `inspect`.
 
 pub mod columns;

@@ -1,4 +1,5 @@
-//! Phase two and three of validation (after parsing): resolve the shards and their
+//! Phases three and four of validation (after parsing and the semantic checks of
+//! `spec::validate`, which [`load_and_plan`] runs first): resolve the shards and their
 //! columns, build every stage and chain their output fields, so the whole output
 //! schema is known before any row is read. `validate` prints this; `run` executes it.
 
@@ -13,12 +14,17 @@ use crate::runtime::StageSlot;
 use crate::source::{self, SourcePlan};
 use crate::spec::{self, LoadedPipeline};
 
-/// Command-line replacements for parts of the pipeline file.
+/// Command-line replacements for parts of the pipeline file (with the `cli` feature,
+/// also the `--input`/`--out` arguments themselves).
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct Overrides {
-    /// Replace `source.paths` (relative to the current directory).
+    /// Replace `source.paths` (files, folders or globs, relative to the current
+    /// directory; may repeat).
+    #[cfg_attr(feature = "cli", arg(long = "input", value_name = "PATH"))]
     pub inputs: Option<Vec<String>>,
     /// Replace `sink.path`.
+    #[cfg_attr(feature = "cli", arg(long = "out", value_name = "DIR"))]
     pub out_dir: Option<PathBuf>,
 }
 

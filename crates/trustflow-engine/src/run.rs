@@ -216,3 +216,71 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
     std::fs::write(&report_path, text).map_err(|e| Error::io(&report_path, e))?;
     Ok(report)
 }
+
+impl std::fmt::Display for RunReport {
+    /// The run as a terminal shows it at the end: shards, invariant, reasons, steps.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        writeln!(
+            f,
+            "{}: {} shard(s) processed, {} skipped (already done)",
+            r.pipeline, r.shards_processed, r.shards_skipped
+        )?;
+        writeln!(
+            f,
+            "{:<28} {:>10} {:>10} {:>12}  rows_in = rows_out + rows_quarantined",
+            "shard", "rows in", "rows out", "quarantined"
+        )?;
+        for s in &r.shards {
+            writeln!(
+                f,
+                "{:<28} {:>10} {:>10} {:>12}  {} ({})",
+                s.stem,
+                s.rows_in,
+                s.rows_out,
+                s.rows_quarantined,
+                if s.invariant_holds { "holds" } else { "BROKEN" },
+                s.status
+            )?;
+        }
+        writeln!(
+            f,
+            "total: {} in, {} out, {} quarantined; invariant {}",
+            r.rows_in,
+            r.rows_out,
+            r.rows_quarantined,
+            if r.invariant_holds { "holds" } else { "BROKEN" }
+        )?;
+        if !r.quarantine_reasons.is_empty() {
+            writeln!(f, "quarantine reasons:")?;
+            for (reason, n) in &r.quarantine_reasons {
+                writeln!(f, "  {n:>8}  {reason}")?;
+            }
+        }
+        writeln!(f, "steps:")?;
+        for s in &r.steps {
+            writeln!(
+                f,
+                "  {:<16} {:>9} rows  {:>9.0} rows/s  busy {:>5.1}%  blocked {:>5.1}%  starved {:>5.1}%",
+                s.name,
+                s.rows_out,
+                s.rows_per_s,
+                s.busy_fraction * 100.0,
+                s.blocked_fraction * 100.0,
+                s.starved_fraction * 100.0
+            )?;
+        }
+        writeln!(
+            f,
+            "wall {:.2}s, {:.0} rows/s, peak RSS {}, bottleneck {}",
+            r.wall_s,
+            r.rows_per_s,
+            r.peak_rss_bytes
+                .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+                .unwrap_or_else(|| "n/a".into()),
+            r.bottleneck.as_deref().unwrap_or("-")
+        )?;
+        writeln!(f, "report: {}", r.out_dir.join("_report.json").display())?;
+        Ok(())
+    }
+}

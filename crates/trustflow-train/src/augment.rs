@@ -1,8 +1,8 @@
-//! The trainer's image augmentations (../shared/METHOD.md section 4), seeded and
+//! The trainer's image augmentations (docs/method.md section 4), seeded and
 //! deterministic.
 //!
 //! - [`weak`]: resize to `size` x `size`, then normalise. No randomness.
-//! - [`strong`] (METHOD.md's A(x)): torchvision's semantics, in this order:
+//! - [`strong`] (docs/method.md's A(x)): torchvision's semantics, in this order:
 //!   RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale,
 //!   RandomApply(GaussianBlur), then normalise. [`StrongParams::sample`] draws every
 //!   random choice up front and [`apply_strong`] applies them, so a view can also be
@@ -68,7 +68,7 @@ pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
 const RNG_DOMAIN: &[u8] = b"trustflow.train.augment.v1\0";
 const INV_255: f32 = 1.0 / 255.0;
 
-/// Augmentation settings. Defaults are METHOD.md section 4's (and torchvision's).
+/// Augmentation settings. Defaults are docs/method.md section 4's (and torchvision's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
@@ -575,7 +575,7 @@ pub fn weak(image: &RgbImage, cfg: &AugmentConfig) -> Chw {
     }
 }
 
-/// A random strong view (METHOD.md's A(x)); `rng` is usually [`rng_for`] of the row.
+/// A random strong view (docs/method.md's A(x)); `rng` is usually [`rng_for`] of the row.
 /// Same as [`StrongParams::sample`] followed by [`apply_strong`].
 pub fn strong(image: &RgbImage, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) -> Chw {
     let params = StrongParams::sample(image.width(), image.height(), cfg, rng);

@@ -396,7 +396,7 @@ pub fn sample_epoch(
     } = plan;
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Error::Other(format!("cannot start the trainer's reader: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the trainer's reader: {e}")))?;
     let mut readers = [
         CyclicReader::new(source, &rt, seed, epoch, shuffle_buffer),
         CyclicReader::new(target, &rt, seed, epoch, shuffle_buffer),
@@ -466,7 +466,7 @@ impl<'a> CyclicReader<'a> {
             self.shuffle_buffer,
         );
         self.current.next()?.ok_or_else(|| {
-            Error::Other(format!(
+            Error::Invalid(format!(
                 "{}: no rows to train on (after the filter and the source checks)",
                 self.data.domain.section()
             ))
@@ -478,7 +478,7 @@ impl<'a> CyclicReader<'a> {
 pub fn read_all(data: &DomainData, mut each: impl FnMut(TrainRow) -> Result<()>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Error::Other(format!("cannot start the evaluation reader: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the evaluation reader: {e}")))?;
     let mut reader = PassReader::new(data, &rt, 0, 0, 0, 1);
     while let Some(row) = reader.next_in_order()? {
         each(row)?;

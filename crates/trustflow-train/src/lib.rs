@@ -1,4 +1,4 @@
-//! The TRUST trainer on libtorch (`tch`). See ../shared/METHOD.md sections 4-6.
+//! The TRUST trainer on libtorch (`tch`). See docs/method.md sections 4-6.
 //!
 //! - [`spec`]: the training file (`trustflow train TRAIN.yaml`).
 //! - [`data`]: enriched shards -> shuffled steps -> decoded, augmented tensors, through
@@ -25,4 +25,4 @@ pub mod trainer;
 
 pub use losses::{LossError, LossTerms, LossValues, TrustBatch, trust_loss};
 pub use spec::{LoadedTrain, TrainSpec, load_train_file};
-pub use trainer::{TrainOptions, TrainProgress, TrainReport, train};
+pub use trainer::{TrainOptions, TrainProgress, TrainReport, TrainStatus, train};

@@ -1,4 +1,4 @@
-//! The TRUST objective (../shared/METHOD.md sections 4 and 5) on libtorch:
+//! The TRUST objective (docs/method.md sections 4 and 5) on libtorch:
 //!
 //! ```text
 //! L = L_src + L_tgt + L_self + L_ctr
@@ -7,15 +7,16 @@
 //! each term its own function ([`source_ce`], [`weighted_target_ce`],
 //! [`self_training_ce`], [`soft_contrastive`]) and [`trust_loss`], which checks a whole
 //! [`TrustBatch`] up front and adds the terms that [`LossTerms`] switches on (that is
-//! how the ablations of METHOD.md section 6 run).
+//! how the ablations of docs/method.md section 6 run).
 //!
 //! The per-term functions take well-formed tensors (2-D logits, 1-D integer labels and
 //! float weights of the same length, at least one row, one device) and, like libtorch,
 //! panic when shapes do not fit; [`trust_loss`] validates everything before it calls
 //! them and never panics on its inputs.
 //!
-//! Parity with an independent PyTorch implementation is tested in tests/losses.rs
-//! against the golden files written by scripts/fixtures/losses.py.
+//! Parity with an independent PyTorch implementation is tested in
+//! tests/integration/losses.rs against the golden files written by
+//! scripts/fixtures/losses.py.
 //!
 //! # Conventions this module fixes
 //!
@@ -23,7 +24,7 @@
 //!   rows first, then target rows) and 2R anchors. Anchor rows `0..R` are the first
 //!   (weak) views of the R rows, anchor rows `R..2R` their second (strong) views in the
 //!   same row order, so anchor `a` belongs to row `a mod R`; [`contrastive_anchors`]
-//!   builds that stack. With B_s = B_t = B this is METHOD.md's 4B anchors.
+//!   builds that stack. With B_s = B_t = B this is docs/method.md's 4B anchors.
 //! - **Caption similarity** ([`caption_similarity`]) is computed in float64 with no
 //!   gradient, clamped to [0, 1] and rounded to float32: captions whose features are
 //!   parallel (in particular identical captions) get exactly S = 1, so "every other
@@ -33,9 +34,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// METHOD.md section 5: tau = 0.07.
+/// docs/method.md section 5: tau = 0.07.
 pub const DEFAULT_TAU: f64 = 0.07;
-/// METHOD.md section 5: tau_base = 0.07.
+/// docs/method.md section 5: tau_base = 0.07.
 pub const DEFAULT_TAU_BASE: f64 = 0.07;
 /// The temperatures [`trust_loss`] accepts (tau and tau_base alike; the paper uses
 /// 0.07). The loss grows like tau / tau_base and its gradient like 1 / tau_base, so
@@ -128,22 +129,22 @@ fn row_cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
         .squeeze_dim(1)
 }
 
-/// `L_src = mean_i CE(g(x_s,i), y_s,i)` (METHOD.md section 4).
+/// `L_src = mean_i CE(g(x_s,i), y_s,i)` (docs/method.md section 4).
 ///
 /// `logits` [B, C] float, `labels` [B] integer in [0, C). Panics on malformed shapes.
 pub fn source_ce(logits: &Tensor, labels: &Tensor) -> Tensor {
     row_cross_entropy(logits, labels).mean(None::<Kind>)
 }
 
-/// `L_tgt = mean_i w_i * CE(g(x_t,i), pseudo_label_i)` (METHOD.md section 4): the mean
+/// `L_tgt = mean_i w_i * CE(g(x_t,i), pseudo_label_i)` (docs/method.md section 4): the mean
 /// is over the B rows, not over the sum of the weights, so small weights shrink the
-/// term. `weights` [B] float in [0, 1] (the CLIP weights of METHOD.md section 3).
+/// term. `weights` [B] float in [0, 1] (the CLIP weights of docs/method.md section 3).
 pub fn weighted_target_ce(logits: &Tensor, pseudo_labels: &Tensor, weights: &Tensor) -> Tensor {
     let w = weights.detach().to_kind(logits.kind());
     (row_cross_entropy(logits, pseudo_labels) * w).mean(None::<Kind>)
 }
 
-/// `L_self = mean_i (1 - w_i) * CE(g(A(x_t,i)), argmax g(x_t,i))` (METHOD.md section
+/// `L_self = mean_i (1 - w_i) * CE(g(A(x_t,i)), argmax g(x_t,i))` (docs/method.md section
 /// 4): self-training on the strong view, labelled by the weak view's argmax. The label
 /// is taken from `weak_logits` detached, so no gradient reaches the weak logits
 /// through this term (ties go to the lowest class index, as in PyTorch).
@@ -164,7 +165,7 @@ pub fn contrastive_anchors(
     Tensor::cat(&[source, target, source_strong, target_strong], 0)
 }
 
-/// The caption-similarity matrix S of METHOD.md section 5, R x R for R caption
+/// The caption-similarity matrix S of docs/method.md section 5, R x R for R caption
 /// features [R, Dt]: cosine similarity clamped to [0, 1], without gradient. A caption
 /// feature of norm 0 has S = 0 with every other row; every row has S = 1 with itself.
 /// Computed in float64 and returned as float32 (see the module docs: parallel
@@ -191,7 +192,7 @@ fn l2_normalise(x: &Tensor) -> Tensor {
     x / norm.clamp_min(NORM_EPS)
 }
 
-/// The soft-contrastive loss `L_ctr` of METHOD.md section 5, with the gradient flowing
+/// The soft-contrastive loss `L_ctr` of docs/method.md section 5, with the gradient flowing
 /// into `features` (the authors' released script computes it under no-grad; this does
 /// not).
 ///
@@ -321,7 +322,7 @@ impl LossTerms {
 /// | `ctr` | `source_features`, `source_features_strong` [B_s, D], `target_features`, `target_features_strong` [B_t, D], `source_caption_features` [B_s, Dt], `target_caption_features` [B_t, Dt] |
 ///
 /// `*_features` are h(x) of the weak view, `*_features_strong` h(A(x)) of the strong
-/// view, row i of each the same image. B_s and B_t may differ (METHOD.md has both = B).
+/// view, row i of each the same image. B_s and B_t may differ (docs/method.md has both = B).
 #[derive(Debug, Default)]
 pub struct TrustBatch {
     pub source_logits: Option<Tensor>,
@@ -664,7 +665,7 @@ fn add_term(
     Ok(Some(value))
 }
 
-/// The TRUST objective of METHOD.md section 4 on one step's batch:
+/// The TRUST objective of docs/method.md section 4 on one step's batch:
 /// `total = src*L_src + tgt*L_tgt + self_train*L_self + ctr*L_ctr` over the terms
 /// whose scale is not 0 (the others are not computed). Everything is validated first
 /// ([`TrustBatch::validate`]; `tau` and `tau_base` must lie in [`TEMPERATURE_RANGE`]),

@@ -1,4 +1,4 @@
-//! The numbers every run reports (../shared/METHOD.md section 6): top-1 accuracy overall
+//! The numbers every run reports (docs/method.md section 6): top-1 accuracy overall
 //! and per class, and how well the CLIP weight w separates right from wrong
 //! pseudo-labels (AUROC of w, mean w of each group).
 //!
@@ -75,7 +75,7 @@ pub struct WeightSeparation {
 }
 
 /// Separation of right (`pseudo_label == label`) and wrong pseudo-labels by `weights`
-/// (METHOD.md section 6).
+/// (docs/method.md section 6).
 ///
 /// The three slices are parallel, one entry per target row. When their lengths differ
 /// the rows cannot be paired, so nothing is measured: every field is `None` and both

@@ -1,4 +1,4 @@
-//! The vision model g of METHOD.md section 4: a backbone giving features h(x), then
+//! The vision model g of docs/method.md section 4: a backbone giving features h(x), then
 //! the linear head giving logits. The backbone is the built-in small CNN or a
 //! user's TorchScript module; the head is always ours, so h(x) is by construction the
 //! input of the last linear layer.

@@ -19,7 +19,7 @@ pub struct DomainScan {
     pub rows: u64,
     pub feature_dim: Option<usize>,
     /// Target rows with a label: (pseudo_label, pseudo_weight, label), for the
-    /// pseudo-label accuracy and weight AUROC of METHOD.md section 6.
+    /// pseudo-label accuracy and weight AUROC of docs/method.md section 6.
     pub pseudo_vs_label: Vec<(i64, Option<f64>, i64)>,
 }
 
@@ -27,7 +27,7 @@ pub struct DomainScan {
 pub fn scan(data: &DomainData, classes: i64) -> Result<DomainScan> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Error::Other(format!("cannot start the scan: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the scan: {e}")))?;
     let mut out = DomainScan::default();
     let section = data.domain.section();
     for shard in &data.plan.shards {

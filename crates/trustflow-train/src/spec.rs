@@ -39,7 +39,7 @@ pub struct TrainSpec {
     pub columns: EnrichedColumns,
     /// The vision model.
     pub model: ModelSpec,
-    /// Weak and strong views (METHOD.md section 4); `size` is the model's input side.
+    /// Weak and strong views (docs/method.md section 4); `size` is the model's input side.
     #[serde(default)]
     pub augment: AugmentConfig,
     /// Which loss terms run and at what scale (the ablations).

@@ -41,13 +41,13 @@ pub fn fit_head(
     let rows = labels.len();
     let c = classes.len();
     if rows == 0 || dim == 0 || x.len() != rows * dim {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "cannot fit a head: {rows} rows, {} values, dimension {dim}",
             x.len()
         )));
     }
     if c < 2 || labels.iter().any(|&l| l >= c) {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "cannot fit a head: labels must lie in 0..{c} (2+ classes)"
         )));
     }
@@ -71,7 +71,7 @@ pub fn fit_head(
         ..Default::default()
     }
     .build(&vs, opts.lr)
-    .map_err(|e| Error::Other(format!("cannot build AdamW: {e}")))?;
+    .map_err(|e| Error::Internal(format!("cannot build AdamW: {e}")))?;
     let mut counts = vec![0f32; c];
     for &l in labels {
         counts[l] += 1.0;
@@ -270,7 +270,7 @@ pub fn fit_text(opts: &FitTextOptions) -> Result<serde_json::Value> {
         &opts.filters,
     )?;
     if data.labels.is_empty() {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "no usable rows in the training shards ({} skipped for a null caption or label, \
              {} by the filters)",
             data.skipped_null, data.skipped_filter
@@ -280,7 +280,7 @@ pub fn fit_text(opts: &FitTextOptions) -> Result<serde_json::Value> {
     let classes = match &opts.classes {
         Some(c) if c.len() > top => c.clone(),
         Some(c) => {
-            return Err(Error::Other(format!(
+            return Err(Error::Invalid(format!(
                 "{} class names given but the labels go up to {top}",
                 c.len()
             )));

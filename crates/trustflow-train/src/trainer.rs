@@ -1,4 +1,4 @@
-//! The training loop (METHOD.md sections 4-6) fed by [`super::data`]: plan and check
+//! The training loop (docs/method.md sections 4-6) fed by [`super::data`]: plan and check
 //! both domains, build or restore the model, then for every step take the next ready
 //! batch from the prefetch queue (the wait is the trainer's idle time), run one forward
 //! pass over all views, compute the switched-on TRUST terms, and take an SGD step on
@@ -118,11 +118,24 @@ pub struct EpochMetrics {
     pub rows_dropped: u64,
 }
 
+/// How a training run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainStatus {
+    /// Every epoch ran.
+    Finished,
+    /// Stopped on purpose after a given number of steps (tests of resume); no report
+    /// file is written.
+    Aborted,
+    /// Stopped by a signal; the last checkpoint resumes it.
+    Interrupted,
+}
+
 /// `_report.json` of a training run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
     pub name: String,
-    pub status: String,
+    pub status: TrainStatus,
     pub spec_hash: String,
     pub output: PathBuf,
     pub device: String,
@@ -315,7 +328,7 @@ fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
     if let (Some(a), Some(b)) = (source_scan.feature_dim, target_scan.feature_dim)
         && a != b
     {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "{}: source rows' `{}` have {a} values but target rows' have {b}; both must \
              come from the same text encoder",
             loaded.file.display(),
@@ -324,7 +337,7 @@ fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
     }
     for (scan, section) in [(&source_scan, "source"), (&target_scan, "target")] {
         if scan.rows == 0 {
-            return Err(Error::Other(format!(
+            return Err(Error::Invalid(format!(
                 "{}: `{section}` has no rows (after its filter)",
                 loaded.file.display()
             )));
@@ -413,7 +426,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         TrainDevice::Cpu => Device::Cpu,
         TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
         TrainDevice::Cuda => {
-            return Err(Error::Other(format!(
+            return Err(Error::Environment(format!(
                 "{}: model.device is `cuda` but libtorch sees no CUDA device (the setup \
                  script installs a CPU build of libtorch); use `device: cpu`",
                 loaded.file.display()
@@ -543,7 +556,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     let mut eval_total = Duration::ZERO;
     let mut checkpoint_total = Duration::ZERO;
     let mut last_checkpoint: Option<PathBuf> = None;
-    let mut status = "finished".to_string();
+    let mut status = TrainStatus::Finished;
     let steps_before = global_step;
 
     let outcome: Result<()> = std::thread::scope(|scope| {
@@ -640,7 +653,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     });
                 }
                 if options.abort_after_steps == Some(global_step) {
-                    status = "aborted".into();
+                    status = TrainStatus::Aborted;
                     return Ok(());
                 }
                 let at_epoch_end = step + 1 == steps_per_epoch;
@@ -666,7 +679,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     checkpoint_total += t.elapsed();
                 }
                 if cancelled && !at_epoch_end {
-                    status = "interrupted".into();
+                    status = TrainStatus::Interrupted;
                     return Ok(());
                 }
             }
@@ -740,7 +753,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
             epoch_started = Instant::now();
             epoch_wall_before = 0.0;
             if options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) && epoch + 1 < epochs {
-                status = "interrupted".into();
+                status = TrainStatus::Interrupted;
                 return Ok(());
             }
         }
@@ -776,7 +789,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         checkpoint: last_checkpoint.or_else(|| checkpoint::latest(&output).ok().flatten()),
         history,
     };
-    if report.status != "aborted" {
+    if report.status != TrainStatus::Aborted {
         let file = output.join("_report.json");
         let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::output(&file, e))?;
         std::fs::write(&file, json).map_err(|e| Error::io(&file, e))?;
@@ -801,7 +814,7 @@ fn next_ready(
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(Error::Other(format!(
+                return Err(Error::Internal(format!(
                     "the data side stopped before epoch {} step {}",
                     want.0, want.1
                 )));

@@ -675,8 +675,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// The windowed resize against a crop of the full resize (which `tests/clip_score.rs`
-    /// checks against Pillow), over random sizes that take every pass order.
+    /// The windowed resize against a crop of the full resize (which
+    /// `tests/engine/clip_score.rs` checks against Pillow), over random sizes that take
+    /// every pass order.
     #[test]
     fn a_window_of_the_resize_equals_the_crop_of_the_full_resize() {
         use rand::{Rng, SeedableRng};

@@ -128,7 +128,7 @@ pub fn environment() -> Result<Environment> {
     ENVIRONMENT
         .get_or_init(init_environment)
         .clone()
-        .map_err(Error::Other)
+        .map_err(Error::Environment)
 }
 
 fn init_environment() -> std::result::Result<Environment, String> {

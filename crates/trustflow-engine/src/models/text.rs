@@ -13,7 +13,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 
-/// Characters kept of a caption before tokenisation for CLIP (METHOD.md section 3).
+/// Characters kept of a caption before tokenisation for CLIP (docs/method.md section 3).
 pub const CLIP_CAPTION_CHARS: usize = 75;
 
 /// The first `max_chars` characters (Unicode scalar values, as Python's `text[:n]`).

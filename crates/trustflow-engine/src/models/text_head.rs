@@ -34,7 +34,7 @@ pub fn path_or_env(given: Option<&str>, env: &str, what: &str) -> Result<PathBuf
     match given {
         Some(p) => Ok(PathBuf::from(p)),
         None => std::env::var_os(env).map(PathBuf::from).ok_or_else(|| {
-            Error::Other(format!(
+            Error::Environment(format!(
                 "no {what} given and {env} is unset (run `source scripts/setup.sh`, which \
                  installs paraphrase-MiniLM-L3-v2 and sets it)"
             ))
@@ -258,7 +258,7 @@ impl SentenceEncoder {
             .map(|c| {
                 self.tokenizer
                     .encode(c)
-                    .map_err(|e| Error::Other(format!("caption {c:?}: {e}")))
+                    .map_err(|e| Error::Invalid(format!("caption {c:?}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         self.embed_tokens(&tokens)

@@ -139,7 +139,7 @@ pub fn plan_section(
         });
     }
     let Some(first) = planned.first() else {
-        return Err(Error::Other("no input shards".into()));
+        return Err(Error::Invalid("no input shards".into()));
     };
     let canonical = first.mapping.canonical_schema();
     if let Some(filter) = &spec.filter {

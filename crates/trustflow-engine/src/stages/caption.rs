@@ -1,4 +1,4 @@
-//! The `caption` stage: captions for the rows that have none (METHOD.md section 1),
+//! The `caption` stage: captions for the rows that have none (docs/method.md section 1),
 //! from an ONNX image-to-text model (a Hugging Face `VisionEncoderDecoderModel`, e.g. a
 //! ViT encoder with a GPT-2 decoder) with greedy decoding.
 //!

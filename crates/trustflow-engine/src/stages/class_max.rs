@@ -1,6 +1,6 @@
 //! Source calibration for the `uncertainty` stage's `class_max_cosine` weights: the
 //! largest image-caption cosine seen for each class on the labelled **source** domain
-//! (METHOD.md section 3 names "the cosine divided by the largest cosine seen for that
+//! (docs/method.md section 3 names "the cosine divided by the largest cosine seen for that
 //! class on the source" as an alternative to the batch softmax).
 //!
 //! Why it exists: the batch-softmax weight is only as wide as the CLIP model's logit
@@ -95,7 +95,7 @@ impl ClassMax {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::Other(format!("cannot serialise the calibration: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot serialise the calibration: {e}")))?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -115,12 +115,12 @@ pub fn calibrate(
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     if shards.is_empty() {
-        return Err(Error::Other(
+        return Err(Error::Invalid(
             "calibrate-weights: no source shards to read".into(),
         ));
     }
     if classes < 2 {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "calibrate-weights: needs 2 or more classes, got {classes}"
         )));
     }
@@ -206,14 +206,14 @@ pub fn calibrate(
         source: shards.to_vec(),
     };
     if let Some(c) = calibration.rows_per_class.iter().position(|n| *n == 0) {
-        return Err(Error::Other(format!(
+        return Err(Error::Invalid(format!(
             "calibrate-weights: no source row of class {c} (`{label_column}` = {c}); every \
              class needs one to normalise its weights"
         )));
     }
     calibration
         .check()
-        .map_err(|m| Error::Other(format!("calibrate-weights: {m}")))?;
+        .map_err(|m| Error::Invalid(format!("calibrate-weights: {m}")))?;
     Ok(calibration)
 }
 

@@ -1,5 +1,5 @@
 //! The `clip_score` stage: how well each caption fits its image according to CLIP
-//! (METHOD.md section 3). Every row's image is decoded and preprocessed exactly as
+//! (docs/method.md section 3). Every row's image is decoded and preprocessed exactly as
 //! transformers' `CLIPImageProcessor` does, its caption cut to 75 characters and
 //! tokenised to the model's context; one ONNX call per batch for each of the vision and
 //! text models gives the embeddings, which are unit-normalised. Adds `clip_similarity`

@@ -1,5 +1,5 @@
 //! The `pseudo_label` stage: a pseudo-label for every caption from the user's text
-//! classifier (METHOD.md section 2). The classifier is an ONNX sequence classifier, for
+//! classifier (docs/method.md section 2). The classifier is an ONNX sequence classifier, for
 //! example a fine-tuned DistilBERT, that takes `input_ids` (and optionally
 //! `attention_mask`) and gives two outputs: the class logits and the pooled caption
 //! feature just before the last linear layer (for DistilBERT, `pre_classifier` after its
@@ -354,7 +354,7 @@ impl PseudoLabelStage {
             )));
         }
         let needs = |field: &str| {
-            err(Error::Other(format!(
+            err(Error::Invalid(format!(
                 "`{field}` is required when `model` (an export folder) is not given"
             )))
         };
@@ -425,7 +425,7 @@ impl PseudoLabelStage {
                 } else {
                     ""
                 };
-                err(Error::Other(format!("{e}{hint}")))
+                err(Error::Invalid(format!("{e}{hint}")))
             })?;
         let has_mask = model.input_names().iter().any(|n| n == "attention_mask");
 

@@ -1,4 +1,4 @@
-//! The `uncertainty` stage: the weight `w` of TRUST (METHOD.md section 3), how far to
+//! The `uncertainty` stage: the weight `w` of TRUST (docs/method.md section 3), how far to
 //! trust each row's pseudo-label, from the CLIP embeddings of its image and caption.
 //!
 //! With unit vectors u_i (image) and v_j (caption) and the rows of one group,
@@ -44,7 +44,7 @@ pub const MAX_GROUP_SIZE: usize = 65_536;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightMethod {
-    /// TRUST's weight (METHOD.md section 3): the diagonal of the row-wise softmax of
+    /// TRUST's weight (docs/method.md section 3): the diagonal of the row-wise softmax of
     /// `logit_scale * cos(image_i, caption_j) / temperature` over the rows of a group.
     #[default]
     BatchSoftmax,
@@ -53,7 +53,7 @@ pub enum WeightMethod {
     ClampedCosine,
     /// `max(0, cos(image_i, caption_i)) / class_max[pseudo_label_i]`, clipped to
     /// [0, 1]: the cosine relative to the best one seen for that class on the source
-    /// (METHOD.md section 3's other normalisation). Needs `class_max`; ignores
+    /// (docs/method.md section 3's other normalisation). Needs `class_max`; ignores
     /// `group_size`, `temperature` and `logit_scale`.
     ClassMaxCosine,
 }

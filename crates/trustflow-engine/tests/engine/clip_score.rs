@@ -190,7 +190,7 @@ fn preprocessing_matches_transformers_exactly_under_other_settings() {
 
 /// Preprocessing the same pixels Pillow decoded gives CLIPProcessor's pixel_values to
 /// the bit, and so does our own decoder: PNG is lossless, and JPEG goes through
-/// libjpeg-turbo's decoder, whose output is Pillow's byte for byte (tests/jpeg_parity.rs).
+/// libjpeg-turbo's decoder, whose output is Pillow's byte for byte (jpeg_parity.rs).
 #[test]
 fn pixel_values_match_clip_processor() {
     let config = processor();

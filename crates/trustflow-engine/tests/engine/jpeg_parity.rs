@@ -180,10 +180,10 @@ fn zune_rgb(bytes: &[u8]) -> image::RgbImage {
         .into_rgb8()
 }
 
-/// A diagnostic, not a check (`cargo test --test jpeg_parity -- --ignored
-/// --nocapture`): how far the `image` crate's zune-jpeg, the JPEG decoder used before,
-/// is from Pillow on the fixtures, and the decode speed of two real photos, ours
-/// (libjpeg-turbo's C code, no SIMD) against zune-jpeg's.
+/// A diagnostic, not a check (`cargo test -p trustflow-engine --test engine
+/// jpeg_parity -- --ignored --nocapture`): how far the `image` crate's zune-jpeg, the
+/// JPEG decoder used before, is from Pillow on the fixtures, and the decode speed of two
+/// real photos, ours (libjpeg-turbo's C code, no SIMD) against zune-jpeg's.
 #[test]
 #[ignore]
 fn zune_jpeg_difference_and_speed() {

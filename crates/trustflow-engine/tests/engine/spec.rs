@@ -1100,7 +1100,8 @@ fn mutations_change_the_text() {
 }
 
 // ---------------------------------------------------------------------------------
-// Known bugs in src (ignored until fixed; run with `cargo test --test spec -- --ignored`)
+// Known bugs in src (ignored until fixed; run them with
+// `cargo test -p trustflow-engine --test engine spec:: -- --ignored`)
 // ---------------------------------------------------------------------------------
 
 #[test]

@@ -1,5 +1,5 @@
 //! The `uncertainty` stage against the golden files of `scripts/fixtures/uncertainty.py`
-//! (an independent NumPy/torch reference of METHOD.md section 3; no Python runs here),
+//! (an independent NumPy/torch reference of docs/method.md section 3; no Python runs here),
 //! plus its grouping, rejected rows, schema checks and pipeline-file settings.
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,8 @@
 //! all on the encoder side), compiled from C by the `mozjpeg-sys` crate with `cc` at build
 //! time, with its SIMD kernels assembled by nasm (scripts/setup.sh installs it): no cmake,
 //! no system library. libjpeg-turbo's SIMD decoding routines are bit-exact with its C
-//! ones, and tests/jpeg_parity.rs checks this build against Pillow's libjpeg-turbo 3.2.
+//! ones, and tests/engine/jpeg_parity.rs checks this build against Pillow's libjpeg-turbo
+//! 3.2.
 //!
 //! What Pillow does, and so what this does:
 //! - the accurate integer IDCT (`JDCT_ISLOW`) and fancy (triangle-filter) chroma
