@@ -60,3 +60,16 @@ pub const QUARANTINE_SUFFIX: &str = ".quarantine.parquet";
 pub fn quarantine_name(stem: &str) -> String {
     format!("{stem}{QUARANTINE_SUFFIX}")
 }
+
+pub fn manifest_name(stem: &str) -> String {
+    format!("{stem}.manifest.json")
+}
+
+/// Every file a shard's outputs take in the output folder.
+pub fn output_names(stem: &str) -> [String; 3] {
+    [
+        output_name(stem),
+        quarantine_name(stem),
+        manifest_name(stem),
+    ]
+}

@@ -136,6 +136,12 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
         .out_dir
         .clone()
         .unwrap_or_else(|| pipeline.resolve(&spec.sink.path));
+    let inputs: Vec<(String, PathBuf)> = source
+        .shards
+        .iter()
+        .map(|s| (s.stem.clone(), s.path.clone()))
+        .collect();
+    crate::sink::safety::check_outputs(&out_dir, &inputs)?;
     // Model files are part of what a shard's output depends on.
     let digests: Vec<String> = stages
         .iter()

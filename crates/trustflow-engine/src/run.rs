@@ -91,6 +91,9 @@ fn shard_report(stem: &str, input: &Path, status: &'static str, m: &Manifest) ->
 pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
     let out_dir = plan.out_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    // Held until the run returns: a second writer is refused before it can touch
+    // this run's temporary files.
+    let _lock = sink::lock::lock_output(&out_dir, options.part)?;
     let cpu_start = runtime::metrics::process_cpu_seconds();
 
     let mut todo = Vec::new();

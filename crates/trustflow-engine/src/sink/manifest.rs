@@ -41,7 +41,7 @@ impl Manifest {
     }
 
     pub fn path_for(out_dir: &Path, stem: &str) -> PathBuf {
-        out_dir.join(format!("{stem}.manifest.json"))
+        out_dir.join(crate::columns::manifest_name(stem))
     }
 
     pub fn read(path: &Path) -> Option<Manifest> {
@@ -53,11 +53,15 @@ impl Manifest {
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::output(path, e))?;
         let tmp = super::tmp_path(path);
-        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        let written = std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .map_err(|e| Error::io(&tmp, e))
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+        if written.is_err() {
+            // A full disk must not leave a half-written manifest behind.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// True when this manifest describes a finished shard of the same input under the
@@ -104,7 +108,8 @@ pub fn reason_key(stage: &str, reason: &str) -> String {
         if in_quote {
             continue;
         }
-        if c.is_ascii_digit() {
+        // Names such as UTF-8 are words, not quantities.
+        if c.is_ascii_digit() && !out.ends_with("UTF-") {
             if !last_digit {
                 out.push('N');
             }
@@ -140,6 +145,10 @@ mod tests {
                 "not a recognised image format (magic bytes 1f 8b (x))"
             ),
             "decode: not a recognised image format (…)"
+        );
+        assert_eq!(
+            reason_key("source", "caption is not valid UTF-8 at byte 3"),
+            "source: caption is not valid UTF-8 at byte N"
         );
     }
 }

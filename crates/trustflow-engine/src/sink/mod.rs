@@ -4,7 +4,9 @@
 //! under a temporary name and renamed only when complete, so a killed run never
 //! leaves a partial file under a final name, and the manifest (last) marks completion.
 
+pub mod lock;
 pub mod manifest;
+pub mod safety;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -39,11 +41,7 @@ pub fn remove_stale_tmp(out_dir: &Path, stem: &str) {
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return;
     };
-    let prefixes = [
-        format!(".{}.", output_name(stem)),
-        format!(".{}.", quarantine_name(stem)),
-        format!(".{stem}.manifest.json."),
-    ];
+    let prefixes = crate::columns::output_names(stem).map(|name| format!(".{name}."));
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".tmp") && prefixes.iter().any(|p| name.starts_with(p.as_str())) {
@@ -207,11 +205,24 @@ impl Sink for ParquetSink {
         };
         let out_final = self.out_dir.join(output_name(&shard.stem));
         let quarantine_final = self.out_dir.join(quarantine_name(&shard.stem));
-        close(open.out, &open.out_tmp)?;
-        close(open.quarantine, &open.quarantine_tmp)?;
-        std::fs::rename(&open.out_tmp, &out_final).map_err(|e| Error::io(&out_final, e))?;
-        std::fs::rename(&open.quarantine_tmp, &quarantine_final)
-            .map_err(|e| Error::io(&quarantine_final, e))?;
+        let (out_tmp, quarantine_tmp) = (open.out_tmp.clone(), open.quarantine_tmp.clone());
+        let committed = close(open.out, &out_tmp)
+            .and_then(|()| close(open.quarantine, &quarantine_tmp))
+            .and_then(|()| {
+                std::fs::rename(&out_tmp, &out_final).map_err(|e| Error::io(&out_final, e))
+            })
+            .and_then(|()| {
+                std::fs::rename(&quarantine_tmp, &quarantine_final)
+                    .map_err(|e| Error::io(&quarantine_final, e))
+            });
+        if let Err(e) = committed {
+            // The writer is out of `open` now, so `abort` would not see its files; a
+            // full disk must not leave them (or a lone output without its manifest).
+            for path in [&out_tmp, &quarantine_tmp, &out_final, &quarantine_final] {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         let size = |p: &Path| {
             std::fs::metadata(p)
                 .map(|m| m.len())

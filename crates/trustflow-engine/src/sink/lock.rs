@@ -1,0 +1,170 @@
+//! One writer per output folder. A run takes an advisory lock on
+//! `<out>/.trustflow.lock` for as long as it writes there (the OS releases it when the
+//! process dies, so a crash leaves no stale lock). A whole run holds it exclusively; a
+//! `--part I/N` run holds it shared, plus `<out>/.trustflow.part-I-of-N.lock`
+//! exclusively, so parts of one job share a folder while a second whole run, or a
+//! second copy of the same part, is refused with the holder's pid and host.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+const FOLDER_LOCK: &str = ".trustflow.lock";
+
+/// Held locks; dropping it releases them.
+#[derive(Debug)]
+pub struct OutputLock {
+    _folder: File,
+    _part: Option<File>,
+}
+
+fn holder_line() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "an unknown host".into());
+    format!("pid {} on {host}", std::process::id())
+}
+
+fn open(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Record who holds an exclusive lock, for the message a refused run prints.
+fn sign(file: &mut File, path: &Path) -> Result<()> {
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(holder_line().as_bytes()))
+        .map_err(|e| Error::io(path, e))
+}
+
+fn holder_of(path: &Path) -> String {
+    let mut text = String::new();
+    let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut text));
+    let text = text.trim();
+    if text.is_empty() {
+        "another trustflow process".into()
+    } else {
+        text.to_string()
+    }
+}
+
+/// Holders of part locks in `out_dir`, for the message when a whole run is refused.
+fn part_holders(out_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(".trustflow.part-") && name.ends_with(".lock")
+        })
+        .filter_map(|e| {
+            let file = File::open(e.path()).ok()?;
+            // Only parts still running hold their lock.
+            match file.try_lock_shared() {
+                Ok(()) => None,
+                Err(_) => Some(holder_of(&e.path())),
+            }
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn busy(out_dir: &Path, holder: String) -> Error {
+    Error::input(
+        out_dir,
+        format!(
+            "the output folder is in use by another trustflow run ({holder}); wait for it to \
+             finish, or write to another folder"
+        ),
+    )
+}
+
+/// Lock `out_dir` (which must exist) for this run; `part` is `--part I/N`.
+pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<OutputLock> {
+    let folder_path = out_dir.join(FOLDER_LOCK);
+    let mut folder = open(&folder_path)?;
+    let Some((i, n)) = part else {
+        return match folder.try_lock() {
+            Ok(()) => {
+                sign(&mut folder, &folder_path)?;
+                Ok(OutputLock {
+                    _folder: folder,
+                    _part: None,
+                })
+            }
+            Err(TryLockError::WouldBlock) => {
+                let parts = part_holders(out_dir);
+                let holder = if parts.is_empty() {
+                    holder_of(&folder_path)
+                } else {
+                    format!("parts held by {}", parts.join(", "))
+                };
+                Err(busy(out_dir, holder))
+            }
+            Err(TryLockError::Error(e)) => Err(Error::io(&folder_path, e)),
+        };
+    };
+    match folder.try_lock_shared() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(busy(out_dir, holder_of(&folder_path))),
+        Err(TryLockError::Error(e)) => return Err(Error::io(&folder_path, e)),
+    }
+    let part_path: PathBuf = out_dir.join(format!(".trustflow.part-{i}-of-{n}.lock"));
+    let mut part_file = open(&part_path)?;
+    match part_file.try_lock() {
+        Ok(()) => {
+            sign(&mut part_file, &part_path)?;
+            Ok(OutputLock {
+                _folder: folder,
+                _part: Some(part_file),
+            })
+        }
+        Err(TryLockError::WouldBlock) => Err(busy(
+            out_dir,
+            format!("part {i}/{n} held by {}", holder_of(&part_path)),
+        )),
+        Err(TryLockError::Error(e)) => Err(Error::io(&part_path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_writer_is_refused_with_the_holder_and_parts_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_output(dir.path(), None).unwrap();
+        let err = lock_output(dir.path(), None).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        assert!(lock_output(dir.path(), Some((0, 2))).is_err());
+        drop(first);
+        let p0 = lock_output(dir.path(), Some((0, 2))).unwrap();
+        let p1 = lock_output(dir.path(), Some((1, 2))).unwrap();
+        let again = lock_output(dir.path(), Some((1, 2)))
+            .unwrap_err()
+            .to_string();
+        assert!(again.contains("part 1/2"), "{again}");
+        let whole = lock_output(dir.path(), None).unwrap_err().to_string();
+        assert!(whole.contains("parts held by"), "{whole}");
+        drop((p0, p1));
+        lock_output(dir.path(), None).unwrap();
+    }
+}

@@ -1,0 +1,158 @@
+//! Plan-time guards of the output folder: a run must never write over its own inputs,
+//! nor let two inputs write the same output file. Both are decided on resolved paths
+//! (symlinks and `..` followed), before any data is read, so `validate` refuses them
+//! too.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use crate::columns::output_names;
+use crate::error::{Error, Result};
+
+/// `path` made absolute with symlinks resolved as far as it exists: the longest
+/// existing ancestor is canonicalised and the rest appended (`..` applied lexically).
+pub fn resolve(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let mut existing = absolute.as_path();
+    let mut rest: Vec<Component<'_>> = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                match part {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::CurDir => {}
+                    other => out.push(other.as_os_str()),
+                }
+            }
+            return out;
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
+/// Refuse an output folder that is, contains or lies inside the folder of an input
+/// shard, and inputs whose output names collide. `inputs` are (stem, path) pairs.
+pub fn check_outputs(out_dir: &Path, inputs: &[(String, PathBuf)]) -> Result<()> {
+    let out = resolve(out_dir);
+    let refuse = |input: &Path, how: &str| {
+        Error::input(
+            out_dir,
+            format!(
+                "the output folder {how} the folder of input shard {} (resolved: {}); a run \
+                 there could overwrite or re-read its own inputs. Choose an output folder \
+                 outside the inputs' folders",
+                input.display(),
+                out.display()
+            ),
+        )
+    };
+    for (_, input) in inputs {
+        let resolved = resolve(input);
+        let Some(folder) = resolved.parent() else {
+            continue;
+        };
+        if out == folder {
+            return Err(refuse(input, "is"));
+        }
+        if folder.starts_with(&out) {
+            return Err(refuse(input, "contains"));
+        }
+        if out.starts_with(folder) {
+            return Err(refuse(input, "lies inside"));
+        }
+    }
+    let mut taken: HashMap<String, &Path> = HashMap::new();
+    for (stem, input) in inputs {
+        for name in output_names(stem) {
+            if let Some(first) = taken.insert(name.clone(), input) {
+                return Err(Error::input(
+                    input,
+                    format!(
+                        "its output `{name}` would also be written for input {}; outputs are \
+                         named after the input's file stem, so rename one of the two",
+                        first.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(paths: &[&Path]) -> Vec<(String, PathBuf)> {
+        paths
+            .iter()
+            .map(|p| {
+                let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+                (stem, p.to_path_buf())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outputs_over_inputs_are_refused_through_dots_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let shard = data.join("a.parquet");
+        std::fs::write(&shard, b"x").unwrap();
+        let list = inputs(&[&shard]);
+        for out in [
+            data.clone(),
+            data.join("sub/.."),
+            dir.path().to_path_buf(),
+            data.join("out"),
+        ] {
+            let err = check_outputs(&out, &list).unwrap_err().to_string();
+            assert!(err.contains("a.parquet"), "{out:?}: {err}");
+        }
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        assert!(check_outputs(&link, &list).is_err());
+        assert!(check_outputs(&dir.path().join("elsewhere/out"), &list).is_ok());
+    }
+
+    #[test]
+    fn colliding_output_names_name_both_inputs() {
+        let a = Path::new("/x/a/s.parquet");
+        let b = Path::new("/x/b/s.quarantine.parquet");
+        let c = Path::new("/x/c/s.parquet");
+        let list = vec![
+            ("s".to_string(), a.to_path_buf()),
+            ("s.quarantine".to_string(), b.to_path_buf()),
+        ];
+        let err = check_outputs(Path::new("/y/out"), &list)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/x/a/s.parquet") && err.contains("/x/b/s.quarantine.parquet"),
+            "{err}"
+        );
+        let err = check_outputs(Path::new("/y/out"), &inputs(&[a, c]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/x/a/s.parquet") && err.contains("/x/c/s.parquet"),
+            "{err}"
+        );
+    }
+}
