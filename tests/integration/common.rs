@@ -7,6 +7,10 @@ pub use trustflow_testutil::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use parquet::arrow::ArrowWriter;
 
 use trustflow::bench::corpus::{GenLayout, GenOptions, GenSummary, generate};
 
@@ -87,4 +91,87 @@ pub fn planted_corruptions(corpus: &Path) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Read every output and quarantine shard of a folder into comparable form.
+pub fn all_outputs(out: &Path) -> Vec<(String, arrow::array::RecordBatch)> {
+    let mut files: Vec<_> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                read_parquet(&p),
+            )
+        })
+        .collect()
+}
+
+pub fn count_manifests(out: &Path) -> usize {
+    std::fs::read_dir(out)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".manifest.json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Start a run and stop it with `signal` once `after` shards are finished.
+pub fn interrupt(
+    pipeline: &Path,
+    out: &Path,
+    signal: &str,
+    after: usize,
+) -> std::process::ExitStatus {
+    let mut child = bin()
+        .args(["run", "--quiet", pipeline.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while count_manifests(out) < after {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "run made no progress"
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("run ended ({status}) before it could be interrupted; make the corpus bigger");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = child.id().to_string();
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    child.wait().unwrap()
+}
+
+pub fn slow_corpus(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let corpus_dir = dir.join("corpus");
+    corpus(&corpus_dir, 480, 12, 8, 200);
+    let out = dir.join("out");
+    // One worker and tiny batches make a run long enough to interrupt mid-way.
+    let yaml = format!(
+        "source:\n  paths: [\"{}\"]\nstages:\n  - type: decode\n  - type: clean_caption\nsink:\n  path: \"{}\"\nruntime:\n  batch_size: 2\n  queue_depth: 1\n",
+        corpus_dir.display(),
+        out.display()
+    );
+    (pipeline(dir, "p.yaml", &yaml), out)
+}
+
+pub fn write_parquet(path: &Path, batch: &RecordBatch) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
 }

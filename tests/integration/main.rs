@@ -9,6 +9,7 @@ mod common;
 mod demo;
 mod digits;
 mod engine;
+mod faults;
 mod fit_text;
 mod harness;
 mod layering;

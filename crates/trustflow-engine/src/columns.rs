@@ -6,6 +6,9 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 pub const ID: &str = "id";
+/// Ids the engine makes up for rows whose id is null start with this; real ids that
+/// start with it are rejected, so a made-up id can never equal a real one.
+pub const SYNTHETIC_ID_PREFIX: &str = "~row:";
 pub const IMAGE: &str = "image";
 pub const CAPTION: &str = "caption";
 pub const LABEL: &str = "label";

@@ -13,7 +13,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::columns::{self, CAPTION, ID, IMAGE, LABEL};
+use crate::columns::{self, CAPTION, ID, IMAGE, LABEL, SYNTHETIC_ID_PREFIX};
 use crate::error::{Error, Result};
 use crate::quarantine::split_rows;
 use crate::spec::{ImageLayout, NullLabels, SourcePreset, SourceSpec};
@@ -258,9 +258,23 @@ impl Converter {
                     for i in 0..n {
                         if ids.is_null(i) {
                             rejected.push((i, "id is null".into()));
-                            b.append_value(format!("{}:{}", self.stem, first_row + i as u64));
+                            b.append_value(format!(
+                                "{SYNTHETIC_ID_PREFIX}{}:{}",
+                                self.stem,
+                                first_row + i as u64
+                            ));
                         } else {
-                            b.append_value(ids.value(i));
+                            let id = ids.value(i);
+                            if id.starts_with(SYNTHETIC_ID_PREFIX) {
+                                rejected.push((
+                                    i,
+                                    format!(
+                                        "id `{id}` starts with `{SYNTHETIC_ID_PREFIX}`, which is \
+                                         reserved for the ids the engine gives rows without one"
+                                    ),
+                                ));
+                            }
+                            b.append_value(id);
                         }
                     }
                     Arc::new(b.finish())

@@ -129,6 +129,25 @@ pub fn plan_section(
                 ),
             ));
         }
+        // The first shard's types are the output's: another type would be cast
+        // silently (or fail mid-run).
+        if let Some(first) = planned.first() {
+            for (kept, theirs) in mapping.kept.iter().zip(&first.mapping.kept) {
+                if kept.data_type() != theirs.data_type() {
+                    return Err(Error::input(
+                        &path,
+                        format!(
+                            "keep_columns: column `{}` has type {} here but {} in {}; every \
+                             shard of a run must store a kept column with one type",
+                            kept.name(),
+                            kept.data_type(),
+                            theirs.data_type(),
+                            first.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
         planned.push(ShardPlan {
             index,
             stem: shards::stem_of(&path),

@@ -1,0 +1,294 @@
+//! The engine's safety contract as a fault suite (docs/safety.md): whatever a user
+//! does, no row and no input file is lost, and nothing half-written carries a final
+//! name. Each test is a mistake or a fault a real run meets. A longer kill soak runs
+//! with TRUSTFLOW_SOAK=N (N kills; default 3).
+
+use crate::common::*;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Int32Array, Int64Array, LargeBinaryArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use sha2::{Digest, Sha256};
+
+/// Content hash of every file under `dir`, by relative path.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            out.insert(
+                path.strip_prefix(dir).unwrap().to_path_buf(),
+                format!("{:x}", Sha256::digest(&bytes)),
+            );
+        }
+    }
+    out
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let out = bin().args(args).output().expect("run trustflow");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_contains(&stderr, needles);
+    stderr
+}
+
+fn small_corpus(dir: &Path) -> PathBuf {
+    let corpus_dir = dir.join("corpus");
+    corpus(&corpus_dir, 40, 2, 3, 64);
+    corpus_dir
+}
+
+#[test]
+fn an_output_folder_over_the_inputs_is_refused_by_validate_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = small_corpus(dir.path());
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink(&corpus_dir, dir.path().join("link")).unwrap();
+    let before = snapshot(&corpus_dir);
+    let p = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&corpus_dir, &dir.path().join("unused"), ""),
+    );
+    let p = p.to_str().unwrap();
+    let same = corpus_dir.display().to_string();
+    let dotted = dir.path().join("sub/../corpus").display().to_string();
+    let linked = dir.path().join("link").display().to_string();
+    let inside = corpus_dir.join("out").display().to_string();
+    let around = dir.path().display().to_string();
+    for out in [&same, &dotted, &linked, &inside, &around] {
+        for verb in ["validate", "run"] {
+            fails_with(
+                &[verb, p, "--out", out],
+                &["part-0000", "the output folder"],
+            );
+        }
+    }
+    assert_eq!(snapshot(&corpus_dir), before, "an input file changed");
+}
+
+#[test]
+fn inputs_whose_output_names_collide_are_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = small_corpus(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    // A shard named like another's quarantine shard.
+    std::fs::copy(
+        corpus_dir.join("part-00000.parquet"),
+        other.join("part-00000.quarantine.parquet"),
+    )
+    .unwrap();
+    let a = corpus_dir.join("part-00000.parquet");
+    let b = other.join("part-00000.quarantine.parquet");
+    let yaml = format!(
+        "source:\n  paths: [\"{}\", \"{}\"]\nsink:\n  path: \"{}\"\n",
+        a.display(),
+        b.display(),
+        dir.path().join("out").display()
+    );
+    let p = pipeline(dir.path(), "p.yaml", &yaml);
+    for verb in ["validate", "run"] {
+        fails_with(
+            &[verb, p.to_str().unwrap()],
+            &[&a.display().to_string(), &b.display().to_string()],
+        );
+    }
+    assert!(
+        !dir.path().join("out").exists(),
+        "refused runs write nothing"
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_while_the_folder_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = small_corpus(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let p = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&corpus_dir, &out, ""),
+    );
+    let p = p.to_str().unwrap();
+    // This process plays the first writer.
+    let held = trustflow_engine::sink::lock::lock_output(&out, None).unwrap();
+    let pid = format!("pid {}", std::process::id());
+    fails_with(
+        &["run", "--quiet", p],
+        &["in use by another trustflow run", &pid],
+    );
+    fails_with(&["run", "--quiet", "--part", "0/2", p], &[&pid]);
+    drop(held);
+    // Parts of one job share the folder; together they write every shard.
+    let part = trustflow_engine::sink::lock::lock_output(&out, Some((1, 2))).unwrap();
+    run_ok(&["run", "--quiet", "--part", "0/2", p]);
+    fails_with(&["run", "--quiet", "--part", "1/2", p], &["part 1/2", &pid]);
+    drop(part);
+    run_ok(&["run", "--quiet", "--part", "1/2", p]);
+    assert_eq!(count_manifests(&out), 2);
+}
+
+#[test]
+fn a_full_disk_leaves_no_temporary_or_uncommitted_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 120, 3, 5, 160);
+    let out = dir.path().join("out");
+    let reference = dir.path().join("reference");
+    let p = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&corpus_dir, &out, ""),
+    );
+    let p = p.to_str().unwrap();
+    run_ok(&["run", "--quiet", "--out", reference.to_str().unwrap(), p]);
+    // Files may not grow past 64 KiB: writes fail with EFBIG, as on a full disk
+    // (SIGXFSZ ignored, as a disk-full error is not a signal).
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 128; exec \"{}\" run --quiet \"{p}\"",
+        env!("CARGO_BIN_EXE_trustflow")
+    );
+    let status = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(!status.status.success(), "the limit did not bite");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "temporary files left: {names:?}"
+    );
+    for name in names.iter().filter(|n| n.ends_with(".parquet")) {
+        let stem = name
+            .trim_end_matches(".parquet")
+            .trim_end_matches(".quarantine");
+        assert!(
+            names.contains(&format!("{stem}.manifest.json")),
+            "{name} carries a final name without its manifest: {names:?}"
+        );
+    }
+    run_ok(&["run", "--quiet", p]);
+    assert_eq!(all_outputs(&out), all_outputs(&reference));
+}
+
+#[test]
+fn random_kills_rerun_to_the_uninterrupted_outputs() {
+    let kills: usize = std::env::var("TRUSTFLOW_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = slow_corpus(dir.path());
+    let reference = dir.path().join("reference");
+    run_ok(&[
+        "run",
+        "--quiet",
+        "--out",
+        reference.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    let want = all_outputs(&reference);
+    // Kill points spread over the run, the same every time (no flakiness, no seed).
+    for k in 0..kills {
+        let after = 1 + (k * 7) % 10;
+        if count_manifests(&out) >= after {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+        let status = interrupt(&file, &out, "-KILL", after);
+        assert!(!status.success());
+        run_ok(&["run", "--quiet", file.to_str().unwrap()]);
+        assert_eq!(all_outputs(&out), want, "kill {k} after {after} shards");
+        assert_eq!(report(&out)["invariant_holds"], true);
+    }
+}
+
+fn write_shard(path: &Path, ids: Vec<Option<&str>>, extra: Arc<dyn arrow::array::Array>) {
+    let n = ids.len();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("image", DataType::LargeBinary, true),
+        Field::new("caption", DataType::Utf8, true),
+        Field::new("extra", extra.data_type().clone(), true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(LargeBinaryArray::from_iter_values(
+                (0..n).map(|_| b"x".to_vec()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("a cat {i}")),
+            )),
+            extra,
+        ],
+    )
+    .unwrap();
+    write_parquet(path, &batch);
+}
+
+#[test]
+fn kept_columns_of_different_types_are_refused_naming_both_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_shard(
+        &data.join("a.parquet"),
+        vec![Some("1")],
+        Arc::new(Int32Array::from(vec![1])),
+    );
+    write_shard(
+        &data.join("b.parquet"),
+        vec![Some("2")],
+        Arc::new(Int64Array::from(vec![2])),
+    );
+    let yaml = format!(
+        "source:\n  paths: [\"{}\"]\n  keep_columns: [extra]\nsink:\n  path: \"{}\"\n",
+        data.display(),
+        dir.path().join("out").display()
+    );
+    let p = pipeline(dir.path(), "p.yaml", &yaml);
+    fails_with(
+        &["validate", p.to_str().unwrap()],
+        &["a.parquet", "b.parquet", "`extra`", "Int32", "Int64"],
+    );
+}
+
+#[test]
+fn made_up_ids_never_equal_real_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // A real id that looks like the old made-up id of the null row, and one that
+    // claims the reserved prefix.
+    write_shard(
+        &data.join("s.parquet"),
+        vec![Some("s:1"), None, Some("~row:mine")],
+        Arc::new(Int32Array::from(vec![0, 1, 2])),
+    );
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "source:\n  paths: [\"{}\"]\nsink:\n  path: \"{}\"\n",
+        data.display(),
+        out.display()
+    );
+    let p = pipeline(dir.path(), "p.yaml", &yaml);
+    run_ok(&["run", "--quiet", p.to_str().unwrap()]);
+    let kept = strings(&read_parquet(&out.join("s.parquet")), "id");
+    assert_eq!(kept, vec![Some("s:1".to_string())]);
+    let q = quarantined(&out);
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(q["~row:s:1"].1.contains("id is null"), "{q:?}");
+    assert!(q["~row:mine"].1.contains("reserved"), "{q:?}");
+}
