@@ -399,13 +399,8 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let cancelled = matches!(e.downcast_ref::<Error>(), Some(Error::Cancelled));
             eprintln!("error: {e:#}");
-            if cancelled {
-                ExitCode::from(130)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(e.downcast_ref::<Error>().map_or(1, Error::exit_code))
         }
     }
 }
@@ -437,6 +432,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             print!("{report}");
             if !report.invariant_holds {
                 anyhow::bail!("row accounting invariant broken (see report)");
+            }
+            if !report.unreadable.is_empty() {
+                return Err(Error::Incomplete {
+                    skipped: report.unreadable.len(),
+                }
+                .into());
             }
             if let Some(train_file) = then_train {
                 if args.part.is_some() {

@@ -2195,6 +2195,7 @@ mod tests {
             invariant_holds: true,
             shards_processed: 1,
             shards_skipped: 0,
+            unreadable: Vec::new(),
             rows_per_s: 100.0,
             cpu_seconds: None,
             cpu_utilisation: None,

@@ -292,3 +292,73 @@ fn made_up_ids_never_equal_real_ones() {
     assert!(q["~row:s:1"].1.contains("id is null"), "{q:?}");
     assert!(q["~row:mine"].1.contains("reserved"), "{q:?}");
 }
+
+/// Overwrite bytes inside the first data page of `shard`'s first column chunk, leaving
+/// the footer intact: the file plans, and fails when its data is read.
+fn corrupt_a_data_page(shard: &Path) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(std::fs::File::open(shard).unwrap()).unwrap();
+    let offset = reader.metadata().row_group(0).column(0).data_page_offset() as usize;
+    let mut bytes = std::fs::read(shard).unwrap();
+    for b in &mut bytes[offset..offset + 24] {
+        *b = 0xff;
+    }
+    std::fs::write(shard, bytes).unwrap();
+}
+
+#[test]
+fn an_unreadable_shard_is_skipped_and_reported_or_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 90, 3, 9, 64);
+    corrupt_a_data_page(&corpus_dir.join("part-00001.parquet"));
+    // A shard whose footer is gone.
+    std::fs::write(corpus_dir.join("part-00003.parquet"), b"PAR1 not really").unwrap();
+    let out = dir.path().join("out");
+    let p = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&corpus_dir, &out, ""),
+    );
+    let run = bin()
+        .args(["run", "--quiet", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    let r = report(&out);
+    let unreadable: Vec<String> = r["unreadable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["input"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(unreadable.len(), 2, "{r}");
+    assert!(unreadable.iter().any(|u| u.ends_with("part-00001.parquet")));
+    assert!(unreadable.iter().any(|u| u.ends_with("part-00003.parquet")));
+    // The readable shards are whole; nothing of the unreadable ones is committed.
+    assert_eq!(count_manifests(&out), 2);
+    assert!(!out.join("part-00001.parquet").exists());
+    assert_eq!(r["invariant_holds"], true);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+
+    // `on_unreadable: fail` stops the run, naming the file.
+    let strict = pipeline(
+        dir.path(),
+        "strict.yaml",
+        &standard_pipeline(
+            &corpus_dir,
+            &dir.path().join("out2"),
+            "  on_unreadable: fail\n",
+        ),
+    );
+    fails_with(
+        &["run", "--quiet", strict.to_str().unwrap()],
+        &["part-00003.parquet"],
+    );
+}

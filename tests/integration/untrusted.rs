@@ -11,7 +11,6 @@ use arrow::array::{ArrayRef, BinaryArray, Int64Array, StringArray, StructArray};
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use arrow::record_batch::RecordBatch;
 use common::*;
-use parquet::arrow::ArrowWriter;
 
 fn png(side: u32, noisy: bool) -> Vec<u8> {
     let img = image::RgbImage::from_fn(side, side, |x, y| {

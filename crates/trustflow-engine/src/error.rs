@@ -88,6 +88,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An input shard's data could not be read (corrupt page, vanished file). With
+    /// `source.on_unreadable: quarantine` the run records it and goes on.
+    #[error("{path}: cannot be read: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+
     #[error("stage `{stage}`: {message}")]
     Stage { stage: String, message: String },
 
@@ -96,6 +101,14 @@ pub enum Error {
 
     #[error("run cancelled by signal; completed shards are kept, the rest were discarded")]
     Cancelled,
+
+    /// The run finished, but skipped input shards it could not read (listed in its
+    /// report).
+    #[error(
+        "{skipped} input shard(s) could not be read and were skipped; the report lists \
+         them with the reason (repair or remove them, then rerun: finished shards are kept)"
+    )]
+    Incomplete { skipped: usize },
 
     /// A setting, argument or input that cannot work (the message says which, and what
     /// is expected).
@@ -124,6 +137,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The process exit code this error ends a command with: 130 cancelled by a signal,
+    /// 3 finished with unreadable input shards skipped, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Cancelled => 130,
+            Error::Incomplete { .. } => 3,
+            _ => 1,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -44,6 +44,14 @@ pub struct ShardReport {
     pub quarantine_reasons: BTreeMap<String, u64>,
 }
 
+/// A shard the run skipped because it could not be read
+/// (`source.on_unreadable: quarantine`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UnreadableShard {
+    pub input: PathBuf,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub pipeline: String,
@@ -57,6 +65,9 @@ pub struct RunReport {
     pub invariant_holds: bool,
     pub shards_processed: usize,
     pub shards_skipped: usize,
+    /// Shards that could not be read and were skipped; the command exits with code 3
+    /// when there are any. Their rows are in no count above.
+    pub unreadable: Vec<UnreadableShard>,
     /// Rows per second over the shards processed now.
     pub rows_per_s: f64,
     pub cpu_seconds: Option<f64>,
@@ -187,6 +198,23 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let mut unreadable: Vec<UnreadableShard> = plan
+        .source
+        .unreadable
+        .iter()
+        .map(|(input, reason)| UnreadableShard {
+            input: input.clone(),
+            reason: reason.clone(),
+        })
+        .collect();
+    for (index, reason) in &stats.unreadable {
+        if let Some(shard) = plan.source.shards.get(*index) {
+            unreadable.push(UnreadableShard {
+                input: shard.path.clone(),
+                reason: reason.clone(),
+            });
+        }
+    }
     let report = RunReport {
         pipeline: plan.pipeline.name(),
         pipeline_file: plan.pipeline.file.clone(),
@@ -197,8 +225,9 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         rows_out: totals.rows_out,
         rows_quarantined: totals.rows_quarantined,
         invariant_holds: shards.iter().all(|s| s.invariant_holds),
-        shards_processed: processed,
+        shards_processed: processed - stats.unreadable.len(),
         shards_skipped: skipped,
+        unreadable,
         rows_per_s: processed_rows as f64 / snap.elapsed_s.max(1e-9),
         cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),
         cpu_seconds,
@@ -254,6 +283,16 @@ impl std::fmt::Display for RunReport {
             r.rows_quarantined,
             if r.invariant_holds { "holds" } else { "BROKEN" }
         )?;
+        if !r.unreadable.is_empty() {
+            writeln!(
+                f,
+                "UNREADABLE: {} shard(s) skipped, their rows are in no output:",
+                r.unreadable.len()
+            )?;
+            for u in &r.unreadable {
+                writeln!(f, "  {}: {}", u.input.display(), u.reason)?;
+            }
+        }
         if !r.quarantine_reasons.is_empty() {
             writeln!(f, "quarantine reasons:")?;
             for (reason, n) in &r.quarantine_reasons {

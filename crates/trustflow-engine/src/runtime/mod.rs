@@ -41,6 +41,12 @@ pub struct Envelope {
 #[derive(Debug)]
 pub enum Message {
     Batch(Envelope),
+    /// `shard` could not be read to its end and is skipped (the source's
+    /// `skip_unreadable`); whatever of it is in flight is dropped, nothing is committed.
+    ShardFailed {
+        shard: usize,
+        reason: String,
+    },
     /// The reader has sent every batch of `shard`.
     ShardEnd {
         shard: usize,
@@ -94,6 +100,11 @@ pub trait BatchSource: Send + Sync {
     fn shard_label(&self, index: usize) -> String;
     /// Start reading shard `index`.
     fn open_shard(&self, index: usize) -> Result<Box<dyn ShardReader + '_>>;
+    /// Whether a shard whose reading fails with [`Error::Unreadable`] is skipped (and
+    /// reported) instead of failing the run.
+    fn skip_unreadable(&self) -> bool {
+        false
+    }
 }
 
 /// One shard being read.
@@ -121,6 +132,8 @@ pub trait Sink: Send {
     ) -> Result<()>;
     /// Every batch of `shard` has been written: make the output durable.
     fn finish_shard(&mut self, shard: usize, counts: ShardCounts) -> Result<()>;
+    /// `shard` will not be finished (it could not be read): drop what was written.
+    fn discard_shard(&mut self, shard: usize);
     /// The run is stopping: discard every shard not finished.
     fn abort(&mut self);
 }
@@ -157,11 +170,16 @@ pub struct RunSnapshot {
     pub bottleneck: Option<String>,
 }
 
+/// A shard skipped because it could not be read: (shard index, reason).
+pub type Unreadable = (usize, String);
+
 /// Figures of a whole run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunStats {
     pub snapshot: RunSnapshot,
     pub shards: Vec<(usize, ShardCounts)>,
+    /// Shards skipped because they could not be read, with the reason.
+    pub unreadable: Vec<Unreadable>,
     /// Queue fill samples over time: (seconds, fill 0..1 per queue in step order).
     pub queue_samples: Vec<(f64, Vec<f64>)>,
 }
@@ -259,6 +277,7 @@ pub fn run(
 
     let done = AtomicBool::new(false);
     let mut shard_counts = Vec::new();
+    let mut unreadable = Vec::new();
     let mut queue_samples: Vec<(f64, Vec<f64>)> = Vec::new();
     let mut fills = vec![(0.0f64, 0.0f64); probes.len()];
     std::thread::scope(|scope| {
@@ -341,7 +360,7 @@ pub fn run(
         senders.clear();
         receivers.clear();
 
-        let counts = sink_worker(
+        let (counts, failed) = sink_worker(
             sink,
             &sink_rx,
             source.as_ref(),
@@ -359,6 +378,7 @@ pub fn run(
             fills = f;
         }
         shard_counts = counts;
+        unreadable = failed;
     });
 
     if let Ok(mut slot) = shared.first_error.lock()
@@ -372,6 +392,7 @@ pub fn run(
     Ok(RunStats {
         snapshot: snapshot(&steps, &fills),
         shards: shard_counts,
+        unreadable,
         queue_samples,
     })
 }
@@ -437,6 +458,34 @@ fn read_all(
     shared: &Shared,
 ) -> Result<()> {
     for &index in shards {
+        match read_shard(source, index, tx, metrics, shared) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()), // stopped: cancelled, or downstream ended
+            Err(Error::Unreadable { path, reason }) if source.skip_unreadable() => {
+                tracing::warn!("{}: skipped, cannot be read: {reason}", path.display());
+                let failed = Message::ShardFailed {
+                    shard: index,
+                    reason,
+                };
+                if !tx.send(failed, metrics) {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Send every batch of shard `index`, then its end; false when the run stopped.
+fn read_shard(
+    source: &dyn BatchSource,
+    index: usize,
+    tx: &Outlet<'_>,
+    metrics: &StepMetrics,
+    shared: &Shared,
+) -> Result<bool> {
+    {
         let t0 = Instant::now();
         let mut reader = source.open_shard(index)?;
         StepMetrics::add(&metrics.busy_ns, t0.elapsed());
@@ -448,7 +497,7 @@ fn read_all(
         let mut upstream_done = false;
         loop {
             if shared.cancel.is_cancelled() {
-                return Ok(());
+                return Ok(false);
             }
             let t0 = Instant::now();
             let next = match chunker.take_full() {
@@ -490,7 +539,7 @@ fn read_all(
                 bytes_in: bytes,
             };
             if !tx.send(Message::Batch(envelope), metrics) {
-                return Ok(()); // downstream stopped; its error (if any) is recorded
+                return Ok(false); // downstream stopped; its error (if any) is recorded
             }
             seq += 1;
             rows_in += rows;
@@ -500,11 +549,8 @@ fn read_all(
             batches: seq,
             rows_in,
         };
-        if !tx.send(end, metrics) {
-            return Ok(());
-        }
+        Ok(tx.send(end, metrics))
     }
-    Ok(())
 }
 
 /// Re-cuts a stream of batches into batches of exactly `size` rows.
@@ -588,7 +634,7 @@ fn stage_worker(
                 StepMetrics::add(&metrics.busy_ns, t0.elapsed());
                 Message::Batch(env)
             }
-            end @ Message::ShardEnd { .. } => end,
+            other => other,
         };
         if !tx.send(msg, metrics) {
             return;
@@ -659,9 +705,10 @@ fn sink_worker(
     source: &dyn BatchSource,
     metrics: &StepMetrics,
     shared: &Shared,
-) -> Vec<(usize, ShardCounts)> {
+) -> (Vec<(usize, ShardCounts)>, Vec<Unreadable>) {
     let mut open: HashMap<usize, ShardProgress> = HashMap::new();
     let mut finished = Vec::new();
+    let mut unreadable: Vec<Unreadable> = Vec::new();
     let result = (|| -> Result<()> {
         loop {
             let Some(msg) = rx.recv(metrics) else { break };
@@ -670,6 +717,22 @@ fn sink_worker(
             }
             let t0 = Instant::now();
             let shard_index = match msg {
+                Message::Batch(env) if unreadable.iter().any(|(s, _)| *s == env.shard) => {
+                    // A batch of a skipped shard that was still in a stage.
+                    shared.in_flight.leave(env.rows_in, env.bytes_in);
+                    continue;
+                }
+                Message::ShardFailed { shard, reason } => {
+                    if let Some(progress) = open.remove(&shard) {
+                        for env in progress.pending.values() {
+                            shared.in_flight.leave(env.rows_in, env.bytes_in);
+                        }
+                    }
+                    sink.discard_shard(shard);
+                    unreadable.push((shard, reason));
+                    StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+                    continue;
+                }
                 Message::Batch(env) => {
                     let shard = env.shard;
                     let entry = open.entry(shard).or_default();
@@ -739,7 +802,7 @@ fn sink_worker(
             open.len()
         )));
     }
-    finished
+    (finished, unreadable)
 }
 
 #[cfg(test)]

@@ -256,12 +256,19 @@ impl Sink for ParquetSink {
         Ok(())
     }
 
-    fn abort(&mut self) {
-        for (_, open) in self.open.drain() {
+    fn discard_shard(&mut self, shard: usize) {
+        if let Some(open) = self.open.remove(&shard) {
             drop(open.out);
             drop(open.quarantine);
             let _ = std::fs::remove_file(&open.out_tmp);
             let _ = std::fs::remove_file(&open.quarantine_tmp);
+        }
+    }
+
+    fn abort(&mut self) {
+        let open: Vec<usize> = self.open.keys().copied().collect();
+        for shard in open {
+            self.discard_shard(shard);
         }
     }
 }

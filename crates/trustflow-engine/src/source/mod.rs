@@ -19,7 +19,7 @@ use crate::columns;
 pub use crate::digest::Fingerprint;
 use crate::error::{Error, Result, SpecIssues};
 use crate::runtime::{BatchSource, ShardReader};
-use crate::spec::{LoadedPipeline, NullLabels, SourceSpec, SpecOrigin};
+use crate::spec::{LoadedPipeline, NullLabels, OnUnreadable, SourceSpec, SpecOrigin};
 pub use mapping::{Converter, Mapping, SOURCE_STAGE};
 
 /// One input shard, as planned.
@@ -45,6 +45,10 @@ pub struct SourcePlan {
     pub image_root: Option<PathBuf>,
     pub max_file_bytes: u64,
     pub null_labels: NullLabels,
+    pub on_unreadable: OnUnreadable,
+    /// Shards found but skipped at planning because they cannot be read (with
+    /// `on_unreadable: quarantine`): (path, reason).
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// Resolve shards and their mappings. `paths_override` replaces `source.paths`
@@ -97,10 +101,24 @@ pub fn plan_section(
     shards::check_unique_stems(&files)?;
 
     let mut planned: Vec<ShardPlan> = Vec::with_capacity(files.len());
-    for (index, path) in files.into_iter().enumerate() {
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| Error::input(&path, format!("not a readable Parquet file: {e}")))?;
+    let mut unreadable: Vec<(PathBuf, String)> = Vec::new();
+    for path in files {
+        let opened = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open: {e}"))
+            .and_then(|file| {
+                ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| format!("not a readable Parquet file: {e}"))
+            });
+        let builder = match opened {
+            Ok(builder) => builder,
+            Err(reason) if spec.on_unreadable == OnUnreadable::Quarantine => {
+                tracing::warn!("{}: skipped, {reason}", path.display());
+                unreadable.push((path, reason));
+                continue;
+            }
+            Err(reason) => return Err(Error::input(&path, reason)),
+        };
+        let index = planned.len();
         let file_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
         let mapping = mapping::resolve(spec, builder.schema()).map_err(|issues| {
             Error::Spec(SpecIssues(
@@ -158,7 +176,16 @@ pub fn plan_section(
         });
     }
     let Some(first) = planned.first() else {
-        return Err(Error::Invalid("no input shards".into()));
+        return Err(match unreadable.first() {
+            Some((path, reason)) => Error::input(
+                path,
+                format!(
+                    "{reason}; no input shard of the run can be read ({} tried)",
+                    unreadable.len()
+                ),
+            ),
+            None => Error::Invalid("no input shards".into()),
+        });
     };
     let canonical = first.mapping.canonical_schema();
     if let Some(filter) = &spec.filter {
@@ -178,6 +205,8 @@ pub fn plan_section(
         image_root: spec.image_root.as_deref().map(|r| p.resolve(r)),
         max_file_bytes: spec.max_image_file_bytes,
         null_labels: spec.null_labels,
+        on_unreadable: spec.on_unreadable,
+        unreadable,
     })
 }
 
@@ -309,12 +338,43 @@ struct ParquetShardReader {
     stream: SendableRecordBatchStream,
     converter: Converter,
     path: PathBuf,
+    /// Rows read so far, to say where a read failed.
+    rows: u64,
+    /// Rows per row group, from the footer, when rows read map onto row groups (no
+    /// filter): a failure then names its row group.
+    row_groups: Option<Vec<u64>>,
+}
+
+impl ParquetShardReader {
+    fn where_failed(&self) -> String {
+        let mut start = 0u64;
+        for (group, rows) in self.row_groups.iter().flatten().enumerate() {
+            if self.rows < start + rows {
+                return format!("in row group {group} (rows {start}..{})", start + rows);
+            }
+            start += rows;
+        }
+        format!("after {} row(s)", self.rows)
+    }
 }
 
 impl ShardReader for ParquetShardReader {
     fn next_rows(&mut self) -> Option<Result<RecordBatch>> {
         let next = self.rt.block_on(self.stream.next())?;
-        Some(next.map_err(|e| Error::input(&self.path, e.to_string())))
+        Some(match next {
+            Ok(batch) => {
+                self.rows += batch.num_rows() as u64;
+                Ok(batch)
+            }
+            Err(e) => Err(Error::Unreadable {
+                path: self.path.clone(),
+                reason: format!(
+                    "{}: {}",
+                    self.where_failed(),
+                    tidy_datafusion_error(&e.to_string())
+                ),
+            }),
+        })
     }
 
     fn convert(
@@ -351,12 +411,43 @@ impl BatchSource for SourcePlan {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the reader's runtime: {e}")))?;
         let converter = self.converter(shard)?;
-        let stream = rt.block_on(self.open(shard))?;
+        let stream = rt
+            .block_on(self.open(shard))
+            .map_err(|e| Error::Unreadable {
+                path: shard.path.clone(),
+                reason: match e {
+                    Error::Input { message, .. } => message,
+                    other => other.to_string(),
+                },
+            })?;
         Ok(Box::new(ParquetShardReader {
             rt,
             stream,
             converter,
             path: shard.path.clone(),
+            rows: 0,
+            row_groups: self
+                .filter
+                .is_none()
+                .then(|| row_group_rows(&shard.path))
+                .flatten(),
         }))
     }
+
+    fn skip_unreadable(&self) -> bool {
+        self.on_unreadable == OnUnreadable::Quarantine
+    }
+}
+
+fn row_group_rows(path: &std::path::Path) -> Option<Vec<u64>> {
+    let file = std::fs::File::open(path).ok()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).ok()?;
+    Some(
+        builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows().max(0) as u64)
+            .collect(),
+    )
 }

@@ -88,6 +88,22 @@ pub struct SourceSpec {
     /// What to do with rows whose label is null when a label column is mapped.
     #[serde(default)]
     pub null_labels: NullLabels,
+    /// What a shard that cannot be read (unreadable footer, corrupt data page, file
+    /// gone) does: `quarantine` (default) skips it, records it with the reason in the
+    /// report, lets every other shard run and makes the run exit with code 3; `fail`
+    /// stops the run with the error.
+    #[serde(default)]
+    pub on_unreadable: OnUnreadable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnreadable {
+    /// Skip the shard, report it, exit 3 at the end.
+    #[default]
+    Quarantine,
+    /// Stop the run.
+    Fail,
 }
 
 /// Schema-only shape of `source.paths`: one pattern or a non-empty list.

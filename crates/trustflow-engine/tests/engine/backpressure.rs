@@ -125,6 +125,7 @@ impl Sink for CountingSink {
     fn finish_shard(&mut self, _: usize, _: ShardCounts) -> trustflow_engine::Result<()> {
         Ok(())
     }
+    fn discard_shard(&mut self, _: usize) {}
     fn abort(&mut self) {}
 }
 
