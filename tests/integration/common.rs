@@ -175,3 +175,17 @@ pub fn write_parquet(path: &Path, batch: &RecordBatch) {
     w.write(batch).unwrap();
     w.close().unwrap();
 }
+
+/// [`slow_corpus`], plus the outputs of an uninterrupted run of it in `reference`.
+pub fn slow_corpus_with_reference(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (file, out) = slow_corpus(dir);
+    let reference = dir.join("reference");
+    run_ok(&[
+        "run",
+        "--quiet",
+        "--out",
+        reference.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    (file, out, reference)
+}

@@ -348,15 +348,7 @@ fn filter_and_parts_select_rows_and_shards() {
 #[test]
 fn kill_9_then_rerun_gives_the_uninterrupted_outputs() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, out) = slow_corpus(dir.path());
-    let reference = dir.path().join("reference");
-    run_ok(&[
-        "run",
-        "--quiet",
-        "--out",
-        reference.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
+    let (file, out, reference) = slow_corpus_with_reference(dir.path());
 
     for after in [2, 5] {
         let status = interrupt(&file, &out, "-KILL", after);

@@ -189,15 +189,7 @@ fn random_kills_rerun_to_the_uninterrupted_outputs() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
-    let (file, out) = slow_corpus(dir.path());
-    let reference = dir.path().join("reference");
-    run_ok(&[
-        "run",
-        "--quiet",
-        "--out",
-        reference.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
+    let (file, out, reference) = slow_corpus_with_reference(dir.path());
     let want = all_outputs(&reference);
     // Kill points spread over the run, the same every time (no flakiness, no seed).
     for k in 0..kills {
