@@ -388,6 +388,15 @@ fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 fn main() -> ExitCode {
+    // The engine's own threads (the shard reader evaluates `source.filter` again) take
+    // std's default stack, 2 MiB, unless RUST_MIN_STACK says otherwise; see `main`'s
+    // command thread for why that is too little. std reads the variable when it
+    // spawns its first thread, which has not happened yet.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: no other thread exists yet, so none can read the environment while it
+        // changes.
+        unsafe { std::env::set_var("RUST_MIN_STACK", ENGINE_THREAD_STACK_BYTES.to_string()) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TRUSTFLOW_LOG")
@@ -396,13 +405,103 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match dispatch(cli) {
+    // Deeply nested input must not abort the process: a `source.filter` of 1,000 `OR`
+    // terms is an expression tree 1,000 levels deep, which DataFusion's recursive
+    // passes walk with large (debug) frames, far past the main thread's 8 MiB. So the
+    // command runs on a thread with a large stack; only address space is reserved, and
+    // pages are touched only as deep as the input really goes.
+    let command = std::thread::Builder::new()
+        .name("trustflow".into())
+        .stack_size(COMMAND_STACK_BYTES)
+        .spawn(move || dispatch(cli));
+    let result = match command.map(std::thread::JoinHandle::join) {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            // The panic hook has printed where it happened; say what it means.
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            eprintln!("error: internal error (please report it): {what}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("starting the command thread")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(e.downcast_ref::<Error>().map_or(1, Error::exit_code))
         }
     }
+}
+
+/// Stack of the thread that runs the command (see `main`).
+const COMMAND_STACK_BYTES: usize = 256 << 20;
+
+/// Default stack of every other thread this process starts (see `main`): enough for the
+/// deepest `source.filter` that `validate` lets through, in a debug build.
+const ENGINE_THREAD_STACK_BYTES: usize = 64 << 20;
+
+/// The error and its causes, joined by `: `, each distinct message once: some errors'
+/// own text already ends with their source's (`Error::Io` is `{path}: {source}`), and
+/// anyhow's `{:#}` would print that source a second time.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+/// Set once stdout's reader has gone away; later output is dropped.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write to stdout. A reader that closed the pipe early (`trustflow validate x | head
+/// -1`) got what it wanted: that is not an error of ours, so the output is dropped
+/// quietly and the command goes on (`print!` would panic on EPIPE). Resetting SIGPIPE
+/// to its default instead would kill the process by a signal, mid-run for `run`,
+/// before its report and `sink.train` step.
+fn write_stdout(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    if STDOUT_CLOSED.load(Relaxed) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// `print!` through [`write_stdout`]; returns its `Result`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` through [`write_stdout`]; returns its `Result`.
+macro_rules! outln {
+    () => {
+        write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }
 
 /// SIGINT/SIGTERM set the cancel flag (the run stops cleanly, discarding unfinished
@@ -429,7 +528,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .as_deref()
                 .map(|t| plan.pipeline.resolve(t));
             let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
-            print!("{report}");
+            out!("{report}")?;
             if !report.invariant_holds {
                 anyhow::bail!("row accounting invariant broken (see report)");
             }
@@ -465,23 +564,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             overrides,
         } => {
             let plan = plan::load_and_plan(&pipeline, &overrides)?;
-            println!("{}", plan.describe());
-            println!("ok: {} is valid", pipeline.display());
+            outln!("{}", plan.describe())?;
+            outln!("ok: {} is valid", pipeline.display())?;
             Ok(())
         }
         Command::Schema { train } => {
             match train {
-                true => print!("{}", trustflow_train::spec::json_schema()),
-                false => print!("{}", spec::json_schema()),
+                true => out!("{}", trustflow_train::spec::json_schema())?,
+                false => out!("{}", spec::json_schema())?,
             }
             Ok(())
         }
         Command::Inspect { out_dir, json } => {
             let found = inspect::inspect(&out_dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&found)?);
+                outln!("{}", serde_json::to_string_pretty(&found)?)?;
             } else {
-                print!("{}", found.to_text());
+                out!("{}", found.to_text())?;
             }
             Ok(())
         }
@@ -504,7 +603,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 args.classes,
             )?;
             calibration.save(&args.out)?;
-            println!("{}", serde_json::to_string_pretty(&calibration)?);
+            outln!("{}", serde_json::to_string_pretty(&calibration)?)?;
             eprintln!("wrote {}", args.out.display());
             Ok(())
         }
@@ -548,7 +647,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             let metrics = fit_text(&opts)?;
             let text = serde_json::to_string_pretty(&metrics)?;
-            println!("{text}");
+            outln!("{text}")?;
             if let Some(path) = args.report {
                 std::fs::write(&path, &text)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -559,7 +658,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::ValidateTrain { train_file } => {
             let loaded = trustflow_train::load_train_file(&train_file)?;
             let plan = trustflow_train::trainer::check_only(&loaded)?;
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            outln!("{}", serde_json::to_string_pretty(&plan)?)?;
             Ok(())
         }
         Command::Bench(BenchCommand::Ceiling(a)) => {
@@ -571,7 +670,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     calls: a.calls,
                     scratch: a.scratch,
                 })?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
             Ok(())
         }
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
@@ -586,15 +685,15 @@ fn dispatch(cli: Cli) -> Result<()> {
                 on_message: Some(Box::new(|m| eprintln!("{m}"))),
                 ..Default::default()
             };
-            print!(
+            out!(
                 "{}",
                 harness::run_spec_with(&a.spec, &a.out, &opts)?.to_text()
-            );
+            )?;
             Ok(())
         }
         Command::Bench(BenchCommand::GenDigits(a)) => {
             let summary = gen_digits(&a.out, a.seed, a.shards, a.max_rows_per_domain)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            outln!("{}", serde_json::to_string_pretty(&summary)?)?;
             Ok(())
         }
         Command::Bench(BenchCommand::Accuracy(a)) => bench_accuracy(a),
@@ -613,7 +712,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let summary = trustflow::bench::train_corpus::generate_train_corpus(&opts)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            outln!("{}", serde_json::to_string_pretty(&summary)?)?;
             Ok(())
         }
         Command::Bench(BenchCommand::Gen(args)) => {
@@ -631,7 +730,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ..GenOptions::default()
             };
             let summary = generate(&opts)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            outln!("{}", serde_json::to_string_pretty(&summary)?)?;
             Ok(())
         }
     }
@@ -687,7 +786,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let report = trustflow_train::train(&loaded, &options)?;
     eprintln!();
     let last = report.history.last();
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "status": report.status,
@@ -699,7 +798,7 @@ fn train(args: TrainArgs) -> Result<()> {
             "last_epoch": last,
             "checkpoint": report.checkpoint,
         }))?
-    );
+    )?;
     if report.status == trustflow_train::TrainStatus::Interrupted {
         return Err(Error::Cancelled.into());
     }
@@ -772,10 +871,10 @@ fn bench_accuracy(a: AccuracyArgs) -> Result<()> {
     let started = Instant::now();
     let report = accuracy::run(&opts)?;
     let (written, skipped) = accuracy::write_outputs(&report, &opts, &a.work)?;
-    println!(
+    outln!(
         "{}",
         accuracy::markdown(&report, &opts.shifts, &opts.ablations)
-    );
+    )?;
     if let Some(why) = skipped {
         eprintln!("bench accuracy: no plot: {why}");
     }
@@ -828,7 +927,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             .collect(),
     );
     let spec = &loaded.spec;
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "train_file": a.train_file,
@@ -844,7 +943,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             "mean_trainer_idle_fraction": idle,
             "ratio": if memory_rate > 0.0 { shard_rate / memory_rate } else { 0.0 },
         }))?
-    );
+    )?;
     Ok(())
 }
 
@@ -975,24 +1074,24 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         runs,
     };
     let (written, skipped) = accuracy::write_outputs(&report, &opts, out)?;
-    println!();
-    println!("Target accuracy (MNIST -> MNIST-M-style), %:");
-    print!(
+    outln!()?;
+    outln!("Target accuracy (MNIST -> MNIST-M-style), %:")?;
+    out!(
         "{}",
         accuracy::markdown(&report, &opts.shifts, &opts.ablations)
-    );
+    )?;
     if let Some(why) = skipped {
         eprintln!("no weight plot: {why}");
     }
-    println!();
+    outln!()?;
     for f in written {
-        println!("wrote {}", f.display());
+        outln!("wrote {}", f.display())?;
     }
-    println!(
+    outln!(
         "runs (checkpoints, metrics.jsonl, _report.json) under {}",
         out.join("runs").display()
-    );
-    println!("done in {:.0} s", started.elapsed().as_secs_f64());
+    )?;
+    outln!("done in {:.0} s", started.elapsed().as_secs_f64())?;
     Ok(())
 }
 
@@ -1025,16 +1124,16 @@ fn demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
     };
     let plan = plan::build(pipeline, &overrides)?;
     let report = run_with_progress(plan, true, None, None, false)?;
-    print!("{report}");
+    out!("{report}")?;
     eprintln!("3/3 inspecting {}", enriched.display());
-    print!("{}", inspect::inspect(&enriched)?.to_text());
+    out!("{}", inspect::inspect(&enriched)?.to_text())?;
     if !report.invariant_holds {
         anyhow::bail!("row accounting invariant broken (see report)");
     }
-    println!(
+    outln!(
         "done: outputs in {}, report {}",
         enriched.display(),
         enriched.join("_report.json").display()
-    );
+    )?;
     Ok(())
 }

@@ -10,6 +10,7 @@ mod demo;
 mod digits;
 mod engine;
 mod faults;
+mod faults_input;
 mod fit_text;
 mod harness;
 mod layering;

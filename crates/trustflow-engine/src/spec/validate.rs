@@ -8,6 +8,11 @@ use crate::error::{Error, SpecIssues};
 pub const MAX_BATCH_SIZE: usize = 1 << 20;
 pub const MAX_QUEUE_DEPTH: usize = 4096;
 pub const MAX_WORKERS: usize = 256;
+/// Most operators and parenthesis levels in `source.filter` ([`filter_size`]). DataFusion
+/// walks the expression tree recursively, a frame per level, so a filter of 100,000
+/// `OR` terms would exhaust any stack and abort the process; the binary's threads have
+/// stacks sized for this many levels.
+pub const MAX_FILTER_SIZE: usize = 2500;
 
 /// Check everything that can be checked without opening a shard.
 pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
@@ -44,6 +49,16 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
             "source.filter",
             "expected an SQL predicate, found an empty string (remove the key to read all rows)"
                 .into(),
+        );
+        let size = filter_size(filter);
+        check(
+            size <= MAX_FILTER_SIZE,
+            "source.filter",
+            format!(
+                "expected at most {MAX_FILTER_SIZE} operators (AND, OR, NOT, comparisons, \
+                 arithmetic) and levels of parentheses, found {size}; for a long list of \
+                 values write `column IN ('a', 'b', ...)`"
+            ),
         );
     }
     check(
@@ -150,5 +165,64 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
         // In file order, as an editor would list them.
         issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
         Err(Error::Spec(SpecIssues(issues)))
+    }
+}
+
+/// An upper bound on the depth of the expression tree of the SQL predicate `sql`: its
+/// operators (words such as `AND`, `OR`, `NOT`, `LIKE`, and runs of symbols such as `=`
+/// or `<>`) plus its deepest parenthesis nesting. Quoted text is skipped, and the items
+/// of `IN (...)` lists, which DataFusion keeps flat, cost nothing. Counted without
+/// recursion, so a huge filter is refused before anything walks it.
+fn filter_size(sql: &str) -> usize {
+    const SYMBOLS: &str = "=<>!+-*/%|&^~";
+    const WORDS: [&str; 8] = ["and", "or", "not", "like", "ilike", "is", "between", "in"];
+    let (mut operators, mut depth, mut deepest) = (0usize, 0usize, 0usize);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // A doubled quote inside a literal just closes and reopens it.
+            '\'' | '"' => {
+                for d in chars.by_ref() {
+                    if d == c {
+                        break;
+                    }
+                }
+            }
+            '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            c if SYMBOLS.contains(c) => {
+                operators += 1;
+                while chars.next_if(|d| SYMBOLS.contains(*d)).is_some() {}
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                let mut word = String::from(c);
+                while let Some(d) = chars.next_if(|d| d.is_alphanumeric() || *d == '_') {
+                    word.push(d);
+                }
+                if WORDS.iter().any(|w| w.eq_ignore_ascii_case(&word)) {
+                    operators += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    operators + deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_size;
+
+    #[test]
+    fn filter_size_counts_operators_and_nesting_outside_quotes() {
+        assert_eq!(filter_size("split = 'train'"), 1);
+        assert_eq!(filter_size("a = 1 OR a = 2 or (b <> 'x AND y')"), 6);
+        assert_eq!(filter_size("id IN ('a', 'b', 'c')"), 2);
+        assert_eq!(filter_size("lower(\"Odd Name\") LIKE 'it''s = <>'"), 2);
+        assert_eq!(filter_size("((((x))))"), 4);
+        assert_eq!(filter_size("origin_x >= -5"), 2);
     }
 }

@@ -1204,3 +1204,31 @@ fn pipeline_files_read_environment_variables() {
         .to_string();
     assert_contains(&err, &["env.yaml:2:12", "`TF_TEST_SHARDS` is not set"]);
 }
+
+#[test]
+fn a_filter_too_large_to_evaluate_is_refused_by_validate() {
+    let terms = |n: usize| {
+        (0..n)
+            .map(|i| format!("id = 'a{i}'"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    let with_filter = |filter: String| {
+        VALID.replace(
+            "  paths: [data.parquet]\n",
+            &format!("  paths: [data.parquet]\n  filter: \"{filter}\"\n"),
+        )
+    };
+    // 1,000 terms pass; 20,000 would need a tree 20,000 levels deep.
+    let ok = parse_str(&with_filter(terms(1000)), Path::new(FILE)).unwrap();
+    validate(&ok).unwrap();
+    let (phase, issues) = problems(&with_filter(terms(20_000)));
+    assert_eq!(phase, Phase::Validate);
+    assert_eq!(issues.len(), 1, "{issues:#?}");
+    assert_eq!(issues[0].location.field, "source.filter");
+    assert_eq!(issues[0].location.line, Some(3));
+    assert_contains(
+        &issues[0].message,
+        &["expected at most 2500 operators", "found 39999", "IN ("],
+    );
+}

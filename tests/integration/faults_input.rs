@@ -1,0 +1,162 @@
+//! Inputs that must never take the process down: a huge SQL filter (deep expression
+//! trees), a reader that closes stdout early, paths with glob characters, and OS errors
+//! that must be reported once, in words.
+
+use crate::common::*;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Output, Stdio};
+
+/// `id = 'a0' OR id = 'a1' OR ...`: a left-deep expression tree `terms` levels deep.
+fn long_or_filter(terms: usize) -> String {
+    (0..terms)
+        .map(|i| format!("id = 'a{i}'"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// The process ended by itself (no signal), and not by a panic.
+fn assert_ended_cleanly(what: &str, out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "{what}: killed by a signal: {:?}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_ne!(out.status.code(), Some(101), "{what}: panicked:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{what}: panicked:\n{stderr}");
+    assert!(!stderr.contains("overflow"), "{what}: {stderr}");
+}
+
+#[test]
+fn a_filter_of_a_thousand_or_terms_does_not_overflow_the_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    corpus(&data, 40, 1, 3, 64);
+    // 1,000 terms run; 20,000 (a 330 KB filter) are refused in words. Both used to
+    // abort the process with a stack overflow.
+    for (terms, expect_ok) in [(1000, true), (20_000, false)] {
+        let out = dir.path().join(format!("out-{terms}"));
+        let filter = format!("  filter: \"{}\"\n", long_or_filter(terms));
+        let file = pipeline(
+            dir.path(),
+            &format!("long-filter-{terms}.yaml"),
+            &standard_pipeline(&data, &out, &filter),
+        );
+        let file = file.to_str().unwrap();
+        for args in [vec!["validate", file], vec!["run", "--quiet", file]] {
+            let result = bin().args(&args).output().unwrap();
+            let what = format!("{terms} terms: {args:?}");
+            assert_ended_cleanly(&what, &result);
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            if expect_ok {
+                assert_eq!(result.status.code(), Some(0), "{what}: {stderr}");
+            } else {
+                assert_eq!(result.status.code(), Some(1), "{what}: {stderr}");
+                assert_contains(
+                    &stderr,
+                    &["field `source.filter`", "expected at most", "IN ("],
+                );
+            }
+        }
+        if expect_ok {
+            // The generated ids are not `a0`...: no row passes, and none is lost.
+            let r = report(&out);
+            assert_eq!(r["invariant_holds"], true, "{r}");
+        }
+    }
+}
+
+/// Spawn `trustflow args`, read one line of its stdout, close the pipe and wait.
+fn read_one_line_then_close(args: &[&str]) -> (String, Output) {
+    let mut child = bin()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        let stdout = child.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut first).unwrap();
+        // Dropping the reader closes our end of the pipe, as `| head -1` does.
+    }
+    (first, child.wait_with_output().unwrap())
+}
+
+#[test]
+fn a_reader_that_closes_stdout_early_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    corpus(&data, 20, 1, 4, 64);
+    let out = dir.path().join("out");
+    // `validate` prints the filter in its plan: a 100 KiB literal makes the output far
+    // larger than a pipe holds, so the writer must meet the closed pipe.
+    let filter = format!("  filter: \"caption <> '{}'\"\n", "x".repeat(100 << 10));
+    let file = pipeline(
+        dir.path(),
+        "big-plan.yaml",
+        &standard_pipeline(&data, &out, &filter),
+    );
+    let (first, result) = read_one_line_then_close(&["validate", file.to_str().unwrap()]);
+    assert!(first.starts_with("pipeline `big-plan`"), "{first}");
+    assert_ended_cleanly("validate | head -1", &result);
+    assert_eq!(
+        result.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+
+    // `inspect --json` of a run with many quarantine reasons, and `schema`, the same.
+    run_ok(&[
+        "run",
+        "--quiet",
+        pipeline(
+            dir.path(),
+            "plain.yaml",
+            &standard_pipeline(&data, &out, ""),
+        )
+        .to_str()
+        .unwrap(),
+    ]);
+    for args in [
+        vec!["inspect", "--json", out.to_str().unwrap()],
+        vec!["schema"],
+    ] {
+        let (_, result) = read_one_line_then_close(&args);
+        assert_ended_cleanly(&format!("{args:?} | head -1"), &result);
+        assert_eq!(result.status.code(), Some(0), "{args:?}");
+    }
+}
+
+#[test]
+fn an_os_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    corpus(&data, 10, 1, 5, 64);
+    // The sink's folder would sit under a regular file: creating it fails with
+    // ENOTDIR (a read-only root would not stop the root user the tests may run as).
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, b"x").unwrap();
+    let file = pipeline(
+        dir.path(),
+        "p.yaml",
+        &standard_pipeline(&data, &blocker.join("out"), ""),
+    );
+    let result = bin()
+        .args(["run", "--quiet", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    let os_error = std::io::Error::from_raw_os_error(20).to_string();
+    assert_eq!(
+        stderr.matches(&os_error).count(),
+        1,
+        "`{os_error}` should appear once in:\n{stderr}"
+    );
+    assert_contains(&stderr, &["not-a-folder"]);
+}
