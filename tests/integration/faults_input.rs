@@ -6,6 +6,7 @@ use crate::common::*;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Output, Stdio};
 
 /// `id = 'a0' OR id = 'a1' OR ...`: a left-deep expression tree `terms` levels deep.
@@ -159,4 +160,46 @@ fn an_os_error_is_printed_once() {
         "`{os_error}` should appear once in:\n{stderr}"
     );
     assert_contains(&stderr, &["not-a-folder"]);
+}
+
+fn pipeline_over(dir: &Path, shards: &str) -> std::path::PathBuf {
+    let yaml = format!(
+        "source:\n  paths: [\"{shards}\"]\nstages:\n  - type: decode\nsink:\n  path: out\n"
+    );
+    pipeline(dir, "p.yaml", &yaml)
+}
+
+#[test]
+fn existing_paths_with_glob_characters_are_taken_literally() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("gen");
+    corpus(&generated, 10, 1, 6, 64);
+    let shard = shard_files(&generated).remove(0);
+
+    // A file whose name has `[` and `]`, and a folder whose name has them.
+    let odd_folder = dir.path().join("data[2024]");
+    std::fs::create_dir(&odd_folder).unwrap();
+    std::fs::copy(&shard, odd_folder.join("part-0.parquet")).unwrap();
+    std::fs::copy(&shard, dir.path().join("shard[1].parquet")).unwrap();
+    // An unclosed `[` is not even a valid pattern.
+    std::fs::copy(&shard, dir.path().join("odd[.parquet")).unwrap();
+
+    for (shards, expect) in [
+        ("shard[1].parquet", "shard[1].parquet"),
+        ("data[2024]", "data[2024]/part-0.parquet"),
+        ("data[2024]/part-0.parquet", "data[2024]/part-0.parquet"),
+        ("odd[.parquet", "odd[.parquet"),
+    ] {
+        let file = pipeline_over(dir.path(), shards);
+        let result = run_ok(&["validate", file.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert_contains(&stdout, &["source: 1 shard(s)", "is valid"]);
+        let plan = trustflow_engine::plan::load_and_plan(&file, &Default::default())
+            .unwrap_or_else(|e| panic!("{shards}: {e}"));
+        assert_eq!(
+            plan.source.shards[0].path,
+            dir.path().join(expect),
+            "{shards}"
+        );
+    }
 }

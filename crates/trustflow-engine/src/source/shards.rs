@@ -10,8 +10,10 @@ fn has_glob_chars(s: &str) -> bool {
 }
 
 /// Expand `patterns` (resolved against `base`) into a sorted, de-duplicated list of
-/// shard files. A folder means every `*.parquet` file directly inside it. Folders and
-/// globs skip the quarantine shards a sink writes beside its outputs
+/// shard files. A path that exists is taken literally, even when its name has glob
+/// characters (`shard[1].parquet`, `data[2024]/`); only other patterns are expanded as
+/// globs. A folder means every `*.parquet` file directly inside it. Folders and globs
+/// skip the quarantine shards a sink writes beside its outputs
 /// (`*.quarantine.parquet`), so one pipeline's output folder is another's input; name
 /// a quarantine shard explicitly to read it.
 pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
@@ -22,27 +24,8 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
         } else {
             base.join(pattern)
         };
-        // Only the user's pattern is a pattern: `[`, `*`, `?` in the base folder's
-        // name are literal.
-        let glob_text = if Path::new(pattern).is_absolute() {
-            pattern.clone()
-        } else {
-            format!(
-                "{}/{pattern}",
-                glob::Pattern::escape(&base.to_string_lossy())
-            )
-        };
         let before = found.len();
-        if has_glob_chars(pattern) {
-            let paths = glob::glob(&glob_text)
-                .map_err(|e| Error::input(&full, format!("invalid glob pattern: {e}")))?;
-            for entry in paths {
-                let path = entry.map_err(|e| Error::input(e.path(), e.error().to_string()))?;
-                if path.is_file() && !is_quarantine_shard(&path) {
-                    found.push(path);
-                }
-            }
-        } else if full.is_dir() {
+        if full.is_dir() {
             let entries = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
             for entry in entries {
                 let path = entry.map_err(|e| Error::io(&full, e))?.path();
@@ -55,8 +38,36 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
             }
         } else if full.is_file() {
             found.push(full.clone());
+        } else if has_glob_chars(pattern) {
+            // Only the user's pattern is a pattern: `[`, `*`, `?` in the base folder's
+            // name are literal.
+            let glob_text = if Path::new(pattern).is_absolute() {
+                pattern.clone()
+            } else {
+                format!(
+                    "{}/{pattern}",
+                    glob::Pattern::escape(&base.to_string_lossy())
+                )
+            };
+            let paths = glob::glob(&glob_text)
+                .map_err(|e| Error::input(&full, format!("invalid glob pattern: {e}")))?;
+            for entry in paths {
+                let path = entry.map_err(|e| Error::input(e.path(), e.error().to_string()))?;
+                if path.is_file() && !is_quarantine_shard(&path) {
+                    found.push(path);
+                }
+            }
+        } else if std::fs::symlink_metadata(&full).is_ok() {
+            return Err(Error::input(
+                &full,
+                "is neither a file nor a folder (a broken link?); expected a Parquet shard \
+                 or a folder of them",
+            ));
         } else {
-            return Err(Error::input(&full, "no such shard file or folder"));
+            return Err(Error::input(
+                &full,
+                "does not exist; expected a Parquet shard, a folder of them or a glob pattern",
+            ));
         }
         if found.len() == before {
             return Err(Error::input(

@@ -35,7 +35,10 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
             &format!("source.paths[{i}]"),
             "expected a file path or glob pattern, found an empty string".into(),
         );
-        if let Err(e) = glob::Pattern::new(path) {
+        // An existing path is read literally, whatever its name holds (`odd[.parquet`).
+        if let Err(e) = glob::Pattern::new(path)
+            && !p.resolve(path).exists()
+        {
             check(
                 false,
                 &format!("source.paths[{i}]"),

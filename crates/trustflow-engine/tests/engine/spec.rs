@@ -1206,6 +1206,48 @@ fn pipeline_files_read_environment_variables() {
 }
 
 #[test]
+fn existing_paths_with_glob_characters_are_literal() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = samples().join("bytes/part-00000.parquet");
+    std::fs::create_dir(dir.path().join("data[2024]")).unwrap();
+    std::fs::copy(&sample, dir.path().join("data[2024]/part-0.parquet")).unwrap();
+    std::fs::copy(&sample, dir.path().join("shard[1].parquet")).unwrap();
+    // `[` without its `]` is not even a valid pattern; as a file name it is fine.
+    std::fs::copy(&sample, dir.path().join("odd[.parquet")).unwrap();
+    // A glob that names no existing path is still expanded: `shard[0-9]` matches `shard1`.
+    std::fs::copy(&sample, dir.path().join("shard1.parquet")).unwrap();
+    for (paths, expect) in [
+        ("shard[1].parquet", "shard[1].parquet"),
+        ("data[2024]", "data[2024]/part-0.parquet"),
+        ("data[2024]/part-0.parquet", "data[2024]/part-0.parquet"),
+        ("odd[.parquet", "odd[.parquet"),
+        ("shard[0-9].parquet", "shard1.parquet"),
+    ] {
+        let (_, result) = plan_in(
+            dir.path(),
+            &format!("source:\n  paths: [\"{paths}\"]\nsink:\n  path: out\n"),
+        );
+        let plan = result.unwrap_or_else(|e| panic!("{paths}: {e}"));
+        let shards: Vec<_> = plan.source.shards.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(shards, vec![dir.path().join(expect)], "{paths}");
+    }
+}
+
+#[test]
+fn a_missing_shard_file_is_said_not_to_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, result) = plan_in(
+        dir.path(),
+        "source:\n  paths: [gone.parquet]\nsink:\n  path: out\n",
+    );
+    let issue = single_spec_issue(result);
+    assert_eq!(issue.location.field, "source.paths[0]");
+    assert_eq!(issue.location.line, Some(2));
+    assert_contains(&issue.message, &["gone.parquet", "does not exist"]);
+    assert!(!issue.message.contains("schema"), "{issue}");
+}
+
+#[test]
 fn a_filter_too_large_to_evaluate_is_refused_by_validate() {
     let terms = |n: usize| {
         (0..n)
