@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::validate::{Parsed, ParsedStage, check};
 use super::{LoadedPipeline, Locations, PipelineSpec, RuntimeSpec, SinkSpec, SourceSpec};
 use crate::error::{Error, SpecIssue, SpecIssues, SpecLocation};
 use crate::fields::from_value_at;
@@ -226,14 +227,15 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
         issues.push(issue(&field, message));
     }
 
-    let mut stages = Vec::new();
+    let mut entries = Vec::new();
     match stages_value {
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.into_iter().enumerate() {
-                match parse_stage(item, &format!("stages[{i}]")) {
-                    Ok(stage) => stages.push(stage),
-                    Err((field, message)) => issues.push(issue(&field, message)),
+                let mut problems = Vec::new();
+                entries.push(parse_stage(item, i, &mut problems));
+                for (field, message) in problems {
+                    issues.push(issue(&field, message));
                 }
             }
         }
@@ -245,6 +247,15 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
 
     match (name, source, sink, runtime) {
         (Some(name), Some(source), Some(sink), Some(runtime)) if issues.is_empty() => {
+            let stages = entries
+                .into_iter()
+                .filter_map(|e| {
+                    Some(StageSpec {
+                        common: e.common?,
+                        kind: e.kind?,
+                    })
+                })
+                .collect();
             Ok(LoadedPipeline {
                 file: file.to_path_buf(),
                 spec: PipelineSpec {
@@ -257,7 +268,32 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
                 locations,
             })
         }
-        _ => {
+        (_, source, sink, runtime) => {
+            // The semantic checks of `validate` on what did parse: one run reports a
+            // range error beside a type error instead of after it is fixed.
+            let parsed = Parsed {
+                source: source.as_ref(),
+                stages: entries
+                    .iter()
+                    .filter_map(|e| {
+                        Some(ParsedStage {
+                            index: e.index,
+                            common: e.common.as_ref()?,
+                            type_name: e.type_name,
+                            kind: e.kind.as_ref(),
+                        })
+                    })
+                    .collect(),
+                sink: sink.as_ref(),
+                runtime: runtime.as_ref(),
+            };
+            let base = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            check(&parsed, base, &mut |field, message| {
+                issues.push(issue(field, message))
+            });
             issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
             Err(spec_error(issues))
         }
@@ -277,15 +313,37 @@ fn spec_error(issues: Vec<SpecIssue>) -> Error {
     Error::Spec(SpecIssues(issues))
 }
 
-fn parse_stage(item: Value, at: &str) -> Result<StageSpec, (String, String)> {
+/// One entry of `stages:`, as far as it parsed.
+struct StageEntry {
+    index: usize,
+    /// Its `name`, `workers` and `queue_depth`.
+    common: Option<StageCommon>,
+    /// Its `type`, when that names a registered stage.
+    type_name: Option<&'static str>,
+    /// The type's own settings.
+    kind: Option<StageKind>,
+}
+
+/// Parse `stages[index]`, pushing every problem found to `problems`: the common keys and
+/// the type's settings are read independently, so a bad `workers` does not hide an
+/// unknown key.
+fn parse_stage(item: Value, index: usize, problems: &mut Vec<(String, String)>) -> StageEntry {
+    let at = format!("stages[{index}]");
+    let mut entry = StageEntry {
+        index,
+        common: None,
+        type_name: None,
+        kind: None,
+    };
     let Value::Object(mut map) = item else {
-        return Err((
-            at.to_string(),
+        problems.push((
+            at,
             format!(
                 "expected a stage mapping with a `type`, found {}",
                 kind_of(&item)
             ),
         ));
+        return entry;
     };
     let mut common = serde_json::Map::new();
     for key in StageCommon::keys() {
@@ -293,27 +351,41 @@ fn parse_stage(item: Value, at: &str) -> Result<StageSpec, (String, String)> {
             common.insert(key, v);
         }
     }
+    entry.common = typed(Value::Object(common), &at, problems);
     let type_name = match map.remove("type") {
         Some(Value::String(s)) => s,
         Some(other) => {
-            return Err((
+            problems.push((
                 format!("{at}.type"),
                 format!("expected a stage type name, found {}", kind_of(&other)),
             ));
+            return entry;
         }
         None => {
-            return Err((
-                at.to_string(),
+            problems.push((
+                at,
                 format!(
                     "missing field `type`; expected one of {}",
                     StageKind::TYPES.join(", ")
                 ),
             ));
+            return entry;
         }
     };
-    let common: StageCommon = from_value_at(Value::Object(common), at)?;
-    let kind = StageKind::from_value(&type_name, Value::Object(map), at)?;
-    Ok(StageSpec { common, kind })
+    entry.type_name = StageKind::TYPES.iter().copied().find(|t| *t == type_name);
+    entry.kind = typed_with(
+        StageKind::from_value(&type_name, Value::Object(map), &at),
+        problems,
+    );
+    entry
+}
+
+/// `result`'s value, with its error kept aside.
+fn typed_with<T>(
+    result: Result<T, (String, String)>,
+    issues: &mut Vec<(String, String)>,
+) -> Option<T> {
+    result.map_err(|e| issues.push(e)).ok()
 }
 
 fn kind_of(v: &Value) -> &'static str {

@@ -1,8 +1,11 @@
 //! Semantic checks on a parsed spec that need no data: ranges, names, references.
 //! All problems are collected and reported together, each at its field's line.
 
-use super::LoadedPipeline;
+use std::path::{Path, PathBuf};
+
+use super::{LoadedPipeline, RuntimeSpec, SinkSpec, SourceSpec};
 use crate::error::{Error, SpecIssues};
+use crate::stages::{StageCommon, StageKind};
 
 /// Upper bounds that catch typos (`queue_depth: 40000`) before they eat the memory.
 pub const MAX_BATCH_SIZE: usize = 1 << 20;
@@ -17,104 +20,161 @@ pub const MAX_FILTER_SIZE: usize = 2500;
 /// Check everything that can be checked without opening a shard.
 pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
     let spec = &p.spec;
+    let parsed = Parsed {
+        source: Some(&spec.source),
+        stages: spec
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| ParsedStage {
+                index,
+                common: &stage.common,
+                type_name: Some(stage.kind.type_name()),
+                kind: Some(&stage.kind),
+            })
+            .collect(),
+        sink: Some(&spec.sink),
+        runtime: Some(&spec.runtime),
+    };
     let mut issues = Vec::new();
+    check(&parsed, p.base_dir(), &mut |field, message| {
+        issues.push(p.issue(field, message))
+    });
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        // In file order, as an editor would list them.
+        issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
+        Err(Error::Spec(SpecIssues(issues)))
+    }
+}
+
+/// The sections of a pipeline file as far as they parsed. [`validate`] checks a whole
+/// spec; the loader checks what parsed of a file that did not, so that a type error in
+/// one place does not hide a range error in another.
+pub(super) struct Parsed<'a> {
+    pub source: Option<&'a SourceSpec>,
+    /// The stage entries whose common keys parsed, by their index in the file.
+    pub stages: Vec<ParsedStage<'a>>,
+    pub sink: Option<&'a SinkSpec>,
+    pub runtime: Option<&'a RuntimeSpec>,
+}
+
+pub(super) struct ParsedStage<'a> {
+    pub index: usize,
+    pub common: &'a StageCommon,
+    /// The `type`, when it names a registered stage.
+    pub type_name: Option<&'a str>,
+    /// The type's own settings, when they parsed.
+    pub kind: Option<&'a StageKind>,
+}
+
+/// Report every problem of what parsed through `issue(field, message)`; relative paths
+/// resolve against `base`, the pipeline file's folder.
+pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, String)) {
     let mut check = |ok: bool, field: &str, message: String| {
         if !ok {
-            issues.push(p.issue(field, message));
+            issue(field, message);
         }
     };
 
-    check(
-        !spec.source.paths.is_empty(),
-        "source.paths",
-        "expected at least one shard file or glob pattern".into(),
-    );
-    for (i, path) in spec.source.paths.iter().enumerate() {
+    if let Some(source) = parsed.source {
         check(
-            !path.trim().is_empty(),
-            &format!("source.paths[{i}]"),
-            "expected a file path or glob pattern, found an empty string".into(),
+            !source.paths.is_empty(),
+            "source.paths",
+            "expected at least one shard file or glob pattern".into(),
         );
-        // An existing path is read literally, whatever its name holds (`odd[.parquet`).
-        if let Err(e) = glob::Pattern::new(path)
-            && !p.resolve(path).exists()
-        {
+        for (i, path) in source.paths.iter().enumerate() {
             check(
-                false,
+                !path.trim().is_empty(),
                 &format!("source.paths[{i}]"),
-                format!("invalid glob pattern: {e}"),
+                "expected a file path or glob pattern, found an empty string".into(),
+            );
+            // An existing path is read literally, whatever its name holds (`odd[.parquet`).
+            if let Err(e) = glob::Pattern::new(path)
+                && !resolve(base, path).exists()
+            {
+                check(
+                    false,
+                    &format!("source.paths[{i}]"),
+                    format!("invalid glob pattern: {e}"),
+                );
+            }
+        }
+        if let Some(filter) = &source.filter {
+            check(
+                !filter.trim().is_empty(),
+                "source.filter",
+                "expected an SQL predicate, found an empty string (remove the key to read all \
+                 rows)"
+                    .into(),
+            );
+            let size = filter_size(filter);
+            check(
+                size <= MAX_FILTER_SIZE,
+                "source.filter",
+                format!(
+                    "expected at most {MAX_FILTER_SIZE} operators (AND, OR, NOT, comparisons, \
+                     arithmetic) and levels of parentheses, found {size}; for a long list of \
+                     values write `column IN ('a', 'b', ...)`"
+                ),
             );
         }
-    }
-    if let Some(filter) = &spec.source.filter {
         check(
-            !filter.trim().is_empty(),
-            "source.filter",
-            "expected an SQL predicate, found an empty string (remove the key to read all rows)"
-                .into(),
+            source.max_image_file_bytes > 0,
+            "source.max_image_file_bytes",
+            "expected a positive number of bytes".into(),
         );
-        let size = filter_size(filter);
+    }
+
+    if let Some(rt) = parsed.runtime {
         check(
-            size <= MAX_FILTER_SIZE,
-            "source.filter",
+            (1..=MAX_BATCH_SIZE).contains(&rt.batch_size),
+            "runtime.batch_size",
             format!(
-                "expected at most {MAX_FILTER_SIZE} operators (AND, OR, NOT, comparisons, \
-                 arithmetic) and levels of parentheses, found {size}; for a long list of \
-                 values write `column IN ('a', 'b', ...)`"
+                "expected 1 to {MAX_BATCH_SIZE} rows, found {}",
+                rt.batch_size
+            ),
+        );
+        check(
+            (1..=MAX_QUEUE_DEPTH).contains(&rt.queue_depth),
+            "runtime.queue_depth",
+            format!(
+                "impossible queue size {}: expected 1 to {MAX_QUEUE_DEPTH} batches",
+                rt.queue_depth
             ),
         );
     }
-    check(
-        spec.source.max_image_file_bytes > 0,
-        "source.max_image_file_bytes",
-        "expected a positive number of bytes".into(),
-    );
-
-    let rt = &spec.runtime;
-    check(
-        (1..=MAX_BATCH_SIZE).contains(&rt.batch_size),
-        "runtime.batch_size",
-        format!(
-            "expected 1 to {MAX_BATCH_SIZE} rows, found {}",
-            rt.batch_size
-        ),
-    );
-    check(
-        (1..=MAX_QUEUE_DEPTH).contains(&rt.queue_depth),
-        "runtime.queue_depth",
-        format!(
-            "impossible queue size {}: expected 1 to {MAX_QUEUE_DEPTH} batches",
-            rt.queue_depth
-        ),
-    );
 
     let mut seen = std::collections::HashMap::new();
-    for (i, stage) in spec.stages.iter().enumerate() {
-        let at = format!("stages[{i}]");
-        let name = stage.resolved_name();
-        let name_ok = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        check(
-            name_ok,
-            &format!("{at}.name"),
-            format!("stage name `{name}` must be non-empty letters, digits, `_` or `-`"),
-        );
-        check(
-            !matches!(name.as_str(), "source" | "sink"),
-            &format!("{at}.name"),
-            format!("stage name `{name}` is reserved; choose another"),
-        );
-        if let Some(first) = seen.insert(name.clone(), i) {
+    for stage in &parsed.stages {
+        let at = format!("stages[{}]", stage.index);
+        // Without a known type, the default name is unknown too.
+        if let Some(name) = stage.common.name.as_deref().or(stage.type_name) {
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             check(
-                false,
+                name_ok,
                 &format!("{at}.name"),
-                format!(
-                    "stage name `{name}` is already used by stages[{first}]; names must be unique \
-                     (set `name:` on one of them)"
-                ),
+                format!("stage name `{name}` must be non-empty letters, digits, `_` or `-`"),
             );
+            check(
+                !matches!(name, "source" | "sink"),
+                &format!("{at}.name"),
+                format!("stage name `{name}` is reserved; choose another"),
+            );
+            if let Some(first) = seen.insert(name.to_string(), stage.index) {
+                check(
+                    false,
+                    &format!("{at}.name"),
+                    format!(
+                        "stage name `{name}` is already used by stages[{first}]; names must be \
+                         unique (set `name:` on one of them)"
+                    ),
+                );
+            }
         }
         if let Some(w) = stage.common.workers {
             check(
@@ -130,45 +190,82 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
                 format!("impossible queue size {d}: expected 1 to {MAX_QUEUE_DEPTH} batches"),
             );
         }
-        for (field, message) in stage.kind.config().validate() {
-            check(false, &format!("{at}.{field}"), message);
+        if let Some(kind) = stage.kind {
+            for (field, message) in kind.config().validate() {
+                check(false, &format!("{at}.{field}"), message);
+            }
         }
     }
 
-    let sink = &spec.sink;
-    check(
-        !sink.path.trim().is_empty(),
-        "sink.path",
-        "expected an output folder, found an empty string".into(),
-    );
-    check(
-        sink.row_group_rows >= 1,
-        "sink.row_group_rows",
-        "expected at least 1 row per row group".into(),
-    );
-    check(
-        sink.row_group_bytes >= 1024,
-        "sink.row_group_bytes",
-        format!(
-            "expected at least 1024 bytes, found {}",
-            sink.row_group_bytes
-        ),
-    );
-    for (i, col) in sink.drop_columns.iter().enumerate() {
+    if let Some(sink) = parsed.sink {
         check(
-            col != crate::columns::ID,
-            &format!("sink.drop_columns[{i}]"),
-            "the `id` column cannot be dropped: it identifies rows across outputs".into(),
+            !sink.path.trim().is_empty(),
+            "sink.path",
+            "expected an output folder, found an empty string".into(),
         );
+        if !sink.path.trim().is_empty()
+            && let Some(message) = output_folder_problem(&resolve(base, &sink.path))
+        {
+            check(false, "sink.path", message);
+        }
+        check(
+            sink.row_group_rows >= 1,
+            "sink.row_group_rows",
+            "expected at least 1 row per row group".into(),
+        );
+        check(
+            sink.row_group_bytes >= 1024,
+            "sink.row_group_bytes",
+            format!(
+                "expected at least 1024 bytes, found {}",
+                sink.row_group_bytes
+            ),
+        );
+        for (i, col) in sink.drop_columns.iter().enumerate() {
+            check(
+                col != crate::columns::ID,
+                &format!("sink.drop_columns[{i}]"),
+                "the `id` column cannot be dropped: it identifies rows across outputs".into(),
+            );
+        }
     }
+}
 
-    if issues.is_empty() {
-        Ok(())
+/// `relative` against `base`, as [`super::SpecOrigin::resolve`] does.
+fn resolve(base: &Path, relative: &str) -> PathBuf {
+    let p = Path::new(relative);
+    if p.is_absolute() {
+        p.to_path_buf()
     } else {
-        // In file order, as an editor would list them.
-        issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
-        Err(Error::Spec(SpecIssues(issues)))
+        base.join(p)
     }
+}
+
+/// Why `out` cannot become the output folder, when the file system already says so: it
+/// is a file, or the nearest part of it that exists is (creating the folder would fail
+/// at run time, after planning; the sink creates what is missing).
+fn output_folder_problem(out: &Path) -> Option<String> {
+    let existing = out.ancestors().find(|a| a.symlink_metadata().is_ok())?;
+    if existing.is_dir() {
+        return None;
+    }
+    let what = if existing.is_file() {
+        "a file"
+    } else {
+        "not a folder"
+    };
+    Some(if existing == out {
+        format!(
+            "{} is {what}; expected a folder for the output shards",
+            out.display()
+        )
+    } else {
+        format!(
+            "{} lies under {}, which is {what}; expected a folder for the output shards",
+            out.display(),
+            existing.display()
+        )
+    })
 }
 
 /// An upper bound on the depth of the expression tree of the SQL predicate `sql`: its

@@ -274,6 +274,98 @@ sink:
     );
 }
 
+#[test]
+fn a_type_error_does_not_hide_range_errors_elsewhere() {
+    // One wrong type (runtime) and one impossible value (a stage): both at once.
+    let yaml = "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: decode
+    workers: 0
+sink:
+  path: out
+runtime:
+  batch_size: \"x\"
+";
+    let (phase, issues) = problems(yaml);
+    assert_eq!(phase, Phase::Parse);
+    let found: Vec<(&str, Option<usize>)> = issues
+        .iter()
+        .map(|i| (i.location.field.as_str(), i.location.line))
+        .collect();
+    assert_eq!(
+        found,
+        vec![("stages[0].workers", Some(5)), ("runtime.batch_size", Some(9))],
+        "{issues:#?}"
+    );
+    assert_contains(&issues[0].message, &["expected 1 to 256 workers, found 0"]);
+    assert_contains(&issues[1].message, &["invalid type", "string \"x\""]);
+
+    // Inside one stage entry: a bad common key, a misspelt setting and an impossible
+    // value of a sibling stage; and a section that did not parse beside one that did.
+    let yaml = "\
+source:
+  paths: [data.parquet]
+  filter: \"\"
+stages:
+  - type: decode
+    workers: 0
+    max_pixel: 1
+  - type: clean_caption
+    queue_depth: 0
+sink:
+  path: out
+  row_group_rows: nope
+";
+    let (_, issues) = problems(yaml);
+    let found: Vec<(&str, Option<usize>)> = issues
+        .iter()
+        .map(|i| (i.location.field.as_str(), i.location.line))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("source.filter", Some(3)),
+            ("stages[0].workers", Some(6)),
+            ("stages[0].max_pixel", Some(7)),
+            ("stages[1].queue_depth", Some(9)),
+            ("sink.row_group_rows", Some(12)),
+        ],
+        "{issues:#?}"
+    );
+}
+
+#[test]
+fn a_sink_path_that_is_a_file_is_refused_by_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("taken"), b"x").unwrap();
+    let file = dir.path().join("p.yaml");
+    for (path, expect) in [
+        ("taken", "is a file; expected a folder for the output shards"),
+        (
+            "taken/out",
+            "which is a file; expected a folder for the output shards",
+        ),
+    ] {
+        let yaml = VALID.replace("  path: out\n", &format!("  path: {path}\n"));
+        let pipeline = parse_str(&yaml, &file).unwrap();
+        let Err(Error::Spec(SpecIssues(issues))) = validate(&pipeline) else {
+            panic!("sink.path `{path}` passed validate");
+        };
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(issues[0].location.field, "sink.path");
+        assert_eq!(issues[0].location.line, Some(7));
+        assert_contains(
+            &issues[0].message,
+            &[&dir.path().join("taken").display().to_string(), expect],
+        );
+    }
+    // A folder that does not exist yet is fine: the sink creates it.
+    let yaml = VALID.replace("  path: out\n", "  path: new/deeper\n");
+    validate(&parse_str(&yaml, &file).unwrap()).unwrap();
+}
+
 // ---------------------------------------------------------------------------------
 // YAML syntax and file shape
 // ---------------------------------------------------------------------------------
