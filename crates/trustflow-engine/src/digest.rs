@@ -17,6 +17,9 @@ pub struct Fingerprint {
     pub size: u64,
     pub modified_ns: u128,
     pub tail_sha256: String,
+    /// SHA-256 of the whole file, with `resume.verify: full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_sha256: Option<String>,
 }
 
 const TAIL_BYTES: u64 = 64 << 10;
@@ -42,7 +45,31 @@ impl Fingerprint {
             size,
             modified_ns,
             tail_sha256,
+            content_sha256: None,
         })
+    }
+
+    /// [`Fingerprint::of`] plus a SHA-256 of the whole file, read sequentially.
+    pub fn of_full(path: &Path) -> Result<Self> {
+        let mut print = Self::of(path)?;
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+        print.content_sha256 = Some(format!("{:x}", hasher.finalize()));
+        Ok(print)
+    }
+
+    /// Whether `current` (the input now) is the input this fingerprint recorded. A
+    /// whole-file hash is compared when `current` has one: a manifest without one does
+    /// not satisfy a full check.
+    pub fn still_matches(&self, current: &Fingerprint) -> bool {
+        self.size == current.size
+            && self.modified_ns == current.modified_ns
+            && self.tail_sha256 == current.tail_sha256
+            && match &current.content_sha256 {
+                Some(hash) => self.content_sha256.as_ref() == Some(hash),
+                None => true,
+            }
     }
 }
 

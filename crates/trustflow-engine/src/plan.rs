@@ -141,7 +141,7 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
         .iter()
         .map(|s| (s.stem.clone(), s.path.clone()))
         .collect();
-    crate::sink::safety::check_outputs(&out_dir, &inputs)?;
+    crate::sink::safety::check_outputs(&out_dir, &inputs, &source.search_roots)?;
     // Model files are part of what a shard's output depends on.
     let digests: Vec<String> = stages
         .iter()

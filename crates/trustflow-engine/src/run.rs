@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::runtime::{self, CancelToken, RunSnapshot, ShardCounts, StepReport, Topology};
 use crate::sink::{self, Manifest, ParquetSink};
+use crate::spec::ResumeVerify;
 
 /// A live-figures callback.
 pub type ProgressFn = Box<dyn Fn(&RunSnapshot) + Sync>;
@@ -30,12 +32,30 @@ pub struct RunOptions {
     pub on_progress: Option<ProgressFn>,
 }
 
+/// What a run did with a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardStatus {
+    /// Processed by this run.
+    Done,
+    /// A matching manifest was found: the outputs of an earlier run stand.
+    Skipped,
+}
+
+impl std::fmt::Display for ShardStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ShardStatus::Done => "done",
+            ShardStatus::Skipped => "skipped",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardReport {
     pub stem: String,
     pub input: PathBuf,
-    /// `done` (processed now) or `skipped` (a matching manifest was found).
-    pub status: &'static str,
+    pub status: ShardStatus,
     pub rows_in: u64,
     pub rows_out: u64,
     pub rows_quarantined: u64,
@@ -84,7 +104,7 @@ pub struct RunReport {
     pub queue_samples: Vec<(f64, Vec<f64>)>,
 }
 
-fn shard_report(stem: &str, input: &Path, status: &'static str, m: &Manifest) -> ShardReport {
+fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> ShardReport {
     ShardReport {
         stem: stem.to_string(),
         input: input.to_path_buf(),
@@ -109,6 +129,9 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
 
     let mut todo = Vec::new();
     let mut reports: Vec<(usize, ShardReport)> = Vec::new();
+    // What the manifests of the shards run now will record (with the whole-file hash
+    // under `resume.verify: full`).
+    let mut fingerprints: std::collections::HashMap<usize, Fingerprint> = Default::default();
     for shard in &plan.source.shards {
         if let Some((part, count)) = options.part
             && shard.index % count != part
@@ -116,14 +139,15 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             continue;
         }
         let manifest = Manifest::read(&Manifest::path_for(&out_dir, &shard.stem));
+        let fingerprint = match plan.pipeline.spec.resume.verify {
+            ResumeVerify::Quick => shard.fingerprint.clone(),
+            ResumeVerify::Full => Fingerprint::of_full(&shard.path)?,
+        };
         match manifest {
-            Some(m)
-                if !options.force
-                    && m.matches(&out_dir, &plan.pipeline_hash, &shard.fingerprint) =>
-            {
+            Some(m) if !options.force && m.matches(&out_dir, &plan.pipeline_hash, &fingerprint) => {
                 reports.push((
                     shard.index,
-                    shard_report(&shard.stem, &shard.path, "skipped", &m),
+                    shard_report(&shard.stem, &shard.path, ShardStatus::Skipped, &m),
                 ));
             }
             _ => {
@@ -131,6 +155,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
                 sink::remove_stale_tmp(&out_dir, &shard.stem);
                 let _ = std::fs::remove_file(Manifest::path_for(&out_dir, &shard.stem));
                 todo.push(shard.index);
+                fingerprints.insert(shard.index, fingerprint);
             }
         }
     }
@@ -149,7 +174,9 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             .map(|s| sink::ShardTarget {
                 stem: s.stem.clone(),
                 input: s.path.clone(),
-                fingerprint: s.fingerprint.clone(),
+                fingerprint: fingerprints
+                    .remove(&s.index)
+                    .unwrap_or_else(|| s.fingerprint.clone()),
             })
             .collect(),
     );
@@ -174,7 +201,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             if let Some(shard) = plan.source.shards.get(*index) {
                 reports.push((
                     *index,
-                    shard_report(&shard.stem, &shard.path, "done", manifest),
+                    shard_report(&shard.stem, &shard.path, ShardStatus::Done, manifest),
                 ));
             }
         }

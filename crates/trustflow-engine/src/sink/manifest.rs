@@ -71,7 +71,7 @@ impl Manifest {
             std::fs::metadata(out_dir.join(&entry.file)).is_ok_and(|m| m.len() == entry.bytes)
         };
         self.pipeline_hash == pipeline_hash
-            && &self.input_fingerprint == input
+            && self.input_fingerprint.still_matches(input)
             && intact(&self.output)
             && intact(&self.quarantine)
     }

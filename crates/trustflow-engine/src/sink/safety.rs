@@ -45,18 +45,22 @@ pub fn resolve(path: &Path) -> PathBuf {
     }
 }
 
-/// Refuse an output folder that is, contains or lies inside the folder of an input
-/// shard, and inputs whose output names collide. `inputs` are (stem, path) pairs.
-pub fn check_outputs(out_dir: &Path, inputs: &[(String, PathBuf)]) -> Result<()> {
+/// Refuse an output folder that is or contains the folder of an input shard, or lies
+/// inside a folder the inputs are searched in (`roots`: the folders and glob bases
+/// named in `source.paths`; a folder beside explicitly named files is fine, as nothing
+/// searches it), and inputs whose output names collide. `inputs` are (stem, path).
+pub fn check_outputs(
+    out_dir: &Path,
+    inputs: &[(String, PathBuf)],
+    roots: &[PathBuf],
+) -> Result<()> {
     let out = resolve(out_dir);
-    let refuse = |input: &Path, how: &str| {
+    let refuse = |what: String| {
         Error::input(
             out_dir,
             format!(
-                "the output folder {how} the folder of input shard {} (resolved: {}); a run \
-                 there could overwrite or re-read its own inputs. Choose an output folder \
-                 outside the inputs' folders",
-                input.display(),
+                "the output folder (resolved: {}) {what}; a run there could overwrite or \
+                 re-read its own inputs. Choose an output folder outside the inputs' folders",
                 out.display()
             ),
         )
@@ -67,13 +71,24 @@ pub fn check_outputs(out_dir: &Path, inputs: &[(String, PathBuf)]) -> Result<()>
             continue;
         };
         if out == folder {
-            return Err(refuse(input, "is"));
+            return Err(refuse(format!(
+                "is the folder of input shard {}",
+                input.display()
+            )));
         }
         if folder.starts_with(&out) {
-            return Err(refuse(input, "contains"));
+            return Err(refuse(format!(
+                "contains the folder of input shard {}",
+                input.display()
+            )));
         }
-        if out.starts_with(folder) {
-            return Err(refuse(input, "lies inside"));
+    }
+    for root in roots {
+        if out.starts_with(resolve(root)) {
+            return Err(refuse(format!(
+                "lies inside {}, where input shards are searched",
+                root.display()
+            )));
         }
     }
     let mut taken: HashMap<String, &Path> = HashMap::new();
@@ -116,19 +131,18 @@ mod tests {
         let shard = data.join("a.parquet");
         std::fs::write(&shard, b"x").unwrap();
         let list = inputs(&[&shard]);
-        for out in [
-            data.clone(),
-            data.join("sub/.."),
-            dir.path().to_path_buf(),
-            data.join("out"),
-        ] {
-            let err = check_outputs(&out, &list).unwrap_err().to_string();
+        for out in [data.clone(), data.join("sub/.."), dir.path().to_path_buf()] {
+            let err = check_outputs(&out, &list, &[]).unwrap_err().to_string();
             assert!(err.contains("a.parquet"), "{out:?}: {err}");
         }
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&data, &link).unwrap();
-        assert!(check_outputs(&link, &list).is_err());
-        assert!(check_outputs(&dir.path().join("elsewhere/out"), &list).is_ok());
+        assert!(check_outputs(&link, &list, &[]).is_err());
+        assert!(check_outputs(&dir.path().join("elsewhere/out"), &list, &[]).is_ok());
+        // Beside a named file is fine; inside a searched folder is not.
+        assert!(check_outputs(&data.join("out"), &list, &[]).is_ok());
+        let err = check_outputs(&data.join("out"), &list, &[data.clone()]).unwrap_err();
+        assert!(err.to_string().contains("searched"), "{err}");
     }
 
     #[test]
@@ -140,14 +154,14 @@ mod tests {
             ("s".to_string(), a.to_path_buf()),
             ("s.quarantine".to_string(), b.to_path_buf()),
         ];
-        let err = check_outputs(Path::new("/y/out"), &list)
+        let err = check_outputs(Path::new("/y/out"), &list, &[])
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("/x/a/s.parquet") && err.contains("/x/b/s.quarantine.parquet"),
             "{err}"
         );
-        let err = check_outputs(Path::new("/y/out"), &inputs(&[a, c]))
+        let err = check_outputs(Path::new("/y/out"), &inputs(&[a, c]), &[])
             .unwrap_err()
             .to_string();
         assert!(

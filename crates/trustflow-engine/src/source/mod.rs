@@ -49,6 +49,39 @@ pub struct SourcePlan {
     /// Shards found but skipped at planning because they cannot be read (with
     /// `on_unreadable: quarantine`): (path, reason).
     pub unreadable: Vec<(PathBuf, String)>,
+    /// Folders the inputs are searched in: those named in the paths, and the fixed
+    /// part of each glob (an output folder may not lie inside one).
+    pub search_roots: Vec<PathBuf>,
+}
+
+/// The folder `pattern` searches, if it searches one: a folder named as an input, or
+/// the fixed leading part of a glob that can descend into subfolders (`**`, or a glob
+/// character before the last component). An existing file, or a glob within one
+/// folder, searches nothing beyond the shards' own folders, which are checked apart.
+fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
+    let full = base.join(pattern);
+    if full.is_dir() {
+        return Some(full);
+    }
+    let parent_has_glob = std::path::Path::new(pattern)
+        .parent()
+        .is_some_and(|p| p.to_string_lossy().contains(['*', '?', '[']));
+    if full.exists() || !parent_has_glob {
+        return None;
+    }
+    // The base folder's own name is literal, whatever characters it has.
+    let mut root = if std::path::Path::new(pattern).is_absolute() {
+        PathBuf::new()
+    } else {
+        base.to_path_buf()
+    };
+    for part in std::path::Path::new(pattern).components() {
+        if part.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+            break;
+        }
+        root.push(part);
+    }
+    Some(root)
 }
 
 /// Resolve shards and their mappings. `paths_override` replaces `source.paths`
@@ -207,6 +240,10 @@ pub fn plan_section(
         null_labels: spec.null_labels,
         on_unreadable: spec.on_unreadable,
         unreadable,
+        search_roots: patterns
+            .iter()
+            .filter_map(|p| search_root(base, p))
+            .collect(),
     })
 }
 

@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::validate::{Parsed, ParsedStage, check};
-use super::{LoadedPipeline, Locations, PipelineSpec, RuntimeSpec, SinkSpec, SourceSpec};
+use super::{
+    LoadedPipeline, Locations, PipelineSpec, ResumeSpec, RuntimeSpec, SinkSpec, SourceSpec,
+};
 use crate::error::{Error, SpecIssue, SpecIssues, SpecLocation};
 use crate::fields::from_value_at;
 use crate::stages::{StageCommon, StageKind, StageSpec};
@@ -18,7 +20,7 @@ use crate::stages::{StageCommon, StageKind, StageSpec};
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
 
 /// The sections of a pipeline file.
-const TOP_KEYS: [&str; 5] = ["name", "source", "stages", "sink", "runtime"];
+const TOP_KEYS: [&str; 6] = ["name", "source", "stages", "sink", "runtime", "resume"];
 
 /// Read and parse a pipeline file (no semantic checks; see [`super::validate`]).
 pub fn load_file(path: &Path) -> Result<LoadedPipeline, Error> {
@@ -208,6 +210,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let stages_value = section("stages", false);
     let sink = section("sink", true);
     let runtime = section("runtime", false);
+    let resume = section("resume", false);
 
     let mut typed_issues = Vec::new();
     let name: Option<Option<String>> = match name {
@@ -222,6 +225,10 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let runtime: Option<RuntimeSpec> = match runtime {
         Some(v) => typed(v, "runtime", &mut typed_issues),
         None => Some(RuntimeSpec::default()),
+    };
+    let resume: Option<ResumeSpec> = match resume {
+        Some(v) => typed(v, "resume", &mut typed_issues),
+        None => Some(ResumeSpec::default()),
     };
     for (field, message) in typed_issues {
         issues.push(issue(&field, message));
@@ -245,8 +252,10 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
         )),
     }
 
-    match (name, source, sink, runtime) {
-        (Some(name), Some(source), Some(sink), Some(runtime)) if issues.is_empty() => {
+    match (name, source, sink, runtime, resume) {
+        (Some(name), Some(source), Some(sink), Some(runtime), Some(resume))
+            if issues.is_empty() =>
+        {
             let stages = entries
                 .into_iter()
                 .filter_map(|e| {
@@ -264,11 +273,12 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
                     stages,
                     sink,
                     runtime,
+                    resume,
                 },
                 locations,
             })
         }
-        (_, source, sink, runtime) => {
+        (_, source, sink, runtime, _) => {
             // The semantic checks of `validate` on what did parse: one run reports a
             // range error beside a type error instead of after it is fixed.
             let parsed = Parsed {

@@ -35,6 +35,29 @@ pub struct PipelineSpec {
     /// Batch size and queue depths.
     #[serde(default)]
     pub runtime: RuntimeSpec,
+    /// How a rerun decides that a finished shard's input is unchanged.
+    #[serde(default)]
+    pub resume: ResumeSpec,
+}
+
+/// How a rerun decides that a finished shard's input is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeSpec {
+    /// `quick` (default): the input's size, modification time and a SHA-256 of its last
+    /// 64 KiB (the Parquet footer). `full`: also a SHA-256 of the whole file, read once
+    /// more before each run decides what to skip; it catches an edit in the middle of a
+    /// file whose size and modification time were kept.
+    #[serde(default)]
+    pub verify: ResumeVerify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeVerify {
+    #[default]
+    Quick,
+    Full,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]

@@ -296,7 +296,10 @@ runtime:
         .collect();
     assert_eq!(
         found,
-        vec![("stages[0].workers", Some(5)), ("runtime.batch_size", Some(9))],
+        vec![
+            ("stages[0].workers", Some(5)),
+            ("runtime.batch_size", Some(9))
+        ],
         "{issues:#?}"
     );
     assert_contains(&issues[0].message, &["expected 1 to 256 workers, found 0"]);
@@ -342,7 +345,10 @@ fn a_sink_path_that_is_a_file_is_refused_by_validate() {
     std::fs::write(dir.path().join("taken"), b"x").unwrap();
     let file = dir.path().join("p.yaml");
     for (path, expect) in [
-        ("taken", "is a file; expected a folder for the output shards"),
+        (
+            "taken",
+            "is a file; expected a folder for the output shards",
+        ),
         (
             "taken/out",
             "which is a file; expected a folder for the output shards",
@@ -933,7 +939,7 @@ fn schema_describes_the_pipeline_types() {
         .collect();
     assert_eq!(
         top,
-        BTreeSet::from(["name", "source", "stages", "sink", "runtime"])
+        BTreeSet::from(["name", "source", "stages", "sink", "runtime", "resume"])
     );
     assert_eq!(schema["additionalProperties"], Value::Bool(false));
     let required: BTreeSet<&str> = schema["required"]
