@@ -138,17 +138,19 @@ fn an_os_error_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     corpus(&data, 10, 1, 5, 64);
-    // The sink's folder would sit under a regular file: creating it fails with
-    // ENOTDIR (a read-only root would not stop the root user the tests may run as).
+    // The output folder would sit under a regular file: creating it fails with
+    // ENOTDIR at run time (a read-only root would not stop the root user the tests may
+    // run as). `--out` replaces sink.path after validation, which refuses such a path.
     let blocker = dir.path().join("not-a-folder");
     std::fs::write(&blocker, b"x").unwrap();
     let file = pipeline(
         dir.path(),
         "p.yaml",
-        &standard_pipeline(&data, &blocker.join("out"), ""),
+        &standard_pipeline(&data, &dir.path().join("out"), ""),
     );
     let result = bin()
-        .args(["run", "--quiet", file.to_str().unwrap()])
+        .args(["run", "--quiet", file.to_str().unwrap(), "--out"])
+        .arg(blocker.join("out"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
