@@ -205,3 +205,71 @@ fn existing_paths_with_glob_characters_are_taken_literally() {
         );
     }
 }
+
+#[test]
+fn environment_values_stay_inside_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    corpus(&data, 10, 1, 7, 64);
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "# written for ${{TF_FAULTS_UNSET}}: a comment is not interpolated\n\
+         name: ${{TF_FAULTS_NAME}}\n\
+         source:\n  paths: [\"{}\"]\n\
+         stages:\n  - type: decode\n    workers: ${{TF_FAULTS_WORKERS}}\n\
+         sink:\n  path: \"{}\"\n\
+         runtime:\n  batch_size: ${{TF_FAULTS_BATCH}}\n",
+        data.display(),
+        out.display()
+    );
+    let file = pipeline(dir.path(), "env.yaml", &yaml);
+    // A value with a line break tries to add a `sink` of its own.
+    let evil = dir.path().join("evil");
+    let result = bin()
+        .args(["validate", file.to_str().unwrap()])
+        .env_remove("TF_FAULTS_UNSET")
+        .env(
+            "TF_FAULTS_NAME",
+            format!("x\nsink:\n  path: \"{}\"", evil.display()),
+        )
+        .env("TF_FAULTS_WORKERS", "3")
+        .env("TF_FAULTS_BATCH", "8")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(0), "{stderr}");
+    assert_contains(
+        &stdout,
+        &[
+            &format!("sink: {}", out.display()),
+            "batch_size 8",
+            "decode (3 worker(s)",
+        ],
+    );
+    assert!(!stdout.contains(&format!("sink: {}", evil.display())));
+
+    // Set to the empty string is set: the empty value reaches the usual checks.
+    let yaml = yaml.replace(
+        &format!("  path: \"{}\"", out.display()),
+        "  path: \"${TF_FAULTS_EMPTY}\"",
+    );
+    let file = pipeline(dir.path(), "empty.yaml", &yaml);
+    let result = bin()
+        .args(["validate", file.to_str().unwrap()])
+        .env("TF_FAULTS_NAME", "n")
+        .env("TF_FAULTS_WORKERS", "1")
+        .env("TF_FAULTS_BATCH", "8")
+        .env("TF_FAULTS_EMPTY", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            "empty.yaml:9:3: field `sink.path`",
+            "expected an output folder, found an empty string",
+        ],
+    );
+}

@@ -3,15 +3,39 @@
 //! at the right line. Paths look like serde_path_to_error's: `stages[1].max_pixels`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
-use serde_saphyr::granit_parser::{Event, Parser};
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
 
 use crate::error::{SpecIssue, SpecLocation};
 
 #[derive(Debug, Clone, Default)]
 pub struct Locations {
     by_path: HashMap<String, (usize, usize)>,
+    /// The scalar values (not keys) whose text holds a `$`, in file order: what
+    /// `${NAME}` interpolation works on.
+    dollar_scalars: Vec<DollarScalar>,
+    /// Field path -> index in `dollar_scalars`.
+    dollar_by_path: HashMap<String, usize>,
+}
+
+/// A scalar value holding a `$`, as written in the file.
+#[derive(Debug, Clone)]
+pub struct DollarScalar {
+    /// Its field path (`stages[1].model`).
+    pub path: String,
+    /// Line and column (1-based) where the scalar starts.
+    pub at: (usize, usize),
+    /// Its source text in the file: with its quotes; a block scalar's content lines
+    /// only (from the first one's indentation to the last line break), not its header.
+    pub bytes: Range<usize>,
+    /// Written plain (unquoted, not a block): its type comes from its text.
+    pub plain: bool,
+    /// A literal (`|`) or folded (`>`) block.
+    pub block: bool,
+    /// Its value once YAML has read it (quotes and escapes resolved).
+    pub value: String,
 }
 
 enum Frame {
@@ -39,6 +63,7 @@ impl Locations {
     /// indexed before the error (the parse error itself is reported by serde).
     pub fn index(text: &str) -> Self {
         let mut by_path = HashMap::new();
+        let mut dollar_scalars = Vec::new();
         let mut stack: Vec<Frame> = Vec::new();
         for item in Parser::new_from_str(text) {
             let Ok((event, span)) = item else { break };
@@ -88,6 +113,19 @@ impl Locations {
                         None => String::new(),
                     };
                     by_path.entry(value_path.clone()).or_insert(at);
+                    if let Event::Scalar(v, style, ..) = &event
+                        && v.contains('$')
+                        && let Some(bytes) = span.byte_range()
+                    {
+                        dollar_scalars.push(DollarScalar {
+                            path: value_path.clone(),
+                            at,
+                            bytes,
+                            plain: *style == ScalarStyle::Plain,
+                            block: matches!(style, ScalarStyle::Literal | ScalarStyle::Folded),
+                            value: v.to_string(),
+                        });
+                    }
                     if opens {
                         stack.push(match event {
                             Event::MappingStart(..) => Frame::Map {
@@ -111,7 +149,28 @@ impl Locations {
                 _ => {}
             }
         }
-        Locations { by_path }
+        let dollar_by_path = dollar_scalars
+            .iter()
+            .enumerate()
+            .map(|(i, s): (usize, &DollarScalar)| (s.path.clone(), i))
+            .collect();
+        Locations {
+            by_path,
+            dollar_scalars,
+            dollar_by_path,
+        }
+    }
+
+    /// The scalar values holding a `$`, in file order.
+    pub fn dollar_scalars(&self) -> &[DollarScalar] {
+        &self.dollar_scalars
+    }
+
+    /// The scalar value at `path`, if it holds a `$`.
+    pub fn dollar_scalar(&self, path: &str) -> Option<&DollarScalar> {
+        self.dollar_by_path
+            .get(path)
+            .and_then(|&i| self.dollar_scalars.get(i))
     }
 
     /// Line and column (1-based) of `path`, or of its nearest located ancestor.

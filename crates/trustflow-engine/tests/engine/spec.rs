@@ -1265,6 +1265,7 @@ fn environment_variables_are_interpolated() {
     let env = |name: &str| match name {
         "MODELS" => Some("/opt/models".to_string()),
         "EMPTY" => Some(String::new()),
+        "N" => Some("16".to_string()),
         _ => None,
     };
     assert_eq!(
@@ -1279,6 +1280,12 @@ fn environment_variables_are_interpolated() {
         interpolate_env("filter: price > $$5 and $x\n", env).unwrap(),
         "filter: price > $5 and $x\n"
     );
+    // Set to the empty string is set: `${EMPTY}` is empty, not an error. Plain values
+    // stay plain, so a number is still a number.
+    assert_eq!(
+        interpolate_env("a: \"${EMPTY}\"\nn: ${N}\n", env).unwrap(),
+        "a: \"\"\nn: 16\n"
+    );
     let (at, message) = interpolate_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
     assert_eq!(at, (2, 4));
     assert_contains(&message, &["`NOPE` is not set"]);
@@ -1286,6 +1293,114 @@ fn environment_variables_are_interpolated() {
     assert_eq!(at, (1, 4));
     assert_contains(&message, &["without a closing"]);
     assert!(interpolate_env("a: ${9X}", env).is_err());
+}
+
+/// Parse YAML text the way the trainer reads its files after `read_spec_text`.
+fn yaml_value(text: &str) -> Value {
+    serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+}
+
+#[test]
+fn interpolation_cannot_change_the_structure_of_a_file() {
+    use trustflow_engine::spec::interpolate_env;
+    let evil = "x\nsink:\n  path: /tmp/elsewhere\nextra: 1";
+    let env = |name: &str| match name {
+        "EVIL" => Some(evil.to_string()),
+        "QUOTE" => Some("it's \"quoted\" \\ here".to_string()),
+        "COLON" => Some("a: b # not a comment".to_string()),
+        _ => None,
+    };
+    let text = "\
+# ${UNSET} in a comment is not interpolated
+name: ${EVIL}
+sink:
+  path: '${QUOTE}'
+colon: ${COLON}
+paths: [\"${EVIL}\", '${UNSET:-a, b}']
+${UNSET}: keys are left alone
+after: 7
+block: |
+  first ${EVIL}
+  last
+";
+    let out = interpolate_env(text, env).unwrap();
+    let value = yaml_value(&out);
+    assert_eq!(value["name"], evil, "{out}");
+    assert_eq!(value["sink"]["path"], "it's \"quoted\" \\ here");
+    assert_eq!(value["colon"], "a: b # not a comment");
+    assert_eq!(value["paths"][0], evil);
+    assert_eq!(value["paths"][1], "a, b");
+    assert_eq!(value["block"], format!("first {evil}\nlast\n"));
+    assert_eq!(value["${UNSET}"], "keys are left alone");
+    assert_eq!(value["after"], 7);
+    assert!(value.get("extra").is_none(), "{out}");
+    // Every line keeps its number, so later errors still point at the right line
+    // (a block scalar, whose value takes as many lines as it has, comes last).
+    assert_eq!(
+        out.lines().position(|l| l.starts_with("after:")),
+        text.lines().position(|l| l.starts_with("after:"))
+    );
+}
+
+#[test]
+fn a_variable_in_a_comment_of_a_pipeline_file_is_no_error() {
+    let yaml = "\
+# models come from ${TF_TEST_UNSET_IN_COMMENT}
+source:
+  paths: [data.parquet]  # or ${TF_TEST_UNSET_IN_COMMENT}/*.parquet
+  filter: \"price > $$5\"
+sink:
+  path: out
+";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(FILE);
+    std::fs::write(&file, yaml).unwrap();
+    let pipeline = load_file(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pipeline.spec.source.filter.as_deref(), Some("price > $5"));
+}
+
+#[test]
+fn an_unset_variable_is_reported_at_its_field() {
+    let yaml = "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: decode
+sink:
+  path: \"${TF_TEST_UNSET_OUT}/out\"
+  compression: ${TF_TEST_UNSET_CODEC}
+";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(FILE);
+    std::fs::write(&file, yaml).unwrap();
+    let Err(Error::Spec(SpecIssues(issues))) = load_file(&file) else {
+        panic!("unset variables were accepted");
+    };
+    let found: Vec<(&str, Option<usize>, Option<usize>)> = issues
+        .iter()
+        .map(|i| {
+            (
+                i.location.field.as_str(),
+                i.location.line,
+                i.location.column,
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("sink.path", Some(6), Some(10)),
+            ("sink.compression", Some(7), Some(16)),
+        ],
+        "{issues:#?}"
+    );
+    assert_contains(
+        &issues[0].to_string(),
+        &[
+            "broken.yaml:6:10: field `sink.path`",
+            "`TF_TEST_UNSET_OUT` is not set",
+        ],
+    );
 }
 
 #[test]
