@@ -102,6 +102,24 @@ fn inputs_whose_output_names_collide_are_refused_naming_both() {
     );
 }
 
+/// Take the output lock from this test process. Other tests of this binary fork
+/// children concurrently, and a child holds a copy of every open descriptor, our lock
+/// file's included, until it execs: a lock just released can stay held for that
+/// instant, so this waits for it (a real second process has no such window).
+fn lock_eventually(
+    out: &Path,
+    part: Option<(usize, usize)>,
+) -> trustflow_engine::sink::lock::OutputLock {
+    let started = std::time::Instant::now();
+    loop {
+        match trustflow_engine::sink::lock::lock_output(out, part) {
+            Ok(lock) => return lock,
+            Err(e) if started.elapsed() > std::time::Duration::from_secs(10) => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
 #[test]
 fn a_second_writer_is_refused_while_the_folder_is_held() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,7 +133,7 @@ fn a_second_writer_is_refused_while_the_folder_is_held() {
     );
     let p = p.to_str().unwrap();
     // This process plays the first writer.
-    let held = trustflow_engine::sink::lock::lock_output(&out, None).unwrap();
+    let held = lock_eventually(&out, None);
     let pid = format!("pid {}", std::process::id());
     fails_with(
         &["run", "--quiet", p],
@@ -124,7 +142,7 @@ fn a_second_writer_is_refused_while_the_folder_is_held() {
     fails_with(&["run", "--quiet", "--part", "0/2", p], &[&pid]);
     drop(held);
     // Parts of one job share the folder; together they write every shard.
-    let part = trustflow_engine::sink::lock::lock_output(&out, Some((1, 2))).unwrap();
+    let part = lock_eventually(&out, Some((1, 2)));
     run_ok(&["run", "--quiet", "--part", "0/2", p]);
     fails_with(&["run", "--quiet", "--part", "1/2", p], &["part 1/2", &pid]);
     drop(part);

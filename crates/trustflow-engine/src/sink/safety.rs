@@ -141,7 +141,7 @@ mod tests {
         assert!(check_outputs(&dir.path().join("elsewhere/out"), &list, &[]).is_ok());
         // Beside a named file is fine; inside a searched folder is not.
         assert!(check_outputs(&data.join("out"), &list, &[]).is_ok());
-        let err = check_outputs(&data.join("out"), &list, &[data.clone()]).unwrap_err();
+        let err = check_outputs(&data.join("out"), &list, std::slice::from_ref(&data)).unwrap_err();
         assert!(err.to_string().contains("searched"), "{err}");
     }
 

@@ -310,6 +310,7 @@ fn tidy_datafusion_error(message: &str) -> String {
 impl SourcePlan {
     /// Open a stream of the shard's mapped columns (filtered), in file order.
     pub async fn open(&self, shard: &ShardPlan) -> Result<SendableRecordBatchStream> {
+        vanished_check(&shard.path)?;
         let ctx = session(self.batch_size);
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
@@ -328,6 +329,7 @@ impl SourcePlan {
         shard: &ShardPlan,
         columns: &[&str],
     ) -> Result<SendableRecordBatchStream> {
+        vanished_check(&shard.path)?;
         let ctx = session(self.batch_size);
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
@@ -487,4 +489,18 @@ fn row_group_rows(path: &std::path::Path) -> Option<Vec<u64>> {
             .map(|g| g.num_rows().max(0) as u64)
             .collect(),
     )
+}
+
+/// A shard deleted after planning would otherwise surface as DataFusion's "cannot infer
+/// schema".
+fn vanished_check(path: &std::path::Path) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::input(
+            path,
+            "the file no longer exists (it was there when the run was planned); restore it \
+             or rerun to plan without it",
+        ))
+    }
 }
