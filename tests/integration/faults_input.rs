@@ -138,11 +138,11 @@ fn an_os_error_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     corpus(&data, 10, 1, 5, 64);
-    // The output folder would sit under a regular file: creating it fails with
-    // ENOTDIR at run time (a read-only root would not stop the root user the tests may
-    // run as). `--out` replaces sink.path after validation, which refuses such a path.
+    // The output folder would sit under a dangling symlink: creating it fails with
+    // EEXIST at run time (a read-only root would not stop the root user the tests may
+    // run as, and a path under a regular file is refused before the run).
     let blocker = dir.path().join("not-a-folder");
-    std::fs::write(&blocker, b"x").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &blocker).unwrap();
     let file = pipeline(
         dir.path(),
         "p.yaml",
@@ -155,7 +155,7 @@ fn an_os_error_is_printed_once() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(1), "{stderr}");
-    let os_error = std::io::Error::from_raw_os_error(20).to_string();
+    let os_error = std::io::Error::from_raw_os_error(17).to_string();
     assert_eq!(
         stderr.matches(&os_error).count(),
         1,

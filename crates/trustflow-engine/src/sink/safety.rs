@@ -55,6 +55,16 @@ pub fn check_outputs(
     roots: &[PathBuf],
 ) -> Result<()> {
     let out = resolve(out_dir);
+    // `--out` replaces `sink.path` after `validate`'s own check of it.
+    if let Some(file) = out.ancestors().find(|a| a.is_file()) {
+        return Err(Error::input(
+            out_dir,
+            format!(
+                "{} is a file; expected a folder for the output shards",
+                file.display()
+            ),
+        ));
+    }
     let refuse = |what: String| {
         Error::input(
             out_dir,
@@ -143,6 +153,17 @@ mod tests {
         assert!(check_outputs(&data.join("out"), &list, &[]).is_ok());
         let err = check_outputs(&data.join("out"), &list, std::slice::from_ref(&data)).unwrap_err();
         assert!(err.to_string().contains("searched"), "{err}");
+    }
+
+    #[test]
+    fn an_output_folder_at_or_under_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        for out in [file.clone(), file.join("out")] {
+            let err = check_outputs(&out, &[], &[]).unwrap_err().to_string();
+            assert!(err.contains("is a file"), "{err}");
+        }
     }
 
     #[test]
