@@ -86,28 +86,29 @@ pub fn schema_property_names<T: schemars::JsonSchema>() -> Vec<String> {
 
 /// [`from_value_at`] for types whose unknown keys serde cannot refuse itself (structs
 /// with `#[serde(flatten)]` blocks, which rule out `deny_unknown_fields`): the keys are
-/// checked against the type's schema first, with serde's own wording.
-pub fn from_value_checked<T: DeserializeOwned + schemars::JsonSchema>(
+/// checked against `known` (the type's [`schema_property_names`]) first, with serde's
+/// own wording.
+pub fn from_value_checked<T: DeserializeOwned>(
     value: Value,
     prefix: &str,
+    known: &[String],
 ) -> Result<T, (String, String)> {
-    if let Value::Object(map) = &value {
-        let known = schema_property_names::<T>();
-        if let Some(unknown) = map.keys().find(|k| !known.contains(k)) {
-            let quoted: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
-            let expected = match quoted.as_slice() {
-                [] => "there are no fields".to_string(),
-                [one] => format!("expected {one}"),
-                [a, b] => format!("expected {a} or {b}"),
-                all => format!("expected one of {}", all.join(", ")),
-            };
-            let path = if prefix.is_empty() {
-                unknown.clone()
-            } else {
-                format!("{prefix}.{unknown}")
-            };
-            return Err((path, format!("unknown field `{unknown}`, {expected}")));
-        }
+    if let Value::Object(map) = &value
+        && let Some(unknown) = map.keys().find(|k| !known.contains(k))
+    {
+        let quoted: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+        let expected = match quoted.as_slice() {
+            [] => "there are no fields".to_string(),
+            [one] => format!("expected {one}"),
+            [a, b] => format!("expected {a} or {b}"),
+            all => format!("expected one of {}", all.join(", ")),
+        };
+        let path = if prefix.is_empty() {
+            unknown.clone()
+        } else {
+            format!("{prefix}.{unknown}")
+        };
+        return Err((path, format!("unknown field `{unknown}`, {expected}")));
     }
     from_value_at(value, prefix)
 }

@@ -31,6 +31,8 @@ pub struct ShardPlan {
     pub fingerprint: Fingerprint,
     /// Rows in the file (before any filter), from its footer.
     pub file_rows: u64,
+    /// Rows per row group, from the footer (to say where a read failed).
+    pub row_group_rows: Vec<u64>,
     pub mapping: Mapping,
 }
 
@@ -153,6 +155,12 @@ pub fn plan_section(
         };
         let index = planned.len();
         let file_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
+        let row_group_rows: Vec<u64> = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows().max(0) as u64)
+            .collect();
         let mapping = mapping::resolve(spec, builder.schema()).map_err(|issues| {
             Error::Spec(SpecIssues(
                 issues
@@ -204,6 +212,7 @@ pub fn plan_section(
             stem: shards::stem_of(&path),
             fingerprint: Fingerprint::of(&path)?,
             file_rows,
+            row_group_rows,
             mapping,
             path,
         });
@@ -379,8 +388,8 @@ struct ParquetShardReader {
     path: PathBuf,
     /// Rows read so far, to say where a read failed.
     rows: u64,
-    /// Rows per row group, from the footer, when rows read map onto row groups (no
-    /// filter): a failure then names its row group.
+    /// Rows per row group when rows read map onto row groups (no filter): a failure
+    /// then names its row group.
     row_groups: Option<Vec<u64>>,
 }
 
@@ -465,30 +474,13 @@ impl BatchSource for SourcePlan {
             converter,
             path: shard.path.clone(),
             rows: 0,
-            row_groups: self
-                .filter
-                .is_none()
-                .then(|| row_group_rows(&shard.path))
-                .flatten(),
+            row_groups: self.filter.is_none().then(|| shard.row_group_rows.clone()),
         }))
     }
 
     fn skip_unreadable(&self) -> bool {
         self.on_unreadable == OnUnreadable::Quarantine
     }
-}
-
-fn row_group_rows(path: &std::path::Path) -> Option<Vec<u64>> {
-    let file = std::fs::File::open(path).ok()?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).ok()?;
-    Some(
-        builder
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|g| g.num_rows().max(0) as u64)
-            .collect(),
-    )
 }
 
 /// A shard deleted after planning would otherwise surface as DataFusion's "cannot infer

@@ -189,12 +189,12 @@ fn parse_config<T: serde::de::DeserializeOwned + JsonSchema>(
         from_value_at::<B>(serde_json::Value::Object(block), at).map(|_| ())
     }
 
+    let accepted = schema_property_names::<T>();
     if let serde_json::Value::Object(entry) = &value {
-        let accepted = schema_property_names::<T>();
         check_block::<SessionConfig>(entry, &accepted, at)?;
         check_block::<ImageSettings>(entry, &accepted, at)?;
     }
-    crate::fields::from_value_checked(value, at)
+    crate::fields::from_value_checked(value, at, &accepted)
 }
 
 /// The stage registry: `Variant(module::Config) = "type_name"`, one line per stage. It
