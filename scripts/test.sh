@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The engine-only binary (no trainer, no libtorch) must keep building: GPU scoring
+# nodes and the cluster runner ship it.
+cargo clippy -p trustflow --no-default-features --bin trustflow --locked -- -D warnings
 cargo test --workspace --locked

@@ -191,6 +191,7 @@ pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::V
         caption_column: Some(trustflow_engine::columns::CAPTION.into()),
         label_column: trustflow_engine::columns::LABEL.into(),
         filters: Vec::new(),
+        split: None,
         encoder: None,
         tokenizer: None,
         classes: Some((0..CLASSES).map(|d| d.to_string()).collect()),

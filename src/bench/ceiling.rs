@@ -19,16 +19,21 @@ use trustflow_engine::run::{RunOptions, execute};
 use trustflow_engine::stages::StageKind;
 use trustflow_engine::stages::clip_score::ClipScoreStage;
 
-#[derive(Debug, Clone)]
+/// What to measure: also `trustflow bench ceiling`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CeilingOptions {
     pub pipeline: PathBuf,
     /// The `clip_score` stage to measure (default: the first one).
+    #[arg(long)]
     pub stage: Option<String>,
     /// Alternating repetitions of (ceiling, end to end).
+    #[arg(long, default_value_t = 2)]
     pub repetitions: usize,
     /// Model calls per ceiling measurement (per caller).
+    #[arg(long, default_value_t = 8)]
     pub calls: usize,
     /// Scratch output folder for the end-to-end runs.
+    #[arg(long, default_value = "out/bench-ceiling")]
     pub scratch: PathBuf,
 }
 

@@ -106,34 +106,49 @@ impl FromStr for GenLayout {
     }
 }
 
-/// What to generate. `Default` gives the documented defaults.
-#[derive(Debug, Clone, Serialize)]
+/// What to generate: also `trustflow bench gen`'s flags. `Default` gives the documented
+/// defaults, on the command line too.
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct GenOptions {
     /// Total rows over all shards (>= 1).
+    #[arg(long)]
     pub rows: usize,
     /// Number of shards (1..=rows).
+    #[arg(long, default_value_t = GenOptions::default().shards)]
     pub shards: usize,
     /// Output folder, created if absent.
+    #[arg(long)]
     pub out: PathBuf,
     /// Seed: same options and seed give byte-identical shards.
+    #[arg(long, default_value_t = GenOptions::default().seed)]
     pub seed: u64,
     /// Share of rows whose caption is missing (null, empty, blank or punctuation).
+    #[arg(long, default_value_t = GenOptions::default().missing_caption_rate)]
     pub missing_caption_rate: f64,
-    /// Share of rows whose image bytes are corrupt.
+    /// Share of rows whose image bytes are corrupt (truncated, random bytes, empty,
+    /// bomb header).
+    #[arg(long, default_value_t = GenOptions::default().corrupt_rate)]
     pub corrupt_rate: f64,
     /// Smallest image side in pixels (>= 8).
+    #[arg(long, default_value_t = GenOptions::default().min_side)]
     pub min_side: u32,
     /// Largest image side in pixels (<= 8192).
+    #[arg(long, default_value_t = GenOptions::default().max_side)]
     pub max_side: u32,
     /// Share of good images encoded as PNG (the rest are JPEG).
+    #[arg(long, default_value_t = GenOptions::default().png_share)]
     pub png_share: f64,
-    /// Column layout of the shards.
+    /// Column layout of the shards: bytes | hf | path | img2dataset.
+    #[arg(long, default_value = "bytes")]
     pub layout: GenLayout,
     /// Folder with `china.jpg` and `flower.jpg`; without them images are procedural.
+    #[arg(long, env = "TRUSTFLOW_PHOTOS_DIR")]
     pub photos_dir: Option<PathBuf>,
-    /// Domain names, drawn uniformly per row.
+    /// Domain names, drawn uniformly per row (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "source,target")]
     pub domains: Vec<String>,
     /// Share of rows in split `test` (the rest are `train`).
+    #[arg(long, default_value_t = GenOptions::default().test_share)]
     pub test_share: f64,
 }
 

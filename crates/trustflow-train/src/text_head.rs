@@ -243,31 +243,96 @@ pub fn gather_rows(x: &[f32], dim: usize, idx: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Everything `trustflow fit-text` needs.
+/// Everything `trustflow fit-text` needs (with the `cli` feature, its flags).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct FitTextOptions {
+    /// Parquet shards with captions and labels.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, required = true, num_args = 1.., value_name = "SHARD")
+    )]
     pub train: Vec<PathBuf>,
+    /// The head file to write (safetensors; the sidecar `<file>.json` goes beside it).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HEAD_FILE"))]
     pub out: PathBuf,
+    /// Caption column. Default: `caption_clean` when present, else `caption`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub caption_column: Option<String>,
+    /// Integer label column.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "label"))]
     pub label_column: String,
-    /// Keep only rows where each `(column, value)` holds (compared as text).
+    /// Keep only rows where COLUMN (compared as text) equals VALUE, e.g.
+    /// `--where domain=source`; may repeat (all must hold).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "where", value_name = "COLUMN=VALUE", value_parser = parse_filter)
+    )]
     pub filters: Vec<(String, String)>,
+    /// Keep only rows whose `split` column equals this (e.g. `train`); shorthand for
+    /// `--where split=VALUE`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub split: Option<String>,
+    /// ONNX sentence encoder (file or folder). Default: $TRUSTFLOW_MINILM_DIR.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub encoder: Option<PathBuf>,
+    /// The encoder's tokenizer.json. Default: $TRUSTFLOW_MINILM_TOKENIZER.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub tokenizer: Option<PathBuf>,
-    /// Class names; default `0`..`C-1` with C = largest label + 1.
+    /// Class names in label order, comma-separated. Default: 0..C-1 with C the largest
+    /// label + 1.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ','))]
     pub classes: Option<Vec<String>>,
+    /// Share of rows held out (seeded) for the held-out accuracy, in [0, 1).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.2))]
     pub holdout: f64,
+    #[cfg_attr(feature = "cli", command(flatten))]
     pub fit: FitOptions,
+}
+
+/// `COLUMN=VALUE` of `--where`.
+pub fn parse_filter(text: &str) -> std::result::Result<(String, String), String> {
+    let (column, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected COLUMN=VALUE, found {text:?}"))?;
+    Ok((column.trim().to_string(), value.to_string()))
+}
+
+impl FitTextOptions {
+    /// The row filters with `split` folded in.
+    fn all_filters(&self) -> Vec<(String, String)> {
+        let mut filters = self.filters.clone();
+        if let Some(split) = &self.split {
+            filters.push(("split".to_string(), split.clone()));
+        }
+        filters
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.holdout) {
+            return Err(Error::Invalid(format!(
+                "holdout: expected a share in [0, 1), found {}",
+                self.holdout
+            )));
+        }
+        if self.fit.hidden == 0 || self.fit.epochs == 0 || self.fit.batch_size == 0 {
+            return Err(Error::Invalid(
+                "hidden, epochs and batch_size must each be >= 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Read, embed, hold out, fit, evaluate and save; returns the metrics (also in the
 /// sidecar).
 pub fn fit_text(opts: &FitTextOptions) -> Result<serde_json::Value> {
+    opts.check()?;
     let data = read_labelled(
         &opts.train,
         opts.caption_column.as_deref(),
         &opts.label_column,
-        &opts.filters,
+        &opts.all_filters(),
     )?;
     if data.labels.is_empty() {
         return Err(Error::Invalid(format!(

@@ -266,14 +266,30 @@ impl SentenceEncoder {
 }
 
 /// Hyper-parameters of [`fit_head`].
+/// With the `cli` feature these are also `trustflow fit-text`'s flags; the defaults
+/// come from `Default` in both cases.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct FitOptions {
+    /// Hidden width H (the caption feature's size).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().hidden))]
     pub hidden: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().epochs))]
     pub epochs: usize,
+    /// AdamW learning rate.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().lr))]
     pub lr: f64,
+    /// AdamW weight decay.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().weight_decay))]
     pub weight_decay: f64,
+    /// Captions per optimiser step.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().batch_size))]
     pub batch_size: usize,
+    /// Gradient norm clip.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().grad_clip))]
     pub grad_clip: f64,
+    /// Seeds the weights, the batch order and the held-out split.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FitOptions::default().seed))]
     pub seed: u64,
 }
 

@@ -1,0 +1,204 @@
+//! `run`, `validate`, `inspect` and `calibrate-weights`: the pipeline commands.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use trustflow::progress::{Progress, progress_line};
+use trustflow_engine::plan::{self, Overrides};
+use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow_engine::runtime::RunSnapshot;
+use trustflow_engine::{Error, inspect as inspect_out};
+
+use super::cancel_on_signals;
+
+#[derive(Args)]
+pub struct RunArgs {
+    pipeline: PathBuf,
+    #[command(flatten)]
+    overrides: Overrides,
+    /// Redo every shard, even those whose manifest matches.
+    #[arg(long)]
+    force: bool,
+    /// Process only part I of N (shards with index % N == I), e.g. `--part 0/4`.
+    #[arg(long, value_parser = parse_part)]
+    part: Option<(usize, usize)>,
+    /// Where to write the JSON report (default: OUT_DIR/_report.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No live progress display.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Enriched source shards: files, folders or globs.
+    #[arg(required = true, num_args = 1.., value_name = "SHARDS")]
+    source: Vec<String>,
+    /// The calibration file to write (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of classes C (labels are 0..C-1).
+    #[arg(long)]
+    classes: usize,
+    /// Integer label column.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// The image-caption cosine column `clip_score` writes.
+    #[arg(long, default_value = "clip_similarity")]
+    similarity_column: String,
+}
+
+fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected I/N, e.g. 0/4, found `{s}`"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part index `{i}`"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part count `{n}`"))?;
+    if n == 0 || i >= n {
+        return Err(format!("part {i}/{n}: expected 0 <= I < N"));
+    }
+    Ok((i, n))
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let plan = plan::load_and_plan(&args.pipeline, &args.overrides)?;
+    let then_train = plan
+        .pipeline
+        .spec
+        .sink
+        .train
+        .as_deref()
+        .map(|t| plan.pipeline.resolve(t));
+    let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
+    out!("{report}")?;
+    check_complete(&report)?;
+    if let Some(train_file) = then_train {
+        if args.part.is_some() {
+            eprintln!(
+                "sink.train: not run with --part (the other parts' shards are not written \
+                 yet); run `trustflow train {}` when all parts are done",
+                train_file.display()
+            );
+        } else {
+            then_train_with(train_file)?;
+        }
+    }
+    Ok(())
+}
+
+/// `sink.train`: resumes a run of the same training file and shards, as `run` skips
+/// finished shards.
+#[cfg(feature = "train")]
+fn then_train_with(train_file: PathBuf) -> Result<()> {
+    eprintln!("sink.train: training with {}", train_file.display());
+    super::train::train(super::train::TrainArgs::resuming(train_file))
+}
+
+#[cfg(not(feature = "train"))]
+fn then_train_with(train_file: PathBuf) -> Result<()> {
+    anyhow::bail!(
+        "sink.train names {}, but {}",
+        train_file.display(),
+        super::NO_TRAINER
+    )
+}
+
+/// A run that broke the row invariant or skipped unreadable shards is a failure of
+/// the command, after its report is out.
+pub fn check_complete(report: &RunReport) -> Result<()> {
+    if !report.invariant_holds {
+        anyhow::bail!("row accounting invariant broken (see report)");
+    }
+    if !report.unreadable.is_empty() {
+        return Err(Error::Incomplete {
+            skipped: report.unreadable.len(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+pub fn validate(pipeline: &Path, overrides: &Overrides) -> Result<()> {
+    let plan = plan::load_and_plan(pipeline, overrides)?;
+    outln!("{}", plan.describe())?;
+    outln!("ok: {} is valid", pipeline.display())
+}
+
+pub fn inspect(out_dir: &Path, json: bool) -> Result<()> {
+    let found = inspect_out::inspect(out_dir)?;
+    match json {
+        true => out_json!(found),
+        false => out!("{}", found.to_text()),
+    }
+}
+
+pub fn calibrate_weights(args: CalibrateArgs) -> Result<()> {
+    let shards = trustflow_engine::source::shards::discover(Path::new("."), &args.source)?;
+    let calibration = trustflow_engine::stages::class_max::calibrate(
+        &shards,
+        &args.label_column,
+        &args.similarity_column,
+        args.classes,
+    )?;
+    calibration.save(&args.out)?;
+    out_json!(calibration)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// Execute a plan with the live display on a terminal, a plain line every few seconds
+/// elsewhere (CI, logs), or nothing with `quiet`.
+pub fn run_with_progress(
+    plan: plan::Plan,
+    force: bool,
+    part: Option<(usize, usize)>,
+    report_path: Option<PathBuf>,
+    quiet: bool,
+) -> Result<RunReport> {
+    let mut names = vec!["source".to_string()];
+    names.extend(plan.stages.iter().map(|s| s.stage.name().to_string()));
+    names.push("sink".into());
+    let total = plan.source.shards.len() as u64;
+    let tty = std::io::stderr().is_terminal();
+    let progress = (!quiet && tty).then(|| Progress::new(&names, total));
+    let on_progress: Option<ProgressFn> = match (&progress, quiet) {
+        (Some(p), _) => {
+            let p = p.clone();
+            Some(Box::new(move |s: &RunSnapshot| p.update(s)))
+        }
+        (None, false) => {
+            let last = std::sync::Mutex::new(Instant::now());
+            Some(Box::new(move |s: &RunSnapshot| {
+                if let Ok(mut t) = last.lock()
+                    && t.elapsed().as_secs() >= 5
+                {
+                    *t = Instant::now();
+                    eprintln!("{}", progress_line(s));
+                }
+            }))
+        }
+        (None, true) => None,
+    };
+    let options = RunOptions {
+        cancel: cancel_on_signals()?,
+        force,
+        part,
+        report_path,
+        on_progress,
+    };
+    let result = execute(plan, options);
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    Ok(result?)
+}
