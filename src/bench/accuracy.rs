@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use trustflow_engine::storage::Storage;
 
 use serde::Serialize;
 
@@ -182,6 +183,7 @@ fn glob_of(dir: &Path) -> String {
 pub fn fit_source_head(opts: &AccuracyOptions) -> Result<(PathBuf, serde_json::Value)> {
     let head = opts.work.join("text_head.safetensors");
     let shards = trustflow_engine::source::shards::discover(
+        &Storage::default(),
         Path::new("."),
         &[glob_of(&opts.data.join(&opts.source).join("train"))],
     )?;
@@ -227,6 +229,7 @@ pub fn enrich_all(
                 opts.source
             ));
             let shards = trustflow_engine::source::shards::discover(
+                &Storage::default(),
                 Path::new("."),
                 &[glob_of(&enriched[0].out_dir)],
             )?;
@@ -534,7 +537,11 @@ pub fn markdown(report: &AccuracyReport, shifts: &[String], ablations: &[Ablatio
 pub fn weight_split(dir: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{DataType, Float64Type, Int64Type};
-    let shards = trustflow_engine::source::shards::discover(Path::new("."), &[glob_of(dir)])?;
+    let shards = trustflow_engine::source::shards::discover(
+        &Storage::default(),
+        Path::new("."),
+        &[glob_of(dir)],
+    )?;
     let (mut right, mut wrong) = (Vec::new(), Vec::new());
     for shard in shards {
         let file = std::fs::File::open(&shard).map_err(|e| Error::io(&shard, e))?;

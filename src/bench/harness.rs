@@ -2208,6 +2208,7 @@ mod tests {
             cpu_seconds: None,
             cpu_utilisation: None,
             peak_rss_bytes: None,
+            storage: None,
             peak_rows_in_flight: 0,
             peak_bytes_in_flight: 0,
             bottleneck: None,

@@ -143,7 +143,11 @@ pub fn inspect(out_dir: &Path, json: bool) -> Result<()> {
 }
 
 pub fn calibrate_weights(args: CalibrateArgs) -> Result<()> {
-    let shards = trustflow_engine::source::shards::discover(Path::new("."), &args.source)?;
+    let shards = trustflow_engine::source::shards::discover(
+        &trustflow_engine::storage::Storage::default(),
+        Path::new("."),
+        &args.source,
+    )?;
     let calibration = trustflow_engine::stages::class_max::calibrate(
         &shards,
         &args.label_column,

@@ -63,7 +63,12 @@ pub fn standard_pipeline(input: &Path, out: &Path, extra_source: &str) -> String
 }
 
 pub fn run_ok(args: &[&str]) -> Output {
-    let out = bin().args(args).output().expect("run trustflow");
+    run_ok_with(bin(), args)
+}
+
+/// `command` (trustflow with its environment set) with `args`, which must succeed.
+pub fn run_ok_with(mut command: Command, args: &[&str]) -> Output {
+    let out = command.args(args).output().expect("run trustflow");
     assert!(
         out.status.success(),
         "trustflow {args:?} failed:\nstdout:\n{}\nstderr:\n{}",

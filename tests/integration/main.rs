@@ -16,5 +16,6 @@ mod harness;
 mod layering;
 mod losses;
 mod metrics;
+mod s3;
 mod train;
 mod untrusted;

@@ -11,8 +11,10 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// What identifies a shard's content cheaply: size, modification time, and a hash of
-/// its last 64 KiB (the Parquet footer, which changes whenever the data does).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// its last 64 KiB (the Parquet footer, which changes whenever the data does). For an
+/// object in a store, `tail_sha256` holds the object's ETag instead (`etag:"..."`),
+/// which the store changes whenever the object is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub size: u64,
     pub modified_ns: u128,
@@ -49,6 +51,19 @@ impl Fingerprint {
         })
     }
 
+    /// The fingerprint of an object in a store, from its metadata (no data read).
+    pub fn of_object(meta: &object_store::ObjectMeta) -> Self {
+        Fingerprint {
+            size: meta.size,
+            modified_ns: meta
+                .last_modified
+                .timestamp_nanos_opt()
+                .map_or(0, |ns| ns.max(0) as u128),
+            tail_sha256: format!("etag:{}", meta.e_tag.as_deref().unwrap_or("")),
+            content_sha256: None,
+        }
+    }
+
     /// [`Fingerprint::of`] plus a SHA-256 of the whole file, read sequentially.
     pub fn of_full(path: &Path) -> Result<Self> {
         let mut print = Self::of(path)?;
@@ -71,6 +86,11 @@ impl Fingerprint {
                 None => true,
             }
     }
+}
+
+/// SHA-256 of `text`, in hex.
+pub fn text_digest(text: &str) -> String {
+    format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
 /// One string that changes whenever any of `files` does (size and tail hash of each,

@@ -83,6 +83,13 @@ impl Acc {
 }
 
 pub fn inspect(out_dir: &Path) -> Result<Inspection> {
+    if crate::storage::is_remote(out_dir) {
+        return Err(Error::input(
+            out_dir,
+            "inspect reads a local output folder; the run's summary is the `_report.json` \
+             object beside the outputs (or copy the prefix down first)",
+        ));
+    }
     let entries = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut names: Vec<String> = entries
         .flatten()

@@ -4,7 +4,8 @@
 //! test checks it, and docs/architecture.md draws the map):
 //! 1. `error`;
 //! 2. `columns` (canonical column names, output file names), `digest` (file
-//!    fingerprints), `fields` (deserialising settings with field paths);
+//!    fingerprints), `fields` (deserialising settings with field paths), `storage`
+//!    (S3-compatible object stores: `s3://` URIs, credentials, the HTTP client);
 //! 3. `models` (image decoding, CLIP preprocessing, ONNX sessions, tokenisers, the text
 //!    head);
 //! 4. `stages` (one file per stage, one registry line each), `quarantine`;
@@ -32,5 +33,6 @@ pub mod sink;
 pub mod source;
 pub mod spec;
 pub mod stages;
+pub mod storage;
 
 pub use error::{Error, Result};

@@ -259,6 +259,16 @@ impl Plan {
             );
         }
         let _ = writeln!(s, "sink: {}", self.out_dir.display());
+        let io = self.source.storage.stats();
+        if io.requests > 0 {
+            // Planning reads listings and footers only: every GET is a ranged one.
+            let _ = writeln!(
+                s,
+                "object store: {} request(s) while planning: {} listing(s), {} GET(s) of \
+                 which {} ranged (footers), {} retried failure(s)",
+                io.requests, io.lists, io.gets, io.ranged_gets, io.retried_failures
+            );
+        }
         let _ = writeln!(s, "output schema:");
         for f in self.sink_schema.fields() {
             let _ = writeln!(

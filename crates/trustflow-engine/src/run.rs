@@ -11,7 +11,10 @@ use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::runtime::{self, CancelToken, RunSnapshot, ShardCounts, StepReport, Topology};
-use crate::sink::{self, Manifest, ParquetSink};
+use crate::sink::{self, Manifest, OutputFolder, ParquetSink};
+
+/// The run report's name in the output folder.
+pub const REPORT_NAME: &str = "_report.json";
 use crate::spec::ResumeVerify;
 
 /// A live-figures callback.
@@ -94,6 +97,9 @@ pub struct RunReport {
     /// CPU seconds / wall seconds (2.0 = both cores of this machine busy).
     pub cpu_utilisation: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Requests to object stores (present when the run read or wrote `s3://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::storage::StorageStats>,
     pub peak_rows_in_flight: u64,
     pub peak_bytes_in_flight: u64,
     pub bottleneck: Option<String>,
@@ -121,10 +127,11 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
 /// their outputs and manifests; the others leave nothing under a final name.
 pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
     let out_dir = plan.out_dir.clone();
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let folder = OutputFolder::new(&out_dir, plan.source.storage.clone())?;
+    folder.prepare()?;
     // Held until the run returns: a second writer is refused before it can touch
     // this run's temporary files.
-    let _lock = sink::lock::lock_output(&out_dir, options.part)?;
+    let _lock = sink::lock::lock_folder(&folder, options.part)?;
     let cpu_start = runtime::metrics::process_cpu_seconds();
 
     let mut todo = Vec::new();
@@ -138,13 +145,13 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         {
             continue;
         }
-        let manifest = Manifest::read(&Manifest::path_for(&out_dir, &shard.stem));
+        let manifest = Manifest::read_from(&folder, &shard.stem);
         let fingerprint = match plan.pipeline.spec.resume.verify {
             ResumeVerify::Quick => shard.fingerprint.clone(),
-            ResumeVerify::Full => Fingerprint::of_full(&shard.path)?,
+            ResumeVerify::Full => plan.source.full_fingerprint(shard)?,
         };
         match manifest {
-            Some(m) if !options.force && m.matches(&out_dir, &plan.pipeline_hash, &fingerprint) => {
+            Some(m) if !options.force && m.matches(&folder, &plan.pipeline_hash, &fingerprint) => {
                 reports.push((
                     shard.index,
                     shard_report(&shard.stem, &shard.path, ShardStatus::Skipped, &m),
@@ -152,8 +159,8 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             }
             _ => {
                 // Whatever a previous run left for this shard is stale now.
-                sink::remove_stale_tmp(&out_dir, &shard.stem);
-                let _ = std::fs::remove_file(Manifest::path_for(&out_dir, &shard.stem));
+                folder.clean_up_after(&shard.stem);
+                folder.remove(&crate::columns::manifest_name(&shard.stem));
                 todo.push(shard.index);
                 fingerprints.insert(shard.index, fingerprint);
             }
@@ -164,7 +171,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
 
     let sink = ParquetSink::new(
         &plan.pipeline.spec.sink,
-        out_dir.clone(),
+        folder.clone(),
         plan.sink_schema.clone(),
         plan.source.quarantine.clone(),
         plan.pipeline_hash.clone(),
@@ -259,6 +266,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),
         cpu_seconds,
         peak_rss_bytes: runtime::metrics::peak_rss_bytes(),
+        storage: Some(plan.source.storage.stats()).filter(|s| s.requests > 0),
         peak_rows_in_flight: snap.peak_rows_in_flight,
         peak_bytes_in_flight: snap.peak_bytes_in_flight,
         bottleneck: snap.bottleneck.clone(),
@@ -267,12 +275,13 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         shards,
         queue_samples: stats.queue_samples,
     };
-    let report_path = options
-        .report_path
-        .clone()
-        .unwrap_or_else(|| out_dir.join("_report.json"));
-    let text = serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report_path, e))?;
-    std::fs::write(&report_path, text).map_err(|e| Error::io(&report_path, e))?;
+    let text = serde_json::to_string_pretty(&report)
+        .map_err(|e| Error::output(folder.display(REPORT_NAME), e))?;
+    match &options.report_path {
+        Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
+        None => folder.put_small(REPORT_NAME, text.as_bytes())?,
+    }
+    folder.finish();
     Ok(report)
 }
 

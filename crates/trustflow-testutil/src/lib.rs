@@ -2,6 +2,8 @@
 //! back, the repository's fixtures, and the check for the ONNX Runtime library that
 //! `scripts/setup.sh` installs. Panics are the point here: these run in tests only.
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};

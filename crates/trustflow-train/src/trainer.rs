@@ -178,7 +178,7 @@ fn plan_domain(
     let section = domain.section();
     // Plan once as written (so the user's own mistakes are located), then with the
     // enriched columns the losses need added to keep_columns.
-    let plain = source::plan_section(loaded, spec, section, batch_size, None)?;
+    let plain = source::plan_section(loaded, spec, section, batch_size, None, storage())?;
     let needed: Vec<&String> = [
         &needs.pseudo_label,
         &needs.pseudo_weight,
@@ -187,18 +187,9 @@ fn plan_domain(
     .into_iter()
     .flatten()
     .collect();
-    // Each footer is read once, whatever the number of columns checked.
-    let schemas = match needed.is_empty() {
-        true => Vec::new(),
-        false => plain
-            .shards
-            .iter()
-            .map(|shard| shard_schema(&shard.path))
-            .collect::<Result<Vec<_>>>()?,
-    };
     for name in &needed {
-        for (shard, schema) in plain.shards.iter().zip(&schemas) {
-            if schema.field_with_name(name).is_err() {
+        for shard in &plain.shards {
+            if shard.file_schema.field_with_name(name).is_err() {
                 return Err(Error::input(
                     &shard.path,
                     format!(
@@ -216,7 +207,7 @@ fn plan_domain(
             with_columns.keep_columns.push(name.clone());
         }
     }
-    let plan = source::plan_section(loaded, &with_columns, section, batch_size, None)?;
+    let plan = source::plan_section(loaded, &with_columns, section, batch_size, None, storage())?;
     Ok(DomainData {
         domain,
         plan,
@@ -226,17 +217,16 @@ fn plan_domain(
 
 /// Whether the first shard of `spec` has column `name` (for optional columns).
 fn has_column(plan: &source::SourcePlan, name: &str) -> bool {
-    plan.shards.first().is_some_and(|s| {
-        shard_schema(&s.path).is_ok_and(|schema| schema.field_with_name(name).is_ok())
-    })
+    plan.shards
+        .first()
+        .is_some_and(|s| s.file_schema.field_with_name(name).is_ok())
 }
 
 /// A shard's Arrow schema, from its footer.
-fn shard_schema(path: &Path) -> Result<arrow::datatypes::SchemaRef> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .map(|b| b.schema().clone())
-        .map_err(|e| Error::input(path, e.to_string()))
+/// The stores of `s3://` shards in a training file: configured by the environment (or
+/// an AWS profile) alone.
+fn storage() -> std::sync::Arc<trustflow_engine::storage::Storage> {
+    trustflow_engine::storage::Storage::new(Default::default())
 }
 
 fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData]) -> String {
@@ -287,7 +277,8 @@ fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
         },
         batch_size,
     )?;
-    let target_plain = source::plan_section(loaded, &spec.target, "target", batch_size, None)?;
+    let target_plain =
+        source::plan_section(loaded, &spec.target, "target", batch_size, None, storage())?;
     // Pseudo-labels and weights are read when present even if no term needs them,
     // to report their quality.
     let target_needs = Needs {

@@ -4,20 +4,109 @@
 //! `--part I/N` run holds it shared, plus `<out>/.trustflow.part-I-of-N.lock`
 //! exclusively, so parts of one job share a folder while a second whole run, or a
 //! second copy of the same part, is refused with the holder's pid and host.
+//!
+//! In an object store there are no advisory locks. With `storage.conditional_writes`
+//! (stores that enforce `If-None-Match: *`) the same lock files are objects created
+//! only if absent and deleted when the run ends; a run killed with `kill -9` leaves
+//! its lock object, and the refusal says which object to delete. Without conditional
+//! writes no lock is taken on a store.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::folder::OutputFolder;
 use crate::error::{Error, Result};
+use crate::storage::{ObjectUri, Storage};
 
 const FOLDER_LOCK: &str = ".trustflow.lock";
 
 /// Held locks; dropping it releases them.
 #[derive(Debug)]
 pub struct OutputLock {
-    _folder: File,
+    _folder: Option<File>,
     _part: Option<File>,
+    /// Lock objects in a store, deleted on drop.
+    objects: Vec<(ObjectUri, Arc<Storage>)>,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        for (uri, storage) in &self.objects {
+            if let Ok(store) = storage.store(uri) {
+                let _ = storage.block_on(store.delete(&uri.object_path()));
+            }
+        }
+    }
+}
+
+/// Lock the run's output folder; `part` is `--part I/N`.
+pub fn lock_folder(folder: &OutputFolder, part: Option<(usize, usize)>) -> Result<OutputLock> {
+    match folder {
+        OutputFolder::Local(dir) => lock_output(dir, part),
+        OutputFolder::Remote { uri, storage, .. } if storage.spec().conditional_writes => {
+            lock_objects(uri, storage, part)
+        }
+        OutputFolder::Remote { .. } => Ok(OutputLock {
+            _folder: None,
+            _part: None,
+            objects: Vec::new(),
+        }),
+    }
+}
+
+fn lock_objects(
+    prefix: &ObjectUri,
+    storage: &Arc<Storage>,
+    part: Option<(usize, usize)>,
+) -> Result<OutputLock> {
+    let create = |name: &str| -> Result<ObjectUri> {
+        let uri = prefix.join(name);
+        let store = storage.store(&uri)?;
+        let holder = holder_line();
+        let put = storage.block_on(store.put_opts(
+            &uri.object_path(),
+            PutPayload::from(holder.into_bytes()),
+            PutOptions::from(PutMode::Create),
+        ))?;
+        match put {
+            Ok(_) => Ok(uri),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                let held_by = storage
+                    .block_on(async {
+                        let got = store.get(&uri.object_path()).await.ok()?;
+                        got.bytes().await.ok()
+                    })
+                    .ok()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                    .unwrap_or_else(|| "another trustflow process".into());
+                Err(Error::input(
+                    prefix.to_path(),
+                    format!(
+                        "the output prefix is in use by another trustflow run ({held_by}); \
+                         wait for it to finish, or, if that run is dead, delete {uri}"
+                    ),
+                ))
+            }
+            Err(e) => Err(storage.error(&uri, "cannot create the lock object", e)),
+        }
+    };
+    let name = match part {
+        None => FOLDER_LOCK.to_string(),
+        Some((i, n)) => format!(".trustflow.part-{i}-of-{n}.lock"),
+    };
+    let uri = create(&name)?;
+    Ok(OutputLock {
+        _folder: None,
+        _part: None,
+        objects: vec![(uri, storage.clone())],
+    })
 }
 
 fn holder_line() -> String {
@@ -102,8 +191,9 @@ pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<Outpu
             Ok(()) => {
                 sign(&mut folder, &folder_path)?;
                 Ok(OutputLock {
-                    _folder: folder,
+                    _folder: Some(folder),
                     _part: None,
+                    objects: Vec::new(),
                 })
             }
             Err(TryLockError::WouldBlock) => {
@@ -129,8 +219,9 @@ pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<Outpu
         Ok(()) => {
             sign(&mut part_file, &part_path)?;
             Ok(OutputLock {
-                _folder: folder,
+                _folder: Some(folder),
                 _part: Some(part_file),
+                objects: Vec::new(),
             })
         }
         Err(TryLockError::WouldBlock) => Err(busy(

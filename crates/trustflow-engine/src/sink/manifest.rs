@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::folder::OutputFolder;
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::runtime::ShardCounts;
@@ -49,27 +50,24 @@ impl Manifest {
         serde_json::from_str(&text).ok()
     }
 
-    /// Write atomically: temporary file, fsync, rename.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::output(path, e))?;
-        let tmp = super::tmp_path(path);
-        let written = std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .map_err(|e| Error::io(&tmp, e))
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-        if written.is_err() {
-            // A full disk must not leave a half-written manifest behind.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+    /// The manifest of `stem` in `folder`, if there is a readable one.
+    pub fn read_from(folder: &OutputFolder, stem: &str) -> Option<Manifest> {
+        let bytes = folder.read_small(&crate::columns::manifest_name(stem))?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Write it whole (the shard's commit point).
+    pub fn write_to(&self, folder: &OutputFolder, stem: &str) -> Result<()> {
+        let name = crate::columns::manifest_name(stem);
+        let text =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::output(folder.display(&name), e))?;
+        folder.put_small(&name, &text)
     }
 
     /// True when this manifest describes a finished shard of the same input under the
     /// same pipeline, and its outputs are still there, whole.
-    pub fn matches(&self, out_dir: &Path, pipeline_hash: &str, input: &Fingerprint) -> bool {
-        let intact = |entry: &FileEntry| {
-            std::fs::metadata(out_dir.join(&entry.file)).is_ok_and(|m| m.len() == entry.bytes)
-        };
+    pub fn matches(&self, folder: &OutputFolder, pipeline_hash: &str, input: &Fingerprint) -> bool {
+        let intact = |entry: &FileEntry| folder.size_of(&entry.file) == Some(entry.bytes);
         self.pipeline_hash == pipeline_hash
             && self.input_fingerprint.still_matches(input)
             && intact(&self.output)

@@ -1,9 +1,11 @@
 //! Parquet output, exactly once per shard: for input `<stem>.parquet` the sink writes
 //! `<stem>.parquet` (rows that passed), `<stem>.quarantine.parquet` (rows that failed,
 //! with `error_stage` and `error`), then `<stem>.manifest.json`. Each file is written
-//! under a temporary name and renamed only when complete, so a killed run never
-//! leaves a partial file under a final name, and the manifest (last) marks completion.
+//! under a temporary name and committed (renamed, or uploaded to a store) only when
+//! complete, so a killed run never leaves a partial file under a final name, and the
+//! manifest (last) marks completion.
 
+pub mod folder;
 pub mod lock;
 pub mod manifest;
 pub mod safety;
@@ -25,6 +27,7 @@ use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::runtime::{ShardCounts, Sink};
 use crate::spec::{Compression, SinkSpec};
+pub use folder::OutputFolder;
 pub use manifest::{Manifest, reason_key};
 
 /// Temporary sibling of `path`, unique to this process, hidden, ending in `.tmp`.
@@ -71,7 +74,7 @@ pub struct ShardTarget {
 pub struct ParquetSink {
     /// The source's shards, by index.
     shards: Vec<ShardTarget>,
-    out_dir: PathBuf,
+    folder: OutputFolder,
     output_schema: SchemaRef,
     quarantine_schema: SchemaRef,
     props: WriterProperties,
@@ -85,7 +88,7 @@ pub struct ParquetSink {
 impl ParquetSink {
     pub fn new(
         spec: &SinkSpec,
-        out_dir: PathBuf,
+        folder: OutputFolder,
         output_schema: SchemaRef,
         quarantine_schema: SchemaRef,
         pipeline_hash: String,
@@ -103,7 +106,7 @@ impl ParquetSink {
             .build();
         ParquetSink {
             shards,
-            out_dir,
+            folder,
             output_schema,
             quarantine_schema,
             props,
@@ -130,8 +133,9 @@ impl ParquetSink {
     fn open_shard(&mut self, index: usize) -> Result<&mut OpenShard> {
         if !self.open.contains_key(&index) {
             let shard = self.target(index)?;
-            let out_tmp = tmp_path(&self.out_dir.join(output_name(&shard.stem)));
-            let quarantine_tmp = tmp_path(&self.out_dir.join(quarantine_name(&shard.stem)));
+            let staging = self.folder.staging();
+            let out_tmp = tmp_path(&staging.join(output_name(&shard.stem)));
+            let quarantine_tmp = tmp_path(&staging.join(quarantine_name(&shard.stem)));
             let entry = OpenShard {
                 out: self.writer(&out_tmp, &self.output_schema)?,
                 quarantine: self.writer(&quarantine_tmp, &self.quarantine_schema)?,
@@ -203,30 +207,27 @@ impl Sink for ParquetSink {
         let Some(open) = self.open.remove(&index) else {
             return Err(Error::Internal("shard writer vanished".into()));
         };
-        let out_final = self.out_dir.join(output_name(&shard.stem));
-        let quarantine_final = self.out_dir.join(quarantine_name(&shard.stem));
+        let (out_name, quarantine_name) = (output_name(&shard.stem), quarantine_name(&shard.stem));
         let (out_tmp, quarantine_tmp) = (open.out_tmp.clone(), open.quarantine_tmp.clone());
-        let committed = close(open.out, &out_tmp)
-            .and_then(|()| close(open.quarantine, &quarantine_tmp))
-            .and_then(|()| {
-                std::fs::rename(&out_tmp, &out_final).map_err(|e| Error::io(&out_final, e))
-            })
-            .and_then(|()| {
-                std::fs::rename(&quarantine_tmp, &quarantine_final)
-                    .map_err(|e| Error::io(&quarantine_final, e))
-            });
-        if let Err(e) = committed {
-            // The writer is out of `open` now, so `abort` would not see its files; a
-            // full disk must not leave them (or a lone output without its manifest).
-            for path in [&out_tmp, &quarantine_tmp, &out_final, &quarantine_final] {
-                let _ = std::fs::remove_file(path);
+        let closed =
+            close(open.out, &out_tmp).and_then(|()| close(open.quarantine, &quarantine_tmp));
+        let committed = closed.and_then(|()| {
+            let out_bytes = self.folder.commit_file(&out_tmp, &out_name)?;
+            let quarantine_bytes = self.folder.commit_file(&quarantine_tmp, &quarantine_name)?;
+            Ok((out_bytes, quarantine_bytes))
+        });
+        let (out_bytes, quarantine_bytes) = match committed {
+            Ok(sizes) => sizes,
+            Err(e) => {
+                // The writer is out of `open` now, so `abort` would not see its files; a
+                // full disk must not leave them (or a lone output without its manifest).
+                for tmp in [&out_tmp, &quarantine_tmp] {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                self.folder.remove(&out_name);
+                self.folder.remove(&quarantine_name);
+                return Err(e);
             }
-            return Err(e);
-        }
-        let size = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|m| m.len())
-                .map_err(|e| Error::io(p, e))
         };
         let manifest = Manifest {
             trustflow_version: env!("CARGO_PKG_VERSION").into(),
@@ -237,19 +238,17 @@ impl Sink for ParquetSink {
             rows_out: counts.rows_out,
             rows_quarantined: counts.rows_quarantined,
             output: manifest::FileEntry {
-                file: output_name(&shard.stem),
-                bytes: size(&out_final)?,
+                file: out_name,
+                bytes: out_bytes,
             },
             quarantine: manifest::FileEntry {
-                file: quarantine_name(&shard.stem),
-                bytes: size(&quarantine_final)?,
+                file: quarantine_name,
+                bytes: quarantine_bytes,
             },
             quarantine_reasons: open.reasons,
         };
-        manifest.write(&Manifest::path_for(&self.out_dir, &shard.stem))?;
-        if let Ok(dir) = File::open(&self.out_dir) {
-            let _ = dir.sync_all();
-        }
+        manifest.write_to(&self.folder, &shard.stem)?;
+        self.folder.sync();
         if let Ok(mut finished) = self.finished.lock() {
             finished.push((index, manifest));
         }

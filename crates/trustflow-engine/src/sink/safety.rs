@@ -54,6 +54,10 @@ pub fn check_outputs(
     inputs: &[(String, PathBuf)],
     roots: &[PathBuf],
 ) -> Result<()> {
+    if crate::storage::is_remote(out_dir) {
+        check_remote_outputs(out_dir, inputs, roots)?;
+        return check_names(inputs);
+    }
     let out = resolve(out_dir);
     // `--out` replaces `sink.path` after `validate`'s own check of it.
     if let Some(file) = out.ancestors().find(|a| a.is_file()) {
@@ -101,6 +105,69 @@ pub fn check_outputs(
             )));
         }
     }
+    check_names(inputs)
+}
+
+/// [`check_outputs`] for an output prefix in an object store: the same rules, on keys
+/// (a store has no links or `..`). Local inputs cannot clash with it.
+fn check_remote_outputs(
+    out_dir: &Path,
+    inputs: &[(String, PathBuf)],
+    roots: &[PathBuf],
+) -> Result<()> {
+    use crate::storage::{ObjectUri, is_remote};
+    let out = ObjectUri::of_path(out_dir)?.to_string();
+    let within = |inner: &str, outer: &str| {
+        inner == outer || inner.starts_with(&format!("{}/", outer.trim_end_matches('/')))
+    };
+    let refuse = |what: String| {
+        Error::input(
+            out_dir,
+            format!(
+                "the output prefix {what}; a run there could overwrite or re-read its own \
+                 inputs. Choose an output prefix outside the inputs' prefixes"
+            ),
+        )
+    };
+    for (_, input) in inputs.iter().filter(|(_, p)| is_remote(p)) {
+        let uri = ObjectUri::of_path(input)?;
+        let folder = match uri.key.rsplit_once('/') {
+            Some((folder, _)) => ObjectUri {
+                bucket: uri.bucket.clone(),
+                key: folder.to_string(),
+            },
+            None => ObjectUri {
+                bucket: uri.bucket.clone(),
+                key: String::new(),
+            },
+        }
+        .to_string();
+        if out == folder {
+            return Err(refuse(format!(
+                "is the prefix of input shard {}",
+                input.display()
+            )));
+        }
+        if within(&folder, &out) {
+            return Err(refuse(format!(
+                "contains the prefix of input shard {}",
+                input.display()
+            )));
+        }
+    }
+    for root in roots.iter().filter(|r| is_remote(r)) {
+        let root = ObjectUri::of_path(root)?.to_string();
+        if within(&out, &root) {
+            return Err(refuse(format!(
+                "lies inside {root}, where input shards are searched"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Two inputs may not write one output file.
+fn check_names(inputs: &[(String, PathBuf)]) -> Result<()> {
     let mut taken: HashMap<String, &Path> = HashMap::new();
     for (stem, input) in inputs {
         for name in output_names(stem) {

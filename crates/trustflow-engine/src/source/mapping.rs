@@ -217,8 +217,9 @@ pub struct Converter {
     pub quarantine: SchemaRef,
     pub stem: String,
     pub shard: PathBuf,
-    /// Canonicalised folder that image paths must stay inside.
-    pub image_root: PathBuf,
+    /// Canonicalised folder that image paths must stay inside; None for a shard in an
+    /// object store without `source.image_root` (its rows' image paths cannot be read).
+    pub image_root: Option<PathBuf>,
     pub max_file_bytes: u64,
     pub null_labels: NullLabels,
 }
@@ -398,7 +399,17 @@ impl Converter {
         out: &mut LargeBinaryBuilder,
         rejected: &mut Vec<(usize, String)>,
     ) {
-        match read_confined(&self.image_root, relative, self.max_file_bytes) {
+        let Some(root) = &self.image_root else {
+            rejected.push((
+                row,
+                "image paths of a shard in an object store are not read; store the image \
+                 bytes in the shard, or set source.image_root to a local folder"
+                    .into(),
+            ));
+            out.append_null();
+            return;
+        };
+        match read_confined(root, relative, self.max_file_bytes) {
             Ok(bytes) => out.append_value(bytes),
             Err(reason) => {
                 rejected.push((row, reason));

@@ -5,7 +5,8 @@
 pub mod mapping;
 pub mod shards;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SendableRecordBatchStream;
@@ -20,6 +21,7 @@ pub use crate::digest::Fingerprint;
 use crate::error::{Error, Result, SpecIssues};
 use crate::runtime::{BatchSource, ShardReader};
 use crate::spec::{LoadedPipeline, NullLabels, OnUnreadable, SourceSpec, SpecOrigin};
+use crate::storage::{self, ObjectUri, Storage};
 pub use mapping::{Converter, Mapping, SOURCE_STAGE};
 
 /// One input shard, as planned.
@@ -33,6 +35,8 @@ pub struct ShardPlan {
     pub file_rows: u64,
     /// Rows per row group, from the footer (to say where a read failed).
     pub row_group_rows: Vec<u64>,
+    /// The file's own Arrow schema, from the footer.
+    pub file_schema: SchemaRef,
     pub mapping: Mapping,
 }
 
@@ -54,6 +58,119 @@ pub struct SourcePlan {
     /// Folders the inputs are searched in: those named in the paths, and the fixed
     /// part of each glob (an output folder may not lie inside one).
     pub search_roots: Vec<PathBuf>,
+    /// The object stores of `s3://` shards.
+    pub storage: Arc<Storage>,
+}
+
+/// What planning reads of a shard: its footer and identity.
+struct Footer {
+    schema: SchemaRef,
+    file_rows: u64,
+    row_group_rows: Vec<u64>,
+    fingerprint: Fingerprint,
+}
+
+impl Footer {
+    fn of(metadata: &parquet::file::metadata::ParquetMetaData, schema: &SchemaRef) -> Self {
+        Footer {
+            schema: schema.clone(),
+            file_rows: metadata.file_metadata().num_rows().max(0) as u64,
+            row_group_rows: metadata
+                .row_groups()
+                .iter()
+                .map(|g| g.num_rows().max(0) as u64)
+                .collect(),
+            fingerprint: Fingerprint::default(),
+        }
+    }
+}
+
+/// Read a shard's footer: `Ok(Err(reason))` when the file is there but is not
+/// readable Parquet (the shard is skipped or fails the run, per `on_unreadable`),
+/// `Err` when the store or disk cannot be reached at all.
+fn read_footer(storage: &Storage, path: &Path) -> Result<std::result::Result<Footer, String>> {
+    if !storage::is_remote(path) {
+        let opened = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open: {e}"))
+            .and_then(|file| {
+                ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| format!("not a readable Parquet file: {e}"))
+            });
+        return Ok(match opened {
+            Ok(builder) => Ok(Footer {
+                fingerprint: Fingerprint::of(path)?,
+                ..Footer::of(builder.metadata(), builder.schema())
+            }),
+            Err(reason) => Err(reason),
+        });
+    }
+    let uri = ObjectUri::of_path(path)?;
+    storage.block_on(async {
+        let meta = storage.head(&uri).await?;
+        let fingerprint = Fingerprint::of_object(&meta);
+        Ok(remote_footer(storage, &uri, meta.size)
+            .await?
+            .map(|footer| Footer {
+                fingerprint,
+                ..footer
+            }))
+    })?
+}
+
+/// The footer of a Parquet object, in one ranged GET of its last 64 KiB (a second
+/// one only when the metadata is larger): planning never downloads the data.
+async fn remote_footer(
+    storage: &Storage,
+    uri: &ObjectUri,
+    size: u64,
+) -> Result<std::result::Result<Footer, String>> {
+    use object_store::ObjectStoreExt;
+    const TAIL: u64 = 64 << 10;
+    if size < 12 {
+        return Ok(Err(format!(
+            "not a readable Parquet file: {size} bytes is too small"
+        )));
+    }
+    let store = storage.store(uri)?;
+    let path = uri.object_path();
+    let get = |range: std::ops::Range<u64>| {
+        let (store, path) = (store.clone(), path.clone());
+        async move {
+            store
+                .get_range(&path, range)
+                .await
+                .map_err(|e| storage.error(uri, "cannot read the footer", e))
+        }
+    };
+    let tail = get(size.saturating_sub(TAIL)..size).await?;
+    let n = tail.len();
+    if &tail[n - 4..] != b"PAR1" {
+        return Ok(Err(
+            "not a readable Parquet file: no PAR1 magic at the end".into()
+        ));
+    }
+    let footer_len = u64::from(u32::from_le_bytes([
+        tail[n - 8],
+        tail[n - 7],
+        tail[n - 6],
+        tail[n - 5],
+    ]));
+    if footer_len + 8 > size {
+        return Ok(Err(format!(
+            "not a readable Parquet file: footer of {footer_len} bytes in a file of {size}"
+        )));
+    }
+    let metadata_bytes = match (footer_len + 8) as usize <= n {
+        true => tail.slice(n - 8 - footer_len as usize..n - 8),
+        false => get(size - 8 - footer_len..size - 8).await?,
+    };
+    let decoded = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&metadata_bytes)
+        .and_then(|metadata| {
+            let file = metadata.file_metadata();
+            parquet::arrow::parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata())
+                .map(|schema| Footer::of(&metadata, &Arc::new(schema)))
+        });
+    Ok(decoded.map_err(|e| format!("not a readable Parquet file: {e}")))
 }
 
 /// The folder `pattern` searches, if it searches one: a folder named as an input, or
@@ -61,6 +178,19 @@ pub struct SourcePlan {
 /// character before the last component). An existing file, or a glob within one
 /// folder, searches nothing beyond the shards' own folders, which are checked apart.
 fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
+    if storage::is_remote(Path::new(pattern)) {
+        // A key prefix that is not a shard is listed like a folder; a glob searches
+        // from its fixed leading part.
+        let fixed: Vec<&str> = pattern
+            .split('/')
+            .take_while(|part| !part.contains(['*', '?', '[']))
+            .collect();
+        let globbed = fixed.len() < pattern.split('/').count();
+        return match globbed || !pattern.ends_with(".parquet") {
+            true => Some(PathBuf::from(fixed.join("/"))),
+            false => None,
+        };
+    }
     let full = base.join(pattern);
     if full.is_dir() {
         return Some(full);
@@ -95,6 +225,7 @@ pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<Sou
         "source",
         p.spec.runtime.batch_size,
         paths_override,
+        Storage::new(p.spec.storage.clone()),
     )
 }
 
@@ -106,6 +237,7 @@ pub fn plan_section(
     section: &str,
     batch_size: usize,
     paths_override: Option<&[String]>,
+    storage: Arc<Storage>,
 ) -> Result<SourcePlan> {
     // mapping::resolve names fields as `source.*`
     let field_in_section = |field: &str| match field.strip_prefix("source") {
@@ -119,7 +251,7 @@ pub fn plan_section(
     let mut files = Vec::new();
     let mut issues = Vec::new();
     for (i, pattern) in patterns.iter().enumerate() {
-        match shards::discover(base, std::slice::from_ref(pattern)) {
+        match shards::discover(&storage, base, std::slice::from_ref(pattern)) {
             Ok(found) => files.extend(found),
             // Patterns from the file are located in it; command-line ones are not.
             Err(e) if paths_override.is_none() => {
@@ -138,14 +270,8 @@ pub fn plan_section(
     let mut planned: Vec<ShardPlan> = Vec::with_capacity(files.len());
     let mut unreadable: Vec<(PathBuf, String)> = Vec::new();
     for path in files {
-        let opened = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot open: {e}"))
-            .and_then(|file| {
-                ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| format!("not a readable Parquet file: {e}"))
-            });
-        let builder = match opened {
-            Ok(builder) => builder,
+        let footer = match read_footer(&storage, &path)? {
+            Ok(footer) => footer,
             Err(reason) if spec.on_unreadable == OnUnreadable::Quarantine => {
                 tracing::warn!("{}: skipped, {reason}", path.display());
                 unreadable.push((path, reason));
@@ -154,14 +280,7 @@ pub fn plan_section(
             Err(reason) => return Err(Error::input(&path, reason)),
         };
         let index = planned.len();
-        let file_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
-        let row_group_rows: Vec<u64> = builder
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|g| g.num_rows().max(0) as u64)
-            .collect();
-        let mapping = mapping::resolve(spec, builder.schema()).map_err(|issues| {
+        let mapping = mapping::resolve(spec, &footer.schema).map_err(|issues| {
             Error::Spec(SpecIssues(
                 issues
                     .into_iter()
@@ -210,9 +329,10 @@ pub fn plan_section(
         planned.push(ShardPlan {
             index,
             stem: shards::stem_of(&path),
-            fingerprint: Fingerprint::of(&path)?,
-            file_rows,
-            row_group_rows,
+            fingerprint: footer.fingerprint,
+            file_rows: footer.file_rows,
+            row_group_rows: footer.row_group_rows,
+            file_schema: footer.schema,
             mapping,
             path,
         });
@@ -231,7 +351,7 @@ pub fn plan_section(
     };
     let canonical = first.mapping.canonical_schema();
     if let Some(filter) = &spec.filter {
-        check_filter(&first.path, filter).map_err(|m| {
+        check_filter(&storage, &first.path, filter).map_err(|m| {
             Error::Spec(SpecIssues(vec![p.issue_at(
                 &format!("{section}.filter"),
                 format!("{}: {m}", first.path.display()),
@@ -253,17 +373,20 @@ pub fn plan_section(
             .iter()
             .filter_map(|p| search_root(base, p))
             .collect(),
+        storage,
     })
 }
 
-fn session(batch_size: usize) -> SessionContext {
+fn session(batch_size: usize, storage: &Storage) -> Result<SessionContext> {
     // One partition and no repartitioning: rows come out in file order, which makes
     // outputs reproducible and resumable.
     let config = SessionConfig::new()
         .with_target_partitions(1)
         .with_repartition_file_scans(false)
         .with_batch_size(batch_size.max(1));
-    SessionContext::new_with_config(config)
+    let ctx = SessionContext::new_with_config(config);
+    storage.register_on(&ctx)?;
+    Ok(ctx)
 }
 
 fn extension_of(path: &std::path::Path) -> String {
@@ -291,12 +414,16 @@ async fn dataframe(
     }
 }
 
-fn check_filter(shard: &std::path::Path, filter: &str) -> std::result::Result<(), String> {
+fn check_filter(
+    storage: &Storage,
+    shard: &std::path::Path,
+    filter: &str,
+) -> std::result::Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let ctx = session(1);
+        let ctx = session(1, storage).map_err(|e| e.to_string())?;
         dataframe(&ctx, shard, Some(filter))
             .await
             .map(|_| ())
@@ -319,8 +446,8 @@ fn tidy_datafusion_error(message: &str) -> String {
 impl SourcePlan {
     /// Open a stream of the shard's mapped columns (filtered), in file order.
     pub async fn open(&self, shard: &ShardPlan) -> Result<SendableRecordBatchStream> {
-        vanished_check(&shard.path)?;
-        let ctx = session(self.batch_size);
+        vanished_check(&self.storage, &shard.path).await?;
+        let ctx = session(self.batch_size, &self.storage)?;
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
             .await
@@ -338,8 +465,8 @@ impl SourcePlan {
         shard: &ShardPlan,
         columns: &[&str],
     ) -> Result<SendableRecordBatchStream> {
-        vanished_check(&shard.path)?;
-        let ctx = session(self.batch_size);
+        vanished_check(&self.storage, &shard.path).await?;
+        let ctx = session(self.batch_size, &self.storage)?;
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
             .await
@@ -351,21 +478,47 @@ impl SourcePlan {
             .map_err(err)
     }
 
+    /// The shard's fingerprint with a SHA-256 of its whole content (`resume.verify:
+    /// full`), streamed from disk or from the store.
+    pub fn full_fingerprint(&self, shard: &ShardPlan) -> Result<Fingerprint> {
+        if !storage::is_remote(&shard.path) {
+            return Fingerprint::of_full(&shard.path);
+        }
+        use futures::StreamExt;
+        use object_store::ObjectStoreExt;
+        use sha2::{Digest, Sha256};
+        let uri = ObjectUri::of_path(&shard.path)?;
+        let storage = &self.storage;
+        let store = storage.store(&uri)?;
+        storage.block_on(async {
+            let read_error = |e| storage.error(&uri, "cannot read", e);
+            let got = store.get(&uri.object_path()).await.map_err(read_error)?;
+            let mut print = Fingerprint::of_object(&got.meta);
+            let mut hasher = Sha256::new();
+            let mut chunks = got.into_stream();
+            while let Some(chunk) = chunks.next().await {
+                hasher.update(chunk.map_err(read_error)?);
+            }
+            print.content_sha256 = Some(format!("{:x}", hasher.finalize()));
+            Ok(print)
+        })?
+    }
+
     pub fn converter(&self, shard: &ShardPlan) -> Result<Converter> {
         let root = match &self.image_root {
-            Some(root) => root.clone(),
-            None => shard
-                .path
-                .parent()
-                .map(|p| p.to_path_buf())
-                .unwrap_or_else(|| PathBuf::from(".")),
+            Some(root) => Some(root.clone()),
+            None if storage::is_remote(&shard.path) => None,
+            None => Some(
+                shard
+                    .path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()),
+            ),
         };
-        let root = if root.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            root
-        };
-        let image_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
+        let image_root = root
+            .map(|root| root.canonicalize().map_err(|e| Error::io(&root, e)))
+            .transpose()?;
         Ok(Converter {
             mapping: shard.mapping.clone(),
             canonical: self.canonical.clone(),
@@ -485,8 +638,12 @@ impl BatchSource for SourcePlan {
 
 /// A shard deleted after planning would otherwise surface as DataFusion's "cannot infer
 /// schema".
-fn vanished_check(path: &std::path::Path) -> Result<()> {
-    if path.is_file() {
+async fn vanished_check(storage: &Storage, path: &std::path::Path) -> Result<()> {
+    let there = match storage::is_remote(path) {
+        true => storage.head(&ObjectUri::of_path(path)?).await.is_ok(),
+        false => path.is_file(),
+    };
+    if there {
         Ok(())
     } else {
         Err(Error::input(

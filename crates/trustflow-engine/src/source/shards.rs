@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::storage::{self, ObjectUri, Storage};
 
 fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
@@ -15,10 +16,15 @@ fn has_glob_chars(s: &str) -> bool {
 /// globs. A folder means every `*.parquet` file directly inside it. Folders and globs
 /// skip the quarantine shards a sink writes beside its outputs
 /// (`*.quarantine.parquet`), so one pipeline's output folder is another's input; name
-/// a quarantine shard explicitly to read it.
-pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
+/// a quarantine shard explicitly to read it. `s3://bucket/...` patterns are listed in
+/// their store with the same rules (a key prefix acts as a folder).
+pub fn discover(storage: &Storage, base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for pattern in patterns {
+        if storage::is_remote(Path::new(pattern)) {
+            found.extend(discover_remote(storage, pattern)?);
+            continue;
+        }
         let full = if Path::new(pattern).is_absolute() {
             PathBuf::from(pattern)
         } else {
@@ -78,6 +84,69 @@ pub fn discover(base: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
     }
     found.sort();
     found.dedup();
+    Ok(found)
+}
+
+/// [`discover`] for one `s3://` pattern: an object, a prefix ("folder": its
+/// `*.parquet` objects one level down) or a glob over keys (`*` stays within one
+/// level, `**` crosses levels).
+fn discover_remote(storage: &Storage, pattern: &str) -> Result<Vec<PathBuf>> {
+    let uri = ObjectUri::parse(pattern)?;
+    let shard = |key: &str| {
+        ObjectUri {
+            bucket: uri.bucket.clone(),
+            key: key.to_string(),
+        }
+        .to_path()
+    };
+    let mut found: Vec<PathBuf> = Vec::new();
+    if has_glob_chars(&uri.key) {
+        let matcher = glob::Pattern::new(&uri.key)
+            .map_err(|e| Error::input(uri.to_path(), format!("invalid glob pattern: {e}")))?;
+        let options = glob::MatchOptions {
+            require_literal_separator: true,
+            ..glob::MatchOptions::new()
+        };
+        let fixed: Vec<&str> = uri
+            .key
+            .split('/')
+            .take_while(|part| !has_glob_chars(part))
+            .collect();
+        let prefix = ObjectUri {
+            bucket: uri.bucket.clone(),
+            key: fixed.join("/"),
+        };
+        for object in storage.block_on(storage.list(&prefix))?? {
+            let key = object.location.as_ref();
+            if matcher.matches_with(key, options) && !is_quarantine_shard(Path::new(key)) {
+                found.push(shard(key));
+            }
+        }
+    } else if !uri.key.is_empty() && storage.block_on(storage.head(&uri))?.is_ok() {
+        found.push(uri.to_path());
+    } else {
+        // object_store lists a key prefix as a folder: the keys under `key/`.
+        let folder = match uri.key.is_empty() {
+            true => String::new(),
+            false => format!("{}/", uri.key),
+        };
+        for object in storage.block_on(storage.list(&uri))?? {
+            let key = object.location.as_ref();
+            if let Some(name) = key.strip_prefix(folder.as_str())
+                && !name.contains('/')
+                && name.ends_with(".parquet")
+                && !is_quarantine_shard(Path::new(name))
+            {
+                found.push(shard(key));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(Error::input(
+            uri.to_path(),
+            format!("`{pattern}` matches no Parquet shard"),
+        ));
+    }
     Ok(found)
 }
 

@@ -22,12 +22,15 @@ use super::{
 use crate::error::{Error, SpecIssue, SpecIssues, SpecLocation};
 use crate::fields::from_value_at;
 use crate::stages::{StageCommon, StageKind, StageSpec};
+use crate::storage::StorageSpec;
 
 /// Pipeline files larger than this are refused before parsing.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
 
 /// The sections of a pipeline file.
-const TOP_KEYS: [&str; 6] = ["name", "source", "stages", "sink", "runtime", "resume"];
+const TOP_KEYS: [&str; 7] = [
+    "name", "source", "stages", "sink", "runtime", "resume", "storage",
+];
 
 /// Read and parse a pipeline file (no semantic checks; see [`super::validate`]).
 pub fn load_file(path: &Path) -> Result<LoadedPipeline, Error> {
@@ -485,6 +488,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let sink = section("sink", true);
     let runtime = section("runtime", false);
     let resume = section("resume", false);
+    let storage = section("storage", false);
 
     let mut typed_issues = Vec::new();
     let name: Option<Option<String>> = match name {
@@ -503,6 +507,10 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let resume: Option<ResumeSpec> = match resume {
         Some(v) => typed(v, "resume", &mut typed_issues),
         None => Some(ResumeSpec::default()),
+    };
+    let storage: Option<StorageSpec> = match storage {
+        Some(v) => typed(v, "storage", &mut typed_issues),
+        None => Some(StorageSpec::default()),
     };
     for (field, message) in typed_issues {
         issues.push(issue(&field, message));
@@ -526,8 +534,8 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
         )),
     }
 
-    match (name, source, sink, runtime, resume) {
-        (Some(name), Some(source), Some(sink), Some(runtime), Some(resume))
+    match (name, source, sink, runtime, resume, storage) {
+        (Some(name), Some(source), Some(sink), Some(runtime), Some(resume), Some(storage))
             if issues.is_empty() =>
         {
             let stages = entries
@@ -548,11 +556,12 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
                     sink,
                     runtime,
                     resume,
+                    storage,
                 },
                 locations,
             })
         }
-        (_, source, sink, runtime, _) => {
+        (_, source, sink, runtime, _, storage) => {
             // The semantic checks of `validate` on what did parse: one run reports a
             // range error beside a type error instead of after it is fixed.
             let parsed = Parsed {
@@ -570,6 +579,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
                     .collect(),
                 sink: sink.as_ref(),
                 runtime: runtime.as_ref(),
+                storage: storage.as_ref(),
             };
             let base = match file.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,

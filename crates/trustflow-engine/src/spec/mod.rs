@@ -38,6 +38,10 @@ pub struct PipelineSpec {
     /// How a rerun decides that a finished shard's input is unchanged.
     #[serde(default)]
     pub resume: ResumeSpec,
+    /// How to reach S3-compatible object stores, for `s3://` paths in `source.paths`
+    /// and `sink.path` (credentials come from the environment or an AWS profile).
+    #[serde(default)]
+    pub storage: crate::storage::StorageSpec,
 }
 
 /// How a rerun decides that a finished shard's input is unchanged.
@@ -331,7 +335,7 @@ pub trait SpecOrigin {
 
     fn resolve(&self, relative: &str) -> PathBuf {
         let p = Path::new(relative);
-        if p.is_absolute() {
+        if p.is_absolute() || crate::storage::is_remote(p) {
             p.to_path_buf()
         } else {
             self.base_dir().join(p)

@@ -35,6 +35,7 @@ pub fn validate(p: &LoadedPipeline) -> Result<(), Error> {
             .collect(),
         sink: Some(&spec.sink),
         runtime: Some(&spec.runtime),
+        storage: Some(&spec.storage),
     };
     let mut issues = Vec::new();
     check(&parsed, p.base_dir(), &mut |field, message| {
@@ -58,6 +59,7 @@ pub(super) struct Parsed<'a> {
     pub stages: Vec<ParsedStage<'a>>,
     pub sink: Option<&'a SinkSpec>,
     pub runtime: Option<&'a RuntimeSpec>,
+    pub storage: Option<&'a crate::storage::StorageSpec>,
 }
 
 pub(super) struct ParsedStage<'a> {
@@ -90,6 +92,12 @@ pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, St
                 &format!("source.paths[{i}]"),
                 "expected a file path or glob pattern, found an empty string".into(),
             );
+            if crate::storage::is_remote(Path::new(path)) {
+                if let Err(e) = crate::storage::ObjectUri::parse(path) {
+                    check(false, &format!("source.paths[{i}]"), e.to_string());
+                }
+                continue;
+            }
             // An existing path is read literally, whatever its name holds (`odd[.parquet`).
             if let Err(e) = glob::Pattern::new(path)
                 && !resolve(base, path).exists()
@@ -203,7 +211,13 @@ pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, St
             "sink.path",
             "expected an output folder, found an empty string".into(),
         );
+        if crate::storage::is_remote(Path::new(&sink.path))
+            && let Err(e) = crate::storage::ObjectUri::parse(&sink.path)
+        {
+            check(false, "sink.path", e.to_string());
+        }
         if !sink.path.trim().is_empty()
+            && !crate::storage::is_remote(Path::new(&sink.path))
             && let Some(message) = output_folder_problem(&resolve(base, &sink.path))
         {
             check(false, "sink.path", message);
@@ -229,12 +243,30 @@ pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, St
             );
         }
     }
+    if let Some(storage) = parsed.storage {
+        check(
+            storage.part_bytes >= crate::storage::MIN_PART_BYTES,
+            "storage.part_bytes",
+            format!(
+                "expected at least {} (5 MiB, S3's smallest part), found {}",
+                crate::storage::MIN_PART_BYTES,
+                storage.part_bytes
+            ),
+        );
+        if let Some(endpoint) = &storage.endpoint {
+            check(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "storage.endpoint",
+                format!("expected an http:// or https:// URL, found `{endpoint}`"),
+            );
+        }
+    }
 }
 
 /// `relative` against `base`, as [`super::SpecOrigin::resolve`] does.
 fn resolve(base: &Path, relative: &str) -> PathBuf {
     let p = Path::new(relative);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::storage::is_remote(p) {
         p.to_path_buf()
     } else {
         base.join(p)

@@ -7,7 +7,7 @@ use trustflow_testutil::{find_cycle, module_graph, repo_root};
 /// The engine's modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["columns", "digest", "fields"],
+    &["columns", "digest", "fields", "storage"],
     &["models"],
     &["stages", "quarantine"],
     &["spec"],

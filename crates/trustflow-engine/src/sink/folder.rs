@@ -1,0 +1,348 @@
+//! The output folder: a local folder, or a prefix in an object store. Both commit a
+//! file the same way as far as a reader can tell: it appears whole under its final
+//! name or not at all. Locally that is a rename of a finished temporary file; in a
+//! store, which has no rename, it is one PUT or one multipart upload, which the store
+//! makes visible only when completed. The shard's manifest is written after its
+//! files, so it is the commit point on both.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::columns::output_names;
+use crate::error::{Error, Result};
+use crate::storage::{self, ObjectUri, Storage};
+
+/// Where a multipart upload in flight is recorded (`<prefix>/<UPLOADS>/<name>.json`),
+/// so that the next run can abort it if this one dies before completing it.
+const UPLOADS: &str = ".trustflow/uploads";
+
+/// The record of a multipart upload in flight.
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingUpload {
+    key: String,
+    upload_id: String,
+}
+
+/// A run's output folder.
+#[derive(Debug, Clone)]
+pub enum OutputFolder {
+    Local(PathBuf),
+    Remote {
+        uri: ObjectUri,
+        storage: Arc<Storage>,
+        /// Local folder where files are written before they are uploaded.
+        staging: PathBuf,
+    },
+}
+
+impl OutputFolder {
+    /// `path` as given by the pipeline or `--out`; `s3://` URIs go to `storage`.
+    pub fn new(path: &Path, storage: Arc<Storage>) -> Result<Self> {
+        if !storage::is_remote(path) {
+            return Ok(OutputFolder::Local(path.to_path_buf()));
+        }
+        let uri = ObjectUri::of_path(path)?;
+        // One staging folder per output prefix and process: parts of a job on one
+        // machine never share temporary files.
+        let tag = crate::digest::text_digest(&uri.to_string());
+        let staging = std::env::temp_dir().join(format!(
+            "trustflow-staging-{}-{}",
+            &tag[..16],
+            std::process::id()
+        ));
+        Ok(OutputFolder::Remote {
+            uri,
+            storage,
+            staging,
+        })
+    }
+
+    /// The folder as users name it (the URI for a store).
+    pub fn path(&self) -> PathBuf {
+        match self {
+            OutputFolder::Local(dir) => dir.clone(),
+            OutputFolder::Remote { uri, .. } => uri.to_path(),
+        }
+    }
+
+    /// `name` inside the folder, for messages and reports.
+    pub fn display(&self, name: &str) -> PathBuf {
+        match self {
+            OutputFolder::Local(dir) => dir.join(name),
+            OutputFolder::Remote { uri, .. } => uri.join(name).to_path(),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self, OutputFolder::Remote { .. })
+    }
+
+    /// Create the folder (locally) or the staging folder (for a store), clearing the
+    /// staging folders that dead runs of this prefix left on this machine.
+    pub fn prepare(&self) -> Result<()> {
+        if let OutputFolder::Remote { staging, .. } = self {
+            remove_dead_staging(staging);
+        }
+        let dir = self.staging();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+    }
+
+    /// Remove the staging folder once the run is over (its files were uploaded or
+    /// discarded by then).
+    pub fn finish(&self) {
+        if let OutputFolder::Remote { staging, .. } = self {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+    }
+
+    /// Where temporary files are written before they are committed.
+    pub fn staging(&self) -> &Path {
+        match self {
+            OutputFolder::Local(dir) => dir,
+            OutputFolder::Remote { staging, .. } => staging,
+        }
+    }
+
+    fn object(&self, name: &str) -> Option<(ObjectUri, &Arc<Storage>)> {
+        match self {
+            OutputFolder::Local(_) => None,
+            OutputFolder::Remote { uri, storage, .. } => Some((uri.join(name), storage)),
+        }
+    }
+
+    /// Make the finished temporary file `tmp` visible as `name`, whole; returns its
+    /// size. The temporary file is gone afterwards, whatever the outcome.
+    pub fn commit_file(&self, tmp: &Path, name: &str) -> Result<u64> {
+        let size = std::fs::metadata(tmp)
+            .map(|m| m.len())
+            .map_err(|e| Error::io(tmp, e));
+        let committed = size.and_then(|size| match self.object(name) {
+            None => {
+                let target = self.display(name);
+                std::fs::rename(tmp, &target)
+                    .map(|()| size)
+                    .map_err(|e| Error::io(&target, e))
+            }
+            Some((uri, storage)) => self.upload(storage, &uri, tmp, size).map(|()| size),
+        });
+        let _ = std::fs::remove_file(tmp);
+        committed
+    }
+
+    fn upload(&self, storage: &Storage, uri: &ObjectUri, file: &Path, size: u64) -> Result<()> {
+        let part_bytes = storage.spec().part_bytes.max(storage::MIN_PART_BYTES);
+        let store = storage.store(uri)?;
+        let path = uri.object_path();
+        let read_error = |e: std::io::Error| Error::io(file, e);
+        let mut reader = std::fs::File::open(file).map_err(read_error)?;
+        if size <= part_bytes as u64 {
+            let mut data = Vec::with_capacity(size as usize);
+            reader.read_to_end(&mut data).map_err(read_error)?;
+            return storage.block_on(async {
+                store
+                    .put(&path, PutPayload::from(data))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| storage.error(uri, "cannot upload", e))
+            })?;
+        }
+        let id = storage
+            .block_on(store.create_multipart(&path))?
+            .map_err(|e| storage.error(uri, "cannot start a multipart upload", e))?;
+        let marker = self.upload_marker(uri.name());
+        let record = PendingUpload {
+            key: uri.key.clone(),
+            upload_id: id.clone(),
+        };
+        self.put_small(&marker, &serde_json::to_vec(&record).unwrap_or_default())?;
+        let uploaded = (|| -> Result<()> {
+            let mut parts: Vec<PartId> = Vec::new();
+            let mut buffer = vec![0u8; part_bytes];
+            loop {
+                let filled = fill(&mut reader, &mut buffer).map_err(read_error)?;
+                if filled == 0 {
+                    break;
+                }
+                let chunk = Bytes::copy_from_slice(&buffer[..filled]);
+                let part = storage
+                    .block_on(store.put_part(&path, &id, parts.len(), chunk.into()))?
+                    .map_err(|e| storage.error(uri, "cannot upload a part", e))?;
+                parts.push(part);
+            }
+            storage
+                .block_on(store.complete_multipart(&path, &id, parts))?
+                .map(|_| ())
+                .map_err(|e| storage.error(uri, "cannot complete the multipart upload", e))
+        })();
+        if uploaded.is_err() {
+            let _ = storage.block_on(store.abort_multipart(&path, &id));
+        }
+        self.remove(&marker);
+        uploaded
+    }
+
+    fn upload_marker(&self, name: &str) -> String {
+        format!("{UPLOADS}/{name}.json")
+    }
+
+    /// Abort the multipart uploads a killed run left for `stem`'s outputs, and remove
+    /// its temporary files (a store never shows an incomplete upload, but keeps and
+    /// bills its parts until it is aborted).
+    pub fn clean_up_after(&self, stem: &str) {
+        match self {
+            OutputFolder::Local(dir) => super::remove_stale_tmp(dir, stem),
+            OutputFolder::Remote { uri, storage, .. } => {
+                for name in output_names(stem) {
+                    let marker = self.upload_marker(&name);
+                    let Some(bytes) = self.read_small(&marker) else {
+                        continue;
+                    };
+                    if let Ok(pending) = serde_json::from_slice::<PendingUpload>(&bytes) {
+                        let target = ObjectUri {
+                            bucket: uri.bucket.clone(),
+                            key: pending.key,
+                        };
+                        tracing::info!("aborting the unfinished upload of {target}");
+                        if let Ok(store) = storage.store(&target) {
+                            let _ = storage.block_on(
+                                store.abort_multipart(&target.object_path(), &pending.upload_id),
+                            );
+                        }
+                    }
+                    self.remove(&marker);
+                }
+            }
+        }
+    }
+
+    /// Write a small file (a manifest, the report) whole under `name`.
+    pub fn put_small(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match self.object(name) {
+            None => write_atomically(&self.display(name), bytes),
+            Some((uri, storage)) => {
+                let store = storage.store(&uri)?;
+                let payload = PutPayload::from(bytes.to_vec());
+                storage.block_on(async {
+                    store
+                        .put(&uri.object_path(), payload)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| storage.error(&uri, "cannot write", e))
+                })?
+            }
+        }
+    }
+
+    /// A small file's bytes, if it is there and readable.
+    pub fn read_small(&self, name: &str) -> Option<Vec<u8>> {
+        match self.object(name) {
+            None => std::fs::read(self.display(name)).ok(),
+            Some((uri, storage)) => {
+                let store = storage.store(&uri).ok()?;
+                storage
+                    .block_on(async {
+                        let got = store.get(&uri.object_path()).await.ok()?;
+                        got.bytes().await.ok()
+                    })
+                    .ok()
+                    .flatten()
+                    .map(|b| b.to_vec())
+            }
+        }
+    }
+
+    /// Size of `name`, if it is there.
+    pub fn size_of(&self, name: &str) -> Option<u64> {
+        match self.object(name) {
+            None => std::fs::metadata(self.display(name)).ok().map(|m| m.len()),
+            Some((uri, storage)) => storage
+                .block_on(storage.head(&uri))
+                .ok()?
+                .ok()
+                .map(|m| m.size),
+        }
+    }
+
+    /// Delete `name` if it is there.
+    pub fn remove(&self, name: &str) {
+        match self.object(name) {
+            None => {
+                let _ = std::fs::remove_file(self.display(name));
+            }
+            Some((uri, storage)) => {
+                if let Ok(store) = storage.store(&uri) {
+                    let _ = storage.block_on(store.delete(&uri.object_path()));
+                }
+            }
+        }
+    }
+
+    /// Make the folder's entries durable (locally; a store's writes already are).
+    pub fn sync(&self) {
+        if let OutputFolder::Local(dir) = self
+            && let Ok(handle) = std::fs::File::open(dir)
+        {
+            let _ = handle.sync_all();
+        }
+    }
+}
+
+/// Staging folders are `<name>-<pid>`: remove the siblings of `staging` whose process
+/// is gone (a `kill -9` gives no chance to clean up).
+fn remove_dead_staging(staging: &Path) {
+    let (Some(parent), Some(name)) = (staging.parent(), staging.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let Some((prefix, _)) = name.rsplit_once('-') else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let other = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = other
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Read until `buffer` is full or the file ends.
+fn fill(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Write `bytes` to `path` through a synced temporary file and a rename; a failure
+/// (a full disk) leaves nothing behind.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = super::tmp_path(path);
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}

@@ -1,0 +1,419 @@
+//! Object stores, against a real S3 server (moto_server on 127.0.0.1, started and
+//! stopped by each test): S3 to S3, local to S3 and back, kill -9 and rerun, a corrupt
+//! object, missing credentials, a wrong endpoint, validate on footers only, and no
+//! secret in anything written or printed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use trustflow_testutil::s3::S3Server;
+
+const BUCKET: &str = "corpora";
+
+fn trustflow(server: &S3Server) -> Command {
+    let mut command = bin();
+    server.configure(&mut command);
+    command
+}
+
+fn run_s3(server: &S3Server, args: &[&str]) -> Output {
+    let out = trustflow(server)
+        .args(args)
+        .output()
+        .expect("run trustflow");
+    assert!(
+        out.status.success(),
+        "trustflow {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// clean_caption only, so the image bytes pass through (outputs of real size) fast.
+fn caption_pipeline(dir: &Path, input: &str, out: &str, storage: &str) -> std::path::PathBuf {
+    pipeline(
+        dir,
+        "p.yaml",
+        &format!(
+            "source:\n  paths: [\"{input}\"]\nstages:\n  - type: clean_caption\nsink:\n  path: \"{out}\"\nruntime:\n  batch_size: 32\n{storage}"
+        ),
+    )
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn assert_no_secret(server: &S3Server, what: &str, text: &str) {
+    assert!(
+        !text.contains(S3Server::SECRET),
+        "the secret access key appears in {what}"
+    );
+    let _ = server;
+}
+
+#[test]
+fn s3_to_s3_equals_the_local_run_and_reruns_skip() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 90, 3, 11, 96);
+    server.put_dir(BUCKET, "raw/corpus", &corpus_dir);
+
+    let local_out = dir.path().join("local-out");
+    let p = pipeline(
+        dir.path(),
+        "local.yaml",
+        &standard_pipeline(&corpus_dir, &local_out, ""),
+    );
+    run_ok(&["run", "--quiet", p.to_str().unwrap()]);
+
+    let remote = pipeline(
+        dir.path(),
+        "remote.yaml",
+        &standard_pipeline(
+            Path::new("s3://corpora/raw/corpus"),
+            Path::new("s3://corpora/enriched/run1"),
+            "",
+        ),
+    );
+    let first = run_s3(&server, &["run", "--quiet", remote.to_str().unwrap()]);
+    assert_no_secret(&server, "the run's output", &text(&first));
+
+    let keys = server.keys(BUCKET, "enriched/run1/");
+    for stem in ["part-00000", "part-00001", "part-00002"] {
+        for name in [
+            format!("{stem}.parquet"),
+            format!("{stem}.quarantine.parquet"),
+            format!("{stem}.manifest.json"),
+        ] {
+            assert!(
+                keys.contains(&format!("enriched/run1/{name}")),
+                "{name} missing from {keys:?}"
+            );
+        }
+    }
+    assert!(
+        !keys.iter().any(|k| k.contains(".trustflow/uploads")),
+        "upload records left: {keys:?}"
+    );
+    let fetched = dir.path().join("fetched");
+    server.get_dir(BUCKET, "enriched/run1", &fetched);
+    assert_eq!(all_outputs(&fetched), all_outputs(&local_out));
+
+    let report = report(&fetched);
+    assert_eq!(report["invariant_holds"], true);
+    assert_eq!(report["shards_processed"], 3);
+    assert!(
+        report["storage"]["requests"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["shards"][0]["input"],
+        "s3://corpora/raw/corpus/part-00000.parquet"
+    );
+    for key in server.keys(BUCKET, "enriched/run1/") {
+        let bytes = server.get(BUCKET, &key).unwrap();
+        assert_no_secret(&server, &key, &String::from_utf8_lossy(&bytes));
+    }
+
+    // A rerun finds every manifest and skips every shard.
+    let again = run_s3(&server, &["run", "--quiet", remote.to_str().unwrap()]);
+    assert_contains(&text(&again), &["0 shard(s) processed, 3 skipped"]);
+}
+
+#[test]
+fn local_to_s3_and_back() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 60, 2, 5, 80);
+    let up = caption_pipeline(
+        dir.path(),
+        corpus_dir.to_str().unwrap(),
+        "s3://corpora/stage1",
+        "",
+    );
+    run_s3(&server, &["run", "--quiet", up.to_str().unwrap()]);
+    // The enriched shards in the store are the next pipeline's input (its quarantine
+    // shards are skipped by the folder listing, as on disk).
+    let back = dir.path().join("back");
+    let down = dir.path().join("down.yaml");
+    std::fs::write(
+        &down,
+        format!(
+            "source:\n  paths: [\"s3://corpora/stage1/*.parquet\"]\nstages: []\nsink:\n  path: \"{}\"\n",
+            back.display()
+        ),
+    )
+    .unwrap();
+    run_s3(&server, &["run", "--quiet", down.to_str().unwrap()]);
+    let first = dir.path().join("first");
+    server.get_dir(BUCKET, "stage1", &first);
+    let rows_in: usize = shard_files(&first)
+        .iter()
+        .filter(|p| !p.to_string_lossy().contains("quarantine"))
+        .map(|p| read_parquet(p).num_rows())
+        .sum();
+    let report = report(&back);
+    assert_eq!(report["rows_in"].as_u64().unwrap() as usize, rows_in);
+    assert_eq!(report["shards_processed"], 2);
+    assert_eq!(report["invariant_holds"], true);
+}
+
+#[test]
+fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    // Large images keep the image bytes big: each output shard needs several 5 MiB
+    // parts, so a multipart upload is in flight for a good while.
+    corpus_with(
+        &corpus_dir,
+        360,
+        3,
+        21,
+        1024,
+        trustflow::bench::corpus::GenLayout::Bytes,
+        0.02,
+    );
+    let storage = "storage:\n  part_bytes: 5242880\n";
+    let reference = caption_pipeline(
+        dir.path(),
+        corpus_dir.to_str().unwrap(),
+        "s3://corpora/reference",
+        storage,
+    );
+    run_s3(&server, &["run", "--quiet", reference.to_str().unwrap()]);
+
+    let p = dir.path().join("killed.yaml");
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&reference)
+            .unwrap()
+            .replace("s3://corpora/reference", "s3://corpora/killed"),
+    )
+    .unwrap();
+    let mut child = trustflow(&server)
+        .args(["run", "--quiet", p.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut mid_upload = false;
+    while started.elapsed() < Duration::from_secs(120) {
+        if !server.pending_uploads(BUCKET).is_empty() {
+            mid_upload = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        mid_upload,
+        "the run ended before any multipart upload was seen"
+    );
+    assert!(
+        !server.pending_uploads(BUCKET).is_empty(),
+        "the kill left no upload to clean up"
+    );
+
+    run_s3(&server, &["run", "--quiet", p.to_str().unwrap()]);
+    assert!(
+        server.pending_uploads(BUCKET).is_empty(),
+        "dangling multipart uploads: {:?}",
+        server.pending_uploads(BUCKET)
+    );
+    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
+    server.get_dir(BUCKET, "reference", &want);
+    server.get_dir(BUCKET, "killed", &got);
+    assert_eq!(all_outputs(&got), all_outputs(&want));
+    assert!(
+        !server
+            .keys(BUCKET, "killed/")
+            .iter()
+            .any(|k| k.contains(".trustflow/")),
+        "upload records left"
+    );
+}
+
+#[test]
+fn a_corrupt_object_is_skipped_and_reported() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 40, 2, 3, 64);
+    server.put_dir(BUCKET, "mixed", &corpus_dir);
+    server.put(
+        BUCKET,
+        "mixed/broken.parquet",
+        b"PAR1 this is not parquet at all PAR1",
+    );
+    let p = caption_pipeline(
+        dir.path(),
+        "s3://corpora/mixed",
+        "s3://corpora/mixed-out",
+        "",
+    );
+    let out = trustflow(&server)
+        .args(["run", "--quiet", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let report: serde_json::Value =
+        serde_json::from_slice(&server.get(BUCKET, "mixed-out/_report.json").unwrap()).unwrap();
+    assert_eq!(report["shards_processed"], 2);
+    assert_eq!(
+        report["unreadable"][0]["input"],
+        "s3://corpora/mixed/broken.parquet"
+    );
+    assert_contains(
+        report["unreadable"][0]["reason"].as_str().unwrap(),
+        &["not a readable Parquet file"],
+    );
+}
+
+#[test]
+fn missing_credentials_and_a_wrong_endpoint_fail_clearly_without_secrets() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let p = caption_pipeline(
+        dir.path(),
+        "s3://corpora/nothing-here",
+        "s3://corpora/out",
+        "storage:\n  max_retries: 1\n  retry_timeout_s: 5\n",
+    );
+    // No key pair and no profile (HOME without ~/.aws).
+    let mut command = bin();
+    server.configure(&mut command);
+    let out = command
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("HOME", dir.path())
+        .args(["validate", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_contains(
+        &text(&out),
+        &[
+            "s3://corpora/nothing-here",
+            "no credentials",
+            "AWS_ACCESS_KEY_ID",
+        ],
+    );
+
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let out = trustflow(&server)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .args(["validate", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let message = text(&out);
+    assert_contains(&message, &["s3://corpora/nothing-here", "endpoint"]);
+    assert_no_secret(&server, "the wrong-endpoint error", &message);
+
+    // The right endpoint but a wrong secret: refused, and the secret is not shown.
+    let out = trustflow(&server)
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-1234")
+        .args(["validate", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let message = text(&out);
+    assert!(!message.contains("wrong-secret-value-1234"), "{message}");
+}
+
+#[test]
+fn validate_reads_only_footers_from_the_store() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 60, 3, 9, 96);
+    server.put_dir(BUCKET, "v", &corpus_dir);
+    let p = caption_pipeline(dir.path(), "s3://corpora/v/", "s3://corpora/v-out", "");
+    let out = run_s3(&server, &["validate", p.to_str().unwrap()]);
+    let message = text(&out);
+    assert_contains(
+        &message,
+        &[
+            "source: 3 shard(s), 60 rows",
+            "1 listing(s), 3 GET(s) of which 3 ranged (footers)",
+        ],
+    );
+    // Nothing was written.
+    assert!(server.keys(BUCKET, "v-out").is_empty());
+}
+
+#[test]
+fn an_output_prefix_over_the_inputs_is_refused() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 20, 1, 1, 64);
+    server.put_dir(BUCKET, "in/data", &corpus_dir);
+    for out in [
+        "s3://corpora/in/data",
+        "s3://corpora/in",
+        "s3://corpora/in/data/out",
+    ] {
+        let p = caption_pipeline(dir.path(), "s3://corpora/in/data", out, "");
+        let result = trustflow(&server)
+            .args(["validate", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!result.status.success(), "{out} accepted");
+        assert_contains(&text(&result), &["output prefix"]);
+    }
+}
+
+#[test]
+fn the_documented_example_runs_with_only_the_uri_and_credentials_changed() {
+    let server = S3Server::start();
+    server.create_bucket("your-bucket");
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 40, 2, 4, 64);
+    server.put_dir("your-bucket", "raw", &corpus_dir);
+    let example = repo_root().join("pipelines/s3/enrich.yaml");
+    let out = run_s3(
+        &server,
+        &[
+            "run",
+            "--quiet",
+            example.to_str().unwrap(),
+            "--input",
+            "s3://your-bucket/raw/",
+            "--out",
+            "s3://your-bucket/enriched/",
+        ],
+    );
+    assert_contains(&text(&out), &["2 shard(s) processed"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&server.get("your-bucket", "enriched/_report.json").unwrap())
+            .unwrap();
+    assert_eq!(report["rows_in"], 40);
+    assert_eq!(report["invariant_holds"], true);
+}
