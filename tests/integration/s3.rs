@@ -19,17 +19,7 @@ fn trustflow(server: &S3Server) -> Command {
 }
 
 fn run_s3(server: &S3Server, args: &[&str]) -> Output {
-    let out = trustflow(server)
-        .args(args)
-        .output()
-        .expect("run trustflow");
-    assert!(
-        out.status.success(),
-        "trustflow {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok_with(trustflow(server), args)
 }
 
 /// clean_caption only, so the image bytes pass through (outputs of real size) fast.
