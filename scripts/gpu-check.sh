@@ -40,6 +40,8 @@
 #   clip_vitb32   throughput: the ViT-B/32-shaped CLIP (scripts/bench/make_clip_vitb32.py,
 #                 needs a Python with torch and transformers) over a --vit-rows corpus
 #                 (default 20000) on CUDA, workers = nproc; rows/s from _report.json
+#   clip_vitb32_ceiling  `trustflow bench ceiling` on the same pipeline and corpus: the
+#                 models alone on pre-made inputs vs the whole pipeline (one repetition)
 #
 # Output: DIR/gpu-check.json (the summary) and DIR/gpu-check.log (every command's
 # output), nothing else, so that DIR can be a small results folder. Corpora, models and
@@ -500,6 +502,44 @@ check_clip_vitb32() {
         rows_in rows_out rows_quarantined wall_s rows_per_s cpu_utilisation peak_rss_bytes bottleneck steps)
     kv+=("models_on_cuda=$(providers_loaded "$dir/run.log" cuda)")
     record clip_vitb32 pass "$t0" "${kv[@]}"
+    VIT_READY=("$corpus" "$model")
+}
+
+# `trustflow bench ceiling` on the same pipeline: the models alone on pre-made inputs
+# (same batch, callers and sessions) against the whole pipeline, alternating.
+check_clip_vitb32_ceiling() {
+    local t0 dir rc
+    t0="$(now)"
+    if [ "${#VIT_READY[@]}" -ne 2 ]; then
+        record clip_vitb32_ceiling skip "$t0" --reason "clip_vitb32 did not pass"
+        return
+    fi
+    dir="$WORK/clip_vitb32_ceiling"
+    rm -rf "$dir" && mkdir -p "$dir"
+    TF_GPU_CORPUS="${VIT_READY[0]}" TF_GPU_MODEL="${VIT_READY[1]}" TF_GPU_OUT="$dir/out" TF_GPU_EP=cuda \
+        TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" TF_GPU_BATCH="$VIT_BATCH" \
+        run_logged "$dir/ceiling.log" 300 "$BIN" bench ceiling scripts/gpu/clip-vitb32-cuda.yaml \
+        --repetitions 1 --calls 4 --scratch "$dir/scratch"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        record clip_vitb32_ceiling fail "$t0" --reason "bench ceiling failed (exit $rc): $(tail_of "$dir/ceiling.log")"
+        return
+    fi
+    # The report is the JSON object the command prints.
+    "$PY" - "$dir/ceiling.log" "$dir/ceiling.json" <<'EOF' 2>>"$LOG"
+import json, sys
+text = open(sys.argv[1]).read()
+start = text.find("{")
+report = {}
+while start != -1:
+    try:
+        report, _ = json.JSONDecoder().raw_decode(text[start:])
+        break
+    except ValueError:
+        start = text.find("{", start + 1)
+json.dump(report, open(sys.argv[2], "w"), indent=2)
+EOF
+    record clip_vitb32_ceiling pass "$t0" --json "ceiling=$dir/ceiling.json"
 }
 
 # ----------------------------------------------------------------------- main
@@ -520,5 +560,7 @@ if ! skipped corpus && check_corpus; then
     parity caption "$CORPUS_CAPTION"
 fi
 skipped trainer || check_trainer
+VIT_READY=()
 skipped clip_vitb32 || check_clip_vitb32
+skipped clip_vitb32_ceiling || check_clip_vitb32_ceiling
 exit 0
