@@ -59,6 +59,9 @@ WORK=""
 VIT_ROWS=20000
 VIT_BATCH=256
 VIT_SESSIONS=4
+# The throughput runs' provider: cuda; cpu only to try the script on a machine without
+# a GPU (with TRUSTFLOW_VITB32_DIR=tests/fixtures/clip/model and a small --vit-rows).
+VIT_EP="${GPU_CHECK_VIT_EP:-cuda}"
 SKIP=" "
 
 usage() {
@@ -443,6 +446,8 @@ check_clip_vitb32() {
     local t0 model corpus dir py rc smi_pid=""
     t0="$(now)"
     model="${TRUSTFLOW_VITB32_DIR:-$WORK/models/clip-vitb32-random}"
+    # Absolute: the pipeline resolves a relative model path against its own folder.
+    case "$model" in /*) ;; *) model="$ROOT/$model" ;; esac
     corpus="$WORK/data/corpus-vitb32-$VIT_ROWS"
     dir="$WORK/clip_vitb32"
     rm -rf "$dir" && mkdir -p "$dir"
@@ -480,8 +485,8 @@ check_clip_vitb32() {
             >"$dir/smi.csv" 2>/dev/null &
         smi_pid=$!
     fi
-    log "clip_vitb32: trustflow run on cuda ($NPROC workers, batch $VIT_BATCH, $VIT_SESSIONS sessions)"
-    TF_GPU_CORPUS="$corpus" TF_GPU_MODEL="$model" TF_GPU_OUT="$dir/out" TF_GPU_EP=cuda \
+    log "clip_vitb32: trustflow run on $VIT_EP ($NPROC workers, batch $VIT_BATCH, $VIT_SESSIONS sessions)"
+    TF_GPU_CORPUS="$corpus" TF_GPU_MODEL="$model" TF_GPU_OUT="$dir/out" TF_GPU_EP="$VIT_EP" \
         TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" TF_GPU_BATCH="$VIT_BATCH" \
         TRUSTFLOW_LOG="warn,trustflow_engine=info" \
         run_logged "$dir/run.log" 300 "$BIN" run scripts/gpu/clip-vitb32-cuda.yaml --force --quiet
@@ -495,12 +500,12 @@ check_clip_vitb32() {
             "$dir/smi.csv")
     fi
     if [ "$rc" -ne 0 ]; then
-        record clip_vitb32 fail "$t0" --reason "the cuda run failed (exit $rc): $(tail_of "$dir/run.log")" "${kv[@]}"
+        record clip_vitb32 fail "$t0" --reason "the $VIT_EP run failed (exit $rc): $(tail_of "$dir/run.log")" "${kv[@]}"
         return
     fi
-    mapfile -t -O "${#kv[@]}" kv < <("${RECORD[@]}" report "$dir/out/_report.json" "" \
+    mapfile -t -O "${#kv[@]}" kv < <("${RECORD[@]}" report "$dir/out/_report.json" "run_" \
         rows_in rows_out rows_quarantined wall_s rows_per_s cpu_utilisation peak_rss_bytes bottleneck steps)
-    kv+=("models_on_cuda=$(providers_loaded "$dir/run.log" cuda)")
+    kv+=("execution_provider=$VIT_EP" "models_on_cuda=$(providers_loaded "$dir/run.log" cuda)")
     record clip_vitb32 pass "$t0" "${kv[@]}"
     VIT_READY=("$corpus" "$model")
 }
@@ -516,7 +521,7 @@ check_clip_vitb32_ceiling() {
     fi
     dir="$WORK/clip_vitb32_ceiling"
     rm -rf "$dir" && mkdir -p "$dir"
-    TF_GPU_CORPUS="${VIT_READY[0]}" TF_GPU_MODEL="${VIT_READY[1]}" TF_GPU_OUT="$dir/out" TF_GPU_EP=cuda \
+    TF_GPU_CORPUS="${VIT_READY[0]}" TF_GPU_MODEL="${VIT_READY[1]}" TF_GPU_OUT="$dir/out" TF_GPU_EP="$VIT_EP" \
         TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" TF_GPU_BATCH="$VIT_BATCH" \
         run_logged "$dir/ceiling.log" 300 "$BIN" bench ceiling scripts/gpu/clip-vitb32-cuda.yaml \
         --repetitions 1 --calls 4 --scratch "$dir/scratch"
