@@ -125,8 +125,8 @@ run_logged() {
     echo "+ $*" >"$file"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$file" 2>&1
     local rc=$?
+    if [ "$rc" = 124 ]; then echo "timed out after ${limit}s" >>"$file"; fi
     { echo "----- $(basename "$file") (rc $rc)"; cat "$file"; } >>"$LOG"
-    [ "$rc" = 124 ] && echo "timed out after ${limit}s" >>"$file"
     return "$rc"
 }
 
@@ -353,7 +353,9 @@ parity() {
     local status=pass reason=()
     if [ "$rc" -ne 0 ]; then
         status=fail
-        reason=(--reason "outputs differ (compare_outputs.py exit $rc; see compare.problems)")
+        reason=(--reason "outputs differ (compare_outputs.py exit $rc): $("$PY" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print("; ".join(r.get("problems", [])[:4]) or r.get("error", ""))' "$dir/compare.json" 2>/dev/null)")
     elif [ "$on_cuda" -lt 1 ] || [ "$on_cpu" -ne 0 ]; then
         status=fail
         reason=(--reason "the cuda run's log shows $on_cuda models loaded on cuda and $on_cpu on cpu")
