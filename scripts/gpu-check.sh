@@ -369,7 +369,7 @@ check_trainer() {
     local t0 dir dev rc
     t0="$(now)"
     if ! "$BIN" train --help >/dev/null 2>&1; then
-        record trainer skip "$t0" --reason "this trustflow binary has no train command (built without the trainer)"
+        record trainer skip "$t0" --reason "this trustflow binary has no train command (an engine-only build, --no-default-features)"
         return
     fi
     if ! readelf -d "$BIN" 2>/dev/null | grep -q 'libtorch_cuda' \
