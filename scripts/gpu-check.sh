@@ -4,6 +4,7 @@
 # script goes on; the summary is written even when the script is interrupted.
 #
 #     bash scripts/gpu-check.sh [--out DIR] [--work DIR] [--vit-rows N] [--skip CHECK]...
+#         [--deadline-s S]
 #
 # Two modes:
 #   repo:   a CUDA machine with this repository, cargo and PyPI: sources scripts/setup.sh
@@ -43,6 +44,10 @@
 #   clip_vitb32_ceiling  `trustflow bench ceiling` on the same pipeline and corpus: the
 #                 models alone on pre-made inputs vs the whole pipeline (one repetition)
 #
+# --deadline-s S (default 540, 0 for none) bounds the whole run, so that it ends with its
+# summary inside a caller's time limit: every command's timeout is cut to the time left,
+# and a check that would start with less than 20 s left is skipped with that reason.
+#
 # Output: DIR/gpu-check.json (the summary) and DIR/gpu-check.log (every command's
 # output), nothing else, so that DIR can be a small results folder. Corpora, models and
 # pipeline outputs go to --work (default ${TMPDIR:-/tmp}/trustflow-gpu-check); the
@@ -63,6 +68,7 @@ VIT_SESSIONS=4
 # a GPU (with TRUSTFLOW_VITB32_DIR=tests/fixtures/clip/model and a small --vit-rows).
 VIT_EP="${GPU_CHECK_VIT_EP:-cuda}"
 SKIP=" "
+DEADLINE_S=540
 
 usage() {
     sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -76,6 +82,7 @@ while [ $# -gt 0 ]; do
         --vit-batch) VIT_BATCH="${2:?--vit-batch needs a number}"; shift 2 ;;
         --vit-sessions) VIT_SESSIONS="${2:?--vit-sessions needs a number}"; shift 2 ;;
         --skip) SKIP="$SKIP${2:?--skip needs a check name} "; shift 2 ;;
+        --deadline-s) DEADLINE_S="${2:?--deadline-s needs seconds}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -106,7 +113,21 @@ export NO_COLOR=1
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 log() { echo "[gpu-check $(date +%T)] $*" | tee -a "$LOG" >&2; }
-skipped() { case "$SKIP" in *" $1 "*) return 0 ;; esac; return 1; }
+# Whole seconds left before --deadline-s (a large number without a deadline).
+time_left() {
+    if [ "$DEADLINE_S" = 0 ]; then echo 999999; return; fi
+    awk -v a="$STARTED" -v b="$(now)" -v d="$DEADLINE_S" 'BEGIN { printf "%d", d - (b - a) }'
+}
+# True when CHECK is to be left out: named by --skip, or (recorded as skipped) too
+# little time left.
+skipped() {
+    case "$SKIP" in *" $1 "*) return 0 ;; esac
+    if [ "$(time_left)" -lt 20 ]; then
+        record "$1" skip "$(now)" --reason "no time left (--deadline-s $DEADLINE_S)"
+        return 0
+    fi
+    return 1
+}
 # record NAME STATUS START [record.py check arguments]...
 record() {
     local name="$1" status="$2" start="$3"
@@ -120,8 +141,11 @@ tail_of() {
 }
 # run_logged LOGFILE TIMEOUT_S COMMAND...: output to LOGFILE, copied into the main log.
 run_logged() {
-    local file="$1" limit="$2"
+    local file="$1" limit="$2" left
     shift 2
+    left="$(time_left)"
+    if [ "$left" -lt "$limit" ]; then limit="$left"; fi
+    if [ "$limit" -lt 1 ]; then limit=1; fi
     echo "+ $*" >"$file"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$file" 2>&1
     local rc=$?
