@@ -16,6 +16,20 @@
 # the S3 server the object-store tests start); CARGO_TARGET_DIR.
 # A second run finds the stamp file and does nothing. It is meant to be sourced, so it
 # changes no shell options (no `set -e`): each step checks its own errors.
+#
+# CUDA variant: TRUSTFLOW_CUDA=1 (unset or anything else: the CPU setup above, unchanged)
+#     TRUSTFLOW_CUDA=1 source scripts/setup.sh
+# installs, instead of the native libraries above, libtorch 2.13.0 with its CUDA
+# libraries kept, onnxruntime-gpu 1.31.1 (whose libonnxruntime has the CUDA execution
+# provider) and the CUDA 13 runtime wheels both need (cuBLAS, cuDNN 9, cuFFT, cuRAND,
+# NVRTC, ...), pinned below, into their own folder $TRUSTFLOW_CACHE/native-cuda (own
+# stamp; 2.8 GB of wheels, 4.2 GB installed, about 70 s on a fast link). LIBTORCH and
+# ORT_DYLIB_PATH then name that folder's libraries, LD_LIBRARY_PATH gains every
+# native-cuda/nvidia/*/lib (ONNX Runtime's CUDA provider has no rpath of its own), and
+# CARGO_TARGET_DIR defaults to $TRUSTFLOW_CACHE/target-cuda, apart from the CPU build
+# (another libtorch rebuilds torch-sys and relinks everything). The NVIDIA driver
+# (libcuda.so.1) is the machine's. The Python bits and nasm are the same in both
+# variants. docs/gpu.md has the rest.
 
 TRUSTFLOW_CACHE="${TRUSTFLOW_CACHE:-$HOME/.cache/trustflow}"
 _TF_NATIVE="$TRUSTFLOW_CACHE/native"
@@ -40,6 +54,51 @@ _tf_setup_native() {
     rm -f "$lib"/libtorch_cuda*.so "$lib"/libc10_cuda.so "$lib"/libtorch_python.so \
         "$lib"/libtorch_nvshmem.so "$lib"/libcaffe2_nvrtc.so
     echo "2.13.0" > "$_TF_NATIVE/torch/build-version" || return 1
+    touch "$stamp"
+}
+
+# The CUDA variant (TRUSTFLOW_CUDA=1, see the header). Every wheel is pinned and
+# installed with --no-deps, as above: torch 2.13.0's own CUDA pins (its cuda-toolkit
+# 13.0.3 extras, cuDNN, cuSPARSELt, NCCL, NVSHMEM), which also cover what
+# onnxruntime-gpu 1.31.1 needs (cuBLAS/cuBLASLt 13, cuRAND 10, cudart 13; cuDNN 9,
+# cuFFT 12 and NVRTC 13 at run time).
+_TF_NATIVE_CUDA="$TRUSTFLOW_CACHE/native-cuda"
+_TF_NATIVE_CUDA_STAMP_VERSION="1"
+_TF_CUDA_WHEELS=(
+    torch==2.13.0                   # libtorch_cuda.so, libc10_cuda.so (526 MB wheel)
+    onnxruntime-gpu==1.31.1         # libonnxruntime_providers_cuda.so (256 MB)
+    nvidia-cuda-runtime==13.0.96    # libcudart.so.13 (both)
+    nvidia-cublas==13.1.1.3         # libcublas.so.13, libcublasLt.so.13 (both)
+    nvidia-cuda-nvrtc==13.0.88      # libnvrtc.so.13 (torch; ORT at run time)
+    nvidia-cufft==12.0.0.61         # libcufft.so.12 (torch; ORT at run time)
+    nvidia-curand==10.4.0.35        # libcurand.so.10 (both)
+    nvidia-cusolver==12.0.4.66      # libcusolver.so.12 (libtorch_cuda_linalg.so)
+    nvidia-cusparse==12.6.3.3       # libcusparse.so.12 (torch)
+    nvidia-nvjitlink==13.0.88       # libnvJitLink.so.13 (cuSPARSE, cuFFT, cuSOLVER)
+    nvidia-cuda-cupti==13.0.85      # libcupti.so.13 (libtorch_cpu's profiler)
+    nvidia-nvtx==13.0.85            # torch's pin (NVTX 3 interop; 0.1 MB)
+    nvidia-cufile==1.15.1.6         # libcufile.so.0 (torch)
+    nvidia-cudnn-cu13==9.20.0.48    # libcudnn.so.9 (torch; ORT at run time)
+    nvidia-cusparselt-cu13==0.8.1   # libcusparseLt.so.0 (torch)
+    nvidia-nccl-cu13==2.29.7        # libnccl.so.2 (torch)
+    nvidia-nvshmem-cu13==3.4.5      # libnvshmem_host.so.3 (libtorch_nvshmem.so)
+)
+
+_tf_setup_native_cuda() {
+    local stamp="$_TF_NATIVE_CUDA/.trustflow-setup-cuda-$_TF_NATIVE_CUDA_STAMP_VERSION"
+    [ -f "$stamp" ] && return 0
+    echo "trustflow setup: installing libtorch 2.13.0 (CUDA), onnxruntime-gpu 1.31.1 and the CUDA 13 runtime wheels into $_TF_NATIVE_CUDA (2.8 GB to download)" >&2
+    mkdir -p "$_TF_NATIVE_CUDA" || return 1
+    python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_NATIVE_CUDA" \
+        "${_TF_CUDA_WHEELS[@]}" \
+        || { echo "trustflow setup: pip install of the CUDA native libraries failed" >&2; return 1; }
+    local f
+    for f in torch/lib/libtorch_cuda.so onnxruntime/capi/libonnxruntime.so.1.31.1 \
+        onnxruntime/capi/libonnxruntime_providers_cuda.so; do
+        [ -f "$_TF_NATIVE_CUDA/$f" ] \
+            || { echo "trustflow setup: $f not where expected in $_TF_NATIVE_CUDA" >&2; return 1; }
+    done
+    echo "2.13.0" > "$_TF_NATIVE_CUDA/torch/build-version" || return 1
     touch "$stamp"
 }
 
@@ -92,13 +151,38 @@ _tf_setup_moto() {
     touch "$stamp"
 }
 
-if ! _tf_setup_native || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto; then
+if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then
+    _tf_native_setup=_tf_setup_native_cuda
+    _TF_NATIVE="$_TF_NATIVE_CUDA"
+else
+    _tf_native_setup=_tf_setup_native
+fi
+if ! "$_tf_native_setup" || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi
 
 export LIBTORCH="$_TF_NATIVE/torch"
 export ORT_DYLIB_PATH="$_TF_NATIVE/onnxruntime/capi/libonnxruntime.so.1.31.1"
+if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then
+    # The CUDA libraries of libtorch and of ONNX Runtime's CUDA provider (which is
+    # loaded by path and has no rpath): every nvidia/*/lib, each added once.
+    for _tf_dir in "$_TF_NATIVE"/nvidia/*/lib; do
+        [ -d "$_tf_dir" ] || continue
+        case ":${LD_LIBRARY_PATH:-}:" in
+            *":$_tf_dir:"*) ;;
+            *) LD_LIBRARY_PATH="$_tf_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+        esac
+    done
+    unset _tf_dir
+    export LD_LIBRARY_PATH
+    # Apart from the CPU build: another libtorch rebuilds torch-sys and relinks. The CPU
+    # default (left by an earlier `source` in this shell) is replaced too.
+    if [ -z "${CARGO_TARGET_DIR:-}" ] || [ "$CARGO_TARGET_DIR" = "$TRUSTFLOW_CACHE/target" ]; then
+        export CARGO_TARGET_DIR="$TRUSTFLOW_CACHE/target-cuda"
+    fi
+fi
+unset _tf_native_setup
 export TRUSTFLOW_PYLIBS="$_TF_PYLIBS"
 export TRUSTFLOW_PHOTOS_DIR="$_TF_PYLIBS/sklearn/datasets/images"
 # The frozen text encoder of pseudo_label's `head` kind and `trustflow fit-text`.
