@@ -120,37 +120,28 @@ impl VisionModel {
         seed: u64,
     ) -> Result<Self> {
         let _init = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let (backbone, feature_dim) = match spec {
-            BackboneSpec::Builtin { width } => (
-                Backbone::Builtin(SmallCnn::new(&(&root / "backbone"), *width)),
-                4 * width,
-            ),
-            BackboneSpec::Torchscript { path } => {
-                let file = match script_override {
-                    Some(p) => p.to_path_buf(),
-                    None => resolve(path),
-                };
-                if !file.is_file() {
-                    return Err(Error::input(
-                        &file,
-                        "model.backbone.path: no such TorchScript file",
-                    ));
-                }
-                let mut module =
-                    tch::TrainableCModule::load(&file, &root / "backbone").map_err(|e| {
-                        Error::input(
-                            &file,
-                            format!("model.backbone.path: not a loadable TorchScript module: {e}"),
-                        )
-                    })?;
-                let dim = probe_features(&mut module, &file, input_side, device)?;
-                (Backbone::Script { module, file }, dim)
-            }
+        let build = |vs: &nn::VarStore| {
+            tch::manual_seed(seed as i64);
+            build_parts(
+                &vs.root(),
+                spec,
+                &resolve,
+                classes,
+                input_side,
+                vs.device(),
+                script_override,
+            )
         };
-        let head = nn::linear(&root / "head", feature_dim, classes, Default::default());
+        let mut vs = nn::VarStore::new(device);
+        let (backbone, head, feature_dim) = build(&vs)?;
+        if device != Device::Cpu {
+            // One seed must give one set of initial weights on every device, but CUDA
+            // draws from its own generator: draw them on the CPU and copy them over.
+            let cpu = nn::VarStore::new(Device::Cpu);
+            build(&cpu)?;
+            vs.copy(&cpu)
+                .map_err(|e| Error::Internal(format!("copying initial weights: {e}")))?;
+        }
         Ok(VisionModel {
             vs,
             backbone,
@@ -194,6 +185,47 @@ impl VisionModel {
             Backbone::Builtin(_) => None,
         }
     }
+}
+
+/// The backbone and the head under `root`, on `device`.
+fn build_parts(
+    root: &nn::Path,
+    spec: &BackboneSpec,
+    resolve: &impl Fn(&str) -> PathBuf,
+    classes: i64,
+    input_side: i64,
+    device: Device,
+    script_override: Option<&Path>,
+) -> Result<(Backbone, nn::Linear, i64)> {
+    let (backbone, feature_dim) = match spec {
+        BackboneSpec::Builtin { width } => (
+            Backbone::Builtin(SmallCnn::new(&(root / "backbone"), *width)),
+            4 * width,
+        ),
+        BackboneSpec::Torchscript { path } => {
+            let file = match script_override {
+                Some(p) => p.to_path_buf(),
+                None => resolve(path),
+            };
+            if !file.is_file() {
+                return Err(Error::input(
+                    &file,
+                    "model.backbone.path: no such TorchScript file",
+                ));
+            }
+            let mut module =
+                tch::TrainableCModule::load(&file, root / "backbone").map_err(|e| {
+                    Error::input(
+                        &file,
+                        format!("model.backbone.path: not a loadable TorchScript module: {e}"),
+                    )
+                })?;
+            let dim = probe_features(&mut module, &file, input_side, device)?;
+            (Backbone::Script { module, file }, dim)
+        }
+    };
+    let head = nn::linear(root / "head", feature_dim, classes, Default::default());
+    Ok((backbone, head, feature_dim))
 }
 
 /// Runs the module once on zeros and checks it returns `[N, D]` float features.

@@ -418,8 +418,10 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         TrainDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
         TrainDevice::Cuda => {
             return Err(Error::Environment(format!(
-                "{}: model.device is `cuda` but libtorch sees no CUDA device (the setup \
-                 script installs a CPU build of libtorch); use `device: cpu`",
+                "{}: model.device is `cuda` but libtorch sees no CUDA device (the default \
+                 setup installs libtorch without its CUDA libraries: set up with \
+                 `TRUSTFLOW_CUDA=1 source scripts/setup.sh` on a machine with a GPU), or \
+                 use `device: cpu`",
                 loaded.file.display()
             )));
         }
