@@ -415,7 +415,17 @@ class RayRunnerTest(unittest.TestCase):
         removed = {}
 
         def remove_node(child):
+            # A lost machine: its raylet and every worker go at once (a raylet killed
+            # alone lets a worker finish its task and report before it notices). The
+            # trustflow children are left to the parent-death signal.
             removed["child"] = child
+            removed["workers"] = children_of(raylet)
+            for pid in removed["workers"]:
+                if cmdline(pid)[:1] != [BIN]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             self.cluster.remove_node(self.worker_node, allow_graceful=False)
 
         child, part, _ = self.kill_when_mid_run(out, lambda pid: raylet in ancestors(pid),
