@@ -141,57 +141,96 @@ def ancestors(pid: int, depth: int = 6):
     return chain
 
 
-class RayRunnerTest(unittest.TestCase):
+ROOT = None
+CORPUS = PIPELINE = REFERENCE = None
+REFERENCE_REPORT = None
+
+
+def setUpModule():
+    """The corpus (16 shards) and the reference: one `trustflow run` on one machine."""
+    global ROOT, CORPUS, PIPELINE, REFERENCE, REFERENCE_REPORT
+    if not os.path.isfile(BIN):
+        raise unittest.SkipTest(f"no trustflow binary at {BIN} (build it or set TRUSTFLOW_BIN)")
+    ROOT = tempfile.mkdtemp(prefix="trustflow-ray-test-")
+    CORPUS = os.path.join(ROOT, "corpus")
+    subprocess.run(
+        [BIN, "bench", "gen", "--rows", str(ROWS), "--shards", str(SHARDS), "--seed", "1",
+         "--out", CORPUS, "--max-side", "96", "--min-side", "48"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    PIPELINE = os.path.join(ROOT, "clean.yaml")
+    with open(PIPELINE, "w") as f:
+        f.write(f"source:\n  paths: [{CORPUS}]\nstages:\n  - type: clean_caption\n"
+                f"sink:\n  path: {os.path.join(ROOT, 'unused')}\n")
+    REFERENCE = os.path.join(ROOT, "reference")
+    subprocess.run([BIN, "run", PIPELINE, "--out", REFERENCE, "--quiet"],
+                   check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(REFERENCE, "_report.json")) as f:
+        REFERENCE_REPORT = json.load(f)
+
+
+def tearDownModule():
+    if ROOT:
+        shutil.rmtree(ROOT, ignore_errors=True)
+
+
+def start_cluster():
+    """A head (1 CPU) and a second node (2 CPUs), both on 127.0.0.1, with fast
+    node-death detection for the node-removal test."""
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 500,
+                               "health_check_failure_threshold": 4},
+        },
+    )
+    try:
+        node = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster, node
+
+
+def stop_cluster(cluster):
+    if ray.is_initialized():
+        ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+
+
+class Base(unittest.TestCase):
+    """Helpers; a subclass with shared_cluster = True starts one cluster for all its
+    tests (tearDownClass stops it), otherwise each test starts its own (tearDown)."""
+
+    shared_cluster = False
+
     @classmethod
     def setUpClass(cls):
-        if not os.path.isfile(BIN):
-            raise unittest.SkipTest(f"no trustflow binary at {BIN} (build it or set TRUSTFLOW_BIN)")
-        cls.root = tempfile.mkdtemp(prefix="trustflow-ray-test-")
-        cls.corpus = os.path.join(cls.root, "corpus")
-        subprocess.run(
-            [BIN, "bench", "gen", "--rows", str(ROWS), "--shards", str(SHARDS), "--seed", "1",
-             "--out", cls.corpus, "--max-side", "96", "--min-side", "48"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cls.pipeline = os.path.join(cls.root, "clean.yaml")
-        with open(cls.pipeline, "w") as f:
-            f.write(f"source:\n  paths: [{cls.corpus}]\nstages:\n  - type: clean_caption\n"
-                    f"sink:\n  path: {os.path.join(cls.root, 'unused')}\n")
-        # The reference: one machine, one process.
-        cls.reference = os.path.join(cls.root, "reference")
-        subprocess.run([BIN, "run", cls.pipeline, "--out", cls.reference, "--quiet"],
-                       check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(cls.reference, "_report.json")) as f:
-            cls.reference_report = json.load(f)
+        cls.root, cls.corpus, cls.pipeline = ROOT, CORPUS, PIPELINE
+        cls.reference, cls.reference_report = REFERENCE, REFERENCE_REPORT
+        cls.cluster = cls.worker_node = None
+        if cls.shared_cluster:
+            cls.cluster, cls.worker_node = start_cluster()
 
     @classmethod
     def tearDownClass(cls):
-        shutil.rmtree(cls.root, ignore_errors=True)
+        if cls.shared_cluster:
+            stop_cluster(cls.cluster)
 
     def setUp(self):
         self.moto = None
-        self.cluster = None
         self.work = tempfile.mkdtemp(prefix="case-", dir=self.root)
-        # A head (1 CPU) and a second node (2 CPUs), both on 127.0.0.1; fast node-death
-        # detection for the node-removal test.
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "node_ip_address": "127.0.0.1",
-                "include_dashboard": False,
-                "_system_config": {"health_check_period_ms": 500,
-                                   "health_check_failure_threshold": 4},
-            },
-        )
-        self.worker_node = self.cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-        self.cluster.wait_for_nodes()
+        if not self.shared_cluster:
+            self.cluster, self.worker_node = start_cluster()
 
     def tearDown(self):
         try:
-            if ray.is_initialized():
-                ray.shutdown()
-            if self.cluster is not None:
-                self.cluster.shutdown()
+            if not self.shared_cluster:
+                stop_cluster(self.cluster)
         finally:
             if self.moto is not None:
                 self.moto.kill()
@@ -283,7 +322,13 @@ class RayRunnerTest(unittest.TestCase):
             time.sleep(0.01)
         self.fail(f"no part child writing into {out} within {timeout} s")
 
-    # ------------------------------------------------------------ tests
+
+
+class ClusterTest(Base):
+    """Runs on one shared two-node cluster: local disk, S3, missing libraries."""
+
+    shared_cluster = True
+
 
     def test_local_disk_matches_single_machine_and_rerun_skips(self):
         out = os.path.join(self.work, "out")
@@ -375,6 +420,41 @@ class RayRunnerTest(unittest.TestCase):
                   got)
         self.assert_same_outputs(got)
 
+    def test_missing_native_libraries_fail_clearly(self):
+        # A binary that plans on the driver but cannot load libtorch on the nodes, as
+        # when the native libraries did not reach them.
+        fake = os.path.join(self.work, "trustflow")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f"if [ \"$1\" = plan ]; then exec {BIN} \"$@\"; fi\n"
+                    "echo \"$0: error while loading shared libraries: libtorch_cpu.so: "
+                    "cannot open shared object file: No such file or directory\" >&2\n"
+                    "exit 127\n")
+        os.chmod(fake, 0o755)
+        out = os.path.join(self.work, "out")
+        code, text = self.run_driver("--input", self.corpus, "--out", out, binary=fake)
+        self.assertEqual(code, 1, text)
+        self.assertIn("2 of 2 node(s) cannot run trustflow", text)
+        self.assertIn("node 127.0.0.1", text)
+        self.assertIn("libtorch_cpu.so", text)
+        self.assertFalse(os.path.exists(os.path.join(out, "_report.json")))
+        # Without the preflight, the first task names the node and the library.
+        code, text = self.run_driver("--input", self.corpus, "--out", out, "--no-preflight",
+                                     "--parts", "2", "--quiet", binary=fake)
+        self.assertEqual(code, 1, text)
+        self.assertIn("NodeSetupError", text)
+        self.assertIn("libtorch_cpu.so", text)
+        # And a binary missing on the driver stops before the cluster is touched.
+        code, text = self.run_driver("--input", self.corpus, "--out", out,
+                                     binary=os.path.join(self.work, "nowhere", "trustflow"))
+        self.assertEqual(code, 1, text)
+        self.assertIn("not found on the driver", text)
+
+
+
+class FaultTest(Base):
+    """Each test on its own cluster: a worker killed, a node removed."""
+
     def test_kill_worker_mid_run(self):
         out = os.path.join(self.work, "out")
         proc = self.start_driver("--input", self.corpus, "--out", out, "--num-cpus", "1",
@@ -444,36 +524,6 @@ class RayRunnerTest(unittest.TestCase):
         lost = [a for a in report["attempts"] if a["outcome"] != "ok"]
         self.assertTrue(lost, report["attempts"])
         self.assertIn(part, [a["part"] for a in lost])
-
-    def test_missing_native_libraries_fail_clearly(self):
-        # A binary that plans on the driver but cannot load libtorch on the nodes, as
-        # when the native libraries did not reach them.
-        fake = os.path.join(self.work, "trustflow")
-        with open(fake, "w") as f:
-            f.write("#!/bin/sh\n"
-                    f"if [ \"$1\" = plan ]; then exec {BIN} \"$@\"; fi\n"
-                    "echo \"$0: error while loading shared libraries: libtorch_cpu.so: "
-                    "cannot open shared object file: No such file or directory\" >&2\n"
-                    "exit 127\n")
-        os.chmod(fake, 0o755)
-        out = os.path.join(self.work, "out")
-        code, text = self.run_driver("--input", self.corpus, "--out", out, binary=fake)
-        self.assertEqual(code, 1, text)
-        self.assertIn("2 of 2 node(s) cannot run trustflow", text)
-        self.assertIn("node 127.0.0.1", text)
-        self.assertIn("libtorch_cpu.so", text)
-        self.assertFalse(os.path.exists(os.path.join(out, "_report.json")))
-        # Without the preflight, the first task names the node and the library.
-        code, text = self.run_driver("--input", self.corpus, "--out", out, "--no-preflight",
-                                     "--parts", "2", "--quiet", binary=fake)
-        self.assertEqual(code, 1, text)
-        self.assertIn("NodeSetupError", text)
-        self.assertIn("libtorch_cpu.so", text)
-        # And a binary missing on the driver stops before the cluster is touched.
-        code, text = self.run_driver("--input", self.corpus, "--out", out,
-                                     binary=os.path.join(self.work, "nowhere", "trustflow"))
-        self.assertEqual(code, 1, text)
-        self.assertIn("not found on the driver", text)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,11 @@ class Tracker:
     def snapshot(self) -> Dict[int, List[Dict[str, Any]]]:
         return self.attempts
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 def _tell(call, wait: bool = False, timeout: float = 30.0):
     """Tracker calls are best effort: a lost tracker must not fail a part."""
@@ -137,7 +142,9 @@ def _tell(call, wait: bool = False, timeout: float = 30.0):
 
     try:
         return ray.get(call, timeout=timeout) if wait else call
-    except Exception:
+    except Exception as e:
+        if os.environ.get("TRUSTFLOW_RAY_DEBUG"):
+            log(f"tracker call failed: {type(e).__name__}: {e}")
         return None
 
 
@@ -404,15 +411,22 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
         log(f"{parts} part(s), each {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s), "
             f"max_retries {args.max_retries}")
 
+    # The tracker lives on the head node (losing the head loses the cluster anyway),
+    # else on the driver's.
+    heads = [n["NodeID"] for n in alive_nodes()
+             if "node:__internal_head__" in n.get("Resources", {})]
+    tracker_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
     tracker = ray.remote(Tracker).options(
         num_cpus=0, max_restarts=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=tracker_node,
+                                                           soft=not heads),
     ).remote()
     task = ray.remote(run_part).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=args.max_retries,
         retry_exceptions=[PartFailed],
     )
+    if os.environ.get("TRUSTFLOW_RAY_DEBUG"):
+        log(f"tracker on node {_tell(tracker.node.remote(), wait=True)} (asked {tracker_node})")
     spec = {"binary": binary, "pipeline": pipeline, "overrides": overrides, "parts": parts}
     t_submit = time.monotonic()
     refs = {task.remote(spec, i, tracker): i for i in range(parts)}
