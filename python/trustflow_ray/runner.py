@@ -11,7 +11,7 @@ merges what they report.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import shutil
 import signal
@@ -352,7 +352,8 @@ def run_job(args) -> int:
     runtime_env: Dict[str, Any] = {"env_vars": env_vars}
     if not args.no_ship_package:
         runtime_env["py_modules"] = [PACKAGE_DIR]
-    init_kwargs: Dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False}
+    init_kwargs: Dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False,
+                                   "logging_level": logging.WARNING}
     if args.address:
         init_kwargs["address"] = args.address
     ray.init(**init_kwargs)
