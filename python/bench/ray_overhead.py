@@ -58,7 +58,7 @@ def main():
     out["single_process_s"] = timed([binary, "run", pipeline, "--out", single, "--quiet"])
     with open(os.path.join(single, "_report.json")) as f:
         out["single_process_engine_wall_s"] = json.load(f)["wall_s"]
-    out["plan_s"] = timed([binary, "plan", pipeline])
+    out["plan_s"] = timed([binary, "plan", pipeline, "--input", corpus])
     out["version_s"] = timed([binary, "--version"])
     seq = {}
     for n in a.parts:
@@ -88,7 +88,8 @@ def main():
         for n in a.parts:
             d = os.path.join(root, f"ray-{n}")
             t = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "trustflow_ray", "run", pipeline, "--out", d,
+            proc = subprocess.run([sys.executable, "-m", "trustflow_ray", "run", pipeline,
+                                   "--input", corpus, "--out", d,
                             "--address", cluster.address, "--binary", binary, "--parts", str(n),
                             "--num-cpus", "1", "--quiet"], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
