@@ -2196,6 +2196,7 @@ mod tests {
             pipeline_file: "p.yaml".into(),
             pipeline_hash: String::new(),
             out_dir: "o".into(),
+            report: "o/_report.json".into(),
             wall_s: 2.0,
             rows_in: 200,
             rows_out: 200,

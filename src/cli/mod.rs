@@ -59,6 +59,15 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Print the plan as JSON: the shards in index order (what `--part I/N` splits),
+    /// the output folder, the pipeline hash, the threads a run keeps busy and whether
+    /// a stage wants a GPU. Cluster runners list shards through it, so that they and
+    /// the engine agree on the shard set. Reads footers, not data.
+    Plan {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Print the JSON Schema of pipeline files (`--train`: of training files).
     Schema {
         #[arg(long)]
@@ -107,6 +116,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             pipeline,
             overrides,
         } => pipeline::validate(&pipeline, &overrides),
+        Command::Plan {
+            pipeline,
+            overrides,
+        } => pipeline::plan_json(&pipeline, &overrides),
         Command::Schema { train } => schema(train),
         Command::Inspect { out_dir, json } => pipeline::inspect(&out_dir, json),
         Command::Demo(args) => demo::demo(args),

@@ -134,6 +134,10 @@ pub fn validate(pipeline: &Path, overrides: &Overrides) -> Result<()> {
     outln!("ok: {} is valid", pipeline.display())
 }
 
+pub fn plan_json(pipeline: &Path, overrides: &Overrides) -> Result<()> {
+    out_json!(plan::load_and_plan(pipeline, overrides)?.summary())
+}
+
 pub fn inspect(out_dir: &Path, json: bool) -> Result<()> {
     let found = inspect_out::inspect(out_dir)?;
     match json {

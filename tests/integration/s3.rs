@@ -407,3 +407,87 @@ fn the_documented_example_runs_with_only_the_uri_and_credentials_changed() {
     assert_eq!(report["rows_in"], 40);
     assert_eq!(report["invariant_holds"], true);
 }
+
+#[test]
+fn training_reads_its_shards_from_the_store() {
+    use trustflow::bench::train_corpus::{TrainCorpusOptions, generate_train_corpus};
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("train");
+    generate_train_corpus(&TrainCorpusOptions {
+        rows_source: 64,
+        rows_target: 64,
+        rows_eval: 32,
+        shards: 2,
+        seed: 9,
+        out: local.clone(),
+        ..TrainCorpusOptions::default()
+    })
+    .unwrap();
+    for part in ["source", "target", "eval"] {
+        server.put_dir(BUCKET, &format!("train/{part}"), &local.join(part));
+    }
+    let file = pipeline(
+        dir.path(),
+        "train.yaml",
+        "source:\n  paths: \"s3://corpora/train/source/*.parquet\"\ntarget:\n  paths: \"s3://corpora/train/target/\"\n\
+         eval:\n  paths: \"s3://corpora/train/eval/*.parquet\"\nmodel:\n  classes: 4\n  threads: 1\n\
+         augment:\n  size: 16\noptimizer:\n  lr: 0.05\n  epochs: 1\n\
+         data:\n  batch_size: 16\n  workers: 2\n  prefetch: 2\n  shuffle_buffer: 32\n\
+         seed: 5\noutput: out-s3\n",
+    );
+    let out = run_s3(&server, &["validate-train", file.to_str().unwrap()]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["steps_per_epoch"], 4);
+    let out = run_s3(&server, &["train", file.to_str().unwrap(), "--fresh"]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "finished");
+    assert_eq!(summary["global_step"], 4);
+}
+
+#[test]
+fn with_conditional_writes_a_held_lock_object_refuses_a_second_writer() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 20, 1, 2, 64);
+    server.put_dir(BUCKET, "locked-in", &corpus_dir);
+    let p = caption_pipeline(
+        dir.path(),
+        "s3://corpora/locked-in",
+        "s3://corpora/locked-out",
+        "storage:\n  conditional_writes: true\n",
+    );
+    // What a run killed with kill -9 leaves: its lock object.
+    server.put(BUCKET, "locked-out/.trustflow.lock", b"pid 4242 on node-7");
+    let out = trustflow(&server)
+        .args(["run", "--quiet", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_contains(
+        &text(&out),
+        &[
+            "pid 4242 on node-7",
+            "delete s3://corpora/locked-out/.trustflow.lock",
+        ],
+    );
+    assert!(
+        server
+            .get(BUCKET, "locked-out/part-00000.manifest.json")
+            .is_none()
+    );
+    // Once it is deleted the run goes through, and releases its own lock at the end.
+    server
+        .request("DELETE", "/corpora/locked-out/.trustflow.lock", &[])
+        .unwrap();
+    run_s3(&server, &["run", "--quiet", p.to_str().unwrap()]);
+    assert!(
+        server
+            .get(BUCKET, "locked-out/part-00000.manifest.json")
+            .is_some()
+    );
+    assert!(server.get(BUCKET, "locked-out/.trustflow.lock").is_none());
+}

@@ -131,6 +131,22 @@ pub enum Error {
         source: arrow::error::ArrowError,
     },
 
+    /// A Parquet file could not be read or decoded.
+    #[error("{path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// Reading a shard through DataFusion failed.
+    #[error("{path}: {source}")]
+    Scan {
+        path: PathBuf,
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+
     /// A broken invariant of the engine itself (a bug, not a user error).
     #[error("internal error (please report it): {0}")]
     Internal(String),
@@ -158,6 +174,13 @@ impl Error {
         Error::Input {
             path: path.into(),
             message: message.into(),
+        }
+    }
+
+    pub fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
+        Error::Parquet {
+            path: path.into(),
+            source,
         }
     }
 

@@ -200,9 +200,12 @@ fn summarise_columns(path: &Path, accs: &mut Vec<Acc>) -> Result<()> {
     let reader = builder
         .with_projection(mask)
         .build()
-        .map_err(|e| Error::input(path, e.to_string()))?;
+        .map_err(|e| Error::parquet(path, e))?;
     for batch in reader {
-        let batch = batch.map_err(|e| Error::input(path, e.to_string()))?;
+        let batch = batch.map_err(|e| Error::Arrow {
+            context: path.display().to_string(),
+            source: e,
+        })?;
         for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
             let Some(acc) = accs.iter_mut().find(|a| &a.summary.name == field.name()) else {
                 continue;
@@ -268,9 +271,12 @@ fn count_quarantine(path: &Path, reasons: &mut BTreeMap<String, u64>) -> Result<
     let reader = builder
         .with_projection(mask)
         .build()
-        .map_err(|e| Error::input(path, e.to_string()))?;
+        .map_err(|e| Error::parquet(path, e))?;
     for batch in reader {
-        let batch = batch.map_err(|e| Error::input(path, e.to_string()))?;
+        let batch = batch.map_err(|e| Error::Arrow {
+            context: path.display().to_string(),
+            source: e,
+        })?;
         let stages = batch.column(0).as_string::<i32>();
         let errors = batch.column(1).as_string::<i32>();
         for i in 0..batch.num_rows() {

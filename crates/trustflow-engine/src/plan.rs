@@ -203,7 +203,62 @@ pub fn pipeline_hash(spec: &spec::PipelineSpec, content_digests: &[String]) -> S
     format!("{:x}", hasher.finalize())
 }
 
+/// The plan as data (`trustflow plan`): what a scheduler needs to split a run into
+/// parts that agree with the engine on the shard set.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanSummary {
+    pub pipeline: String,
+    pub pipeline_file: PathBuf,
+    pub pipeline_hash: String,
+    pub out_dir: PathBuf,
+    /// The shards in index order (`--part I/N` runs those with index % N == I).
+    pub shards: Vec<PlannedShard>,
+    /// Shards found but unreadable at planning (skipped with `on_unreadable:
+    /// quarantine`).
+    pub unreadable: Vec<PathBuf>,
+    /// Threads a run keeps busy: every stage's workers, the reader and the sink.
+    pub threads: usize,
+    /// Whether a stage asks for a GPU (`execution_provider: cuda`).
+    pub uses_cuda: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedShard {
+    pub index: usize,
+    pub input: PathBuf,
+    pub stem: String,
+    pub rows: u64,
+}
+
 impl Plan {
+    pub fn summary(&self) -> PlanSummary {
+        PlanSummary {
+            pipeline: self.pipeline.name(),
+            pipeline_file: self.pipeline.file.clone(),
+            pipeline_hash: self.pipeline_hash.clone(),
+            out_dir: self.out_dir.clone(),
+            shards: self
+                .source
+                .shards
+                .iter()
+                .map(|s| PlannedShard {
+                    index: s.index,
+                    input: s.path.clone(),
+                    stem: s.stem.clone(),
+                    rows: s.file_rows,
+                })
+                .collect(),
+            unreadable: self
+                .source
+                .unreadable
+                .iter()
+                .map(|(p, _)| p.clone())
+                .collect(),
+            threads: self.stages.iter().map(|s| s.workers).sum::<usize>() + 2,
+            uses_cuda: self.pipeline.spec.stages.iter().any(|s| s.kind.uses_cuda()),
+        }
+    }
+
     /// A human-readable description of the plan (what `validate` prints).
     pub fn describe(&self) -> String {
         use std::fmt::Write;

@@ -13,8 +13,15 @@ use crate::plan::Plan;
 use crate::runtime::{self, CancelToken, RunSnapshot, ShardCounts, StepReport, Topology};
 use crate::sink::{self, Manifest, OutputFolder, ParquetSink};
 
-/// The run report's name in the output folder.
-pub const REPORT_NAME: &str = "_report.json";
+/// The run report's name in the output folder: `_report.json`, or
+/// `_report.part-I-of-N.json` for `--part I/N` (the parts of one job share the folder
+/// and must not overwrite each other's report; the cluster runner merges them).
+pub fn report_name(part: Option<(usize, usize)>) -> String {
+    match part {
+        None => "_report.json".into(),
+        Some((i, n)) => format!("_report.part-{i}-of-{n}.json"),
+    }
+}
 use crate::spec::ResumeVerify;
 
 /// A live-figures callback.
@@ -29,7 +36,7 @@ pub struct RunOptions {
     /// Process only shards with `index % count == part` (for splitting a run over
     /// processes or machines; each shard's output depends on that shard alone).
     pub part: Option<(usize, usize)>,
-    /// Where to write the JSON report (default `<out_dir>/_report.json`).
+    /// Where to write the JSON report (default `<out_dir>/` + [`report_name`]).
     pub report_path: Option<PathBuf>,
     /// Called with live figures about four times a second.
     pub on_progress: Option<ProgressFn>,
@@ -81,6 +88,8 @@ pub struct RunReport {
     pub pipeline_file: PathBuf,
     pub pipeline_hash: String,
     pub out_dir: PathBuf,
+    /// Where this report is written.
+    pub report: PathBuf,
     pub wall_s: f64,
     pub rows_in: u64,
     pub rows_out: u64,
@@ -254,6 +263,10 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         pipeline_file: plan.pipeline.file.clone(),
         pipeline_hash: plan.pipeline_hash.clone(),
         out_dir: out_dir.clone(),
+        report: match &options.report_path {
+            Some(path) => path.clone(),
+            None => folder.display(&report_name(options.part)),
+        },
         wall_s: snap.elapsed_s,
         rows_in: totals.rows_in,
         rows_out: totals.rows_out,
@@ -275,11 +288,11 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         shards,
         queue_samples: stats.queue_samples,
     };
-    let text = serde_json::to_string_pretty(&report)
-        .map_err(|e| Error::output(folder.display(REPORT_NAME), e))?;
+    let text =
+        serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report.report, e))?;
     match &options.report_path {
         Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
-        None => folder.put_small(REPORT_NAME, text.as_bytes())?,
+        None => folder.put_small(&report_name(options.part), text.as_bytes())?,
     }
     folder.finish();
     Ok(report)
@@ -358,7 +371,7 @@ impl std::fmt::Display for RunReport {
                 .unwrap_or_else(|| "n/a".into()),
             r.bottleneck.as_deref().unwrap_or("-")
         )?;
-        writeln!(f, "report: {}", r.out_dir.join("_report.json").display())?;
+        writeln!(f, "report: {}", r.report.display())?;
         Ok(())
     }
 }

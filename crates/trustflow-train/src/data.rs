@@ -180,7 +180,10 @@ impl<'a> PassReader<'a> {
             match self.rt.block_on(stream.next()) {
                 None => self.stream = None,
                 Some(batch) => {
-                    let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
+                    let batch = batch.map_err(|source| Error::Scan {
+                        path: shard.path.clone(),
+                        source,
+                    })?;
                     let n = batch.num_rows() as u64;
                     // Rows the source rejects (null ids, bad paths) never reach a step.
                     let (ok, rejected) = converter.convert(&batch, *rows_in)?;

@@ -66,7 +66,10 @@ pub fn scan(data: &DomainData, classes: i64) -> Result<DomainScan> {
         let names: Vec<&str> = projected.iter().map(String::as_str).collect();
         let mut stream = rt.block_on(data.plan.open_projected(shard, &names))?;
         while let Some(batch) = rt.block_on(stream.next()) {
-            let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
+            let batch = batch.map_err(|source| Error::Scan {
+                path: shard.path.clone(),
+                source,
+            })?;
             check_batch(
                 &batch,
                 data,
@@ -95,7 +98,10 @@ fn count_rows(
     let mut rows = 0u64;
     while let Some(batch) = rt.block_on(stream.next()) {
         rows += batch
-            .map_err(|e| Error::input(&shard.path, e.to_string()))?
+            .map_err(|source| Error::Scan {
+                path: shard.path.clone(),
+                source,
+            })?
             .num_rows() as u64;
     }
     Ok(rows)

@@ -228,6 +228,14 @@ pub struct Converter {
 pub const SOURCE_STAGE: &str = "source";
 
 impl Converter {
+    /// An Arrow failure while converting this shard's columns, with its cause kept.
+    fn arrow_error(&self, source: arrow::error::ArrowError) -> Error {
+        Error::Arrow {
+            context: format!("{}: converting the shard's columns", self.shard.display()),
+            source,
+        }
+    }
+
     /// Canonicalise one batch read from the shard. `first_row` is the index (among rows
     /// read from this shard) of the batch's first row, used for synthesised ids.
     pub fn convert(
@@ -239,6 +247,7 @@ impl Converter {
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut out: Vec<ArrayRef> = Vec::with_capacity(self.canonical.fields().len());
         let shard_err = |m: String| Error::input(&self.shard, m);
+        let arrow_err = |source| self.arrow_error(source);
         let mapped = |logical: &str| {
             self.mapping
                 .columns
@@ -253,7 +262,7 @@ impl Converter {
                     (0..n as u64).map(|i| format!("{}:{}", self.stem, first_row + i)),
                 )),
                 (ID, Some(col)) => {
-                    let ids = cast(col, &DataType::Utf8).map_err(|e| shard_err(e.to_string()))?;
+                    let ids = cast(col, &DataType::Utf8).map_err(arrow_err)?;
                     let ids = ids.as_string::<i32>();
                     let mut b = StringBuilder::with_capacity(n, n * 16);
                     for i in 0..n {
@@ -282,8 +291,7 @@ impl Converter {
                 }
                 (IMAGE, Some(col)) => self.images(col, &mut rejected)?,
                 (CAPTION, Some(col)) if is_binary(col.data_type()) => {
-                    let bytes =
-                        cast(col, &DataType::LargeBinary).map_err(|e| shard_err(e.to_string()))?;
+                    let bytes = cast(col, &DataType::LargeBinary).map_err(arrow_err)?;
                     let bytes = bytes.as_binary::<i64>();
                     let mut b = StringBuilder::with_capacity(n, n * 32);
                     for i in 0..n {
@@ -299,8 +307,7 @@ impl Converter {
                     Arc::new(b.finish())
                 }
                 (LABEL, Some(col)) => {
-                    let labels =
-                        cast(col, &DataType::Int64).map_err(|e| shard_err(e.to_string()))?;
+                    let labels = cast(col, &DataType::Int64).map_err(arrow_err)?;
                     if self.null_labels == NullLabels::Quarantine {
                         for i in 0..n {
                             if labels.is_null(i) {
@@ -310,14 +317,12 @@ impl Converter {
                     }
                     labels
                 }
-                (_, Some(col)) => {
-                    cast(col, field.data_type()).map_err(|e| shard_err(e.to_string()))?
-                }
+                (_, Some(col)) => cast(col, field.data_type()).map_err(arrow_err)?,
                 (_, None) if self.mapping.kept.iter().any(|k| k.name() == logical) => {
                     let col = batch.column_by_name(logical).ok_or_else(|| {
                         shard_err(format!("kept column `{logical}` disappeared while reading"))
                     })?;
-                    cast(col, field.data_type()).map_err(|e| shard_err(e.to_string()))?
+                    cast(col, field.data_type()).map_err(arrow_err)?
                 }
                 (_, None) => {
                     return Err(shard_err(format!(
@@ -327,8 +332,7 @@ impl Converter {
             };
             out.push(column);
         }
-        let canonical = RecordBatch::try_new(self.canonical.clone(), out)
-            .map_err(|e| shard_err(e.to_string()))?;
+        let canonical = RecordBatch::try_new(self.canonical.clone(), out).map_err(arrow_err)?;
         rejected.sort_by_key(|(row, _)| *row);
         rejected.dedup_by_key(|(row, _)| *row);
         split_rows(&canonical, &rejected, SOURCE_STAGE, &self.quarantine)
@@ -336,11 +340,10 @@ impl Converter {
 
     fn images(&self, col: &ArrayRef, rejected: &mut Vec<(usize, String)>) -> Result<ArrayRef> {
         let shard_err = |m: String| Error::input(&self.shard, m);
+        let arrow_err = |source| self.arrow_error(source);
         let n = col.len();
         match self.mapping.image {
-            Some(ImageSource::Bytes) | None => {
-                cast(col, &DataType::LargeBinary).map_err(|e| shard_err(e.to_string()))
-            }
+            Some(ImageSource::Bytes) | None => cast(col, &DataType::LargeBinary).map_err(arrow_err),
             Some(ImageSource::HfStruct) => {
                 let st: &StructArray = col
                     .as_struct_opt()
@@ -349,13 +352,13 @@ impl Converter {
                     .column_by_name("bytes")
                     .map(|b| cast(b, &DataType::LargeBinary))
                     .transpose()
-                    .map_err(|e| shard_err(e.to_string()))?;
+                    .map_err(arrow_err)?;
                 let paths = st
                     .column_by_name("path")
                     .filter(|p| is_string(p.data_type()))
                     .map(|p| cast(p, &DataType::Utf8))
                     .transpose()
-                    .map_err(|e| shard_err(e.to_string()))?;
+                    .map_err(arrow_err)?;
                 let mut b = LargeBinaryBuilder::with_capacity(n, 0);
                 for i in 0..n {
                     let inline = bytes
@@ -377,7 +380,7 @@ impl Converter {
                 Ok(Arc::new(b.finish()))
             }
             Some(ImageSource::Path) => {
-                let paths = cast(col, &DataType::Utf8).map_err(|e| shard_err(e.to_string()))?;
+                let paths = cast(col, &DataType::Utf8).map_err(arrow_err)?;
                 let paths = paths.as_string::<i32>();
                 let mut b = LargeBinaryBuilder::with_capacity(n, 0);
                 for i in 0..n {

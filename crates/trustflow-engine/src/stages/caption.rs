@@ -163,6 +163,10 @@ impl CaptionConfig {
 }
 
 impl StageConfig for CaptionConfig {
+    fn session(&self) -> Option<&SessionConfig> {
+        Some(&self.session)
+    }
+
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));

@@ -150,6 +150,10 @@ impl ClipScoreConfig {
 }
 
 impl StageConfig for ClipScoreConfig {
+    fn session(&self) -> Option<&SessionConfig> {
+        Some(&self.session)
+    }
+
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));

@@ -69,6 +69,11 @@ pub trait StageConfig {
     fn batch_multiple(&self) -> Option<usize> {
         None
     }
+
+    /// The ONNX session settings of a model stage (where its models run).
+    fn session(&self) -> Option<&crate::models::onnx::SessionConfig> {
+        None
+    }
 }
 
 /// Keys every stage entry may carry besides its `type` and the type's own settings.
@@ -237,6 +242,13 @@ macro_rules! stages {
                 match self {
                     $( StageKind::$variant(_) => $type_name, )*
                 }
+            }
+
+            /// Whether the stage asks for a GPU (`execution_provider: cuda`).
+            pub fn uses_cuda(&self) -> bool {
+                self.config().session().is_some_and(|s| {
+                    s.execution_provider == crate::models::onnx::ExecutionProviderName::Cuda
+                })
             }
 
             /// The variant's settings, behind the one trait every stage config implements.

@@ -162,6 +162,10 @@ impl PseudoLabelConfig {
 }
 
 impl StageConfig for PseudoLabelConfig {
+    fn session(&self) -> Option<&SessionConfig> {
+        Some(&self.session)
+    }
+
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));

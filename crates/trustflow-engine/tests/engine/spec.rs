@@ -939,7 +939,9 @@ fn schema_describes_the_pipeline_types() {
         .collect();
     assert_eq!(
         top,
-        BTreeSet::from(["name", "source", "stages", "sink", "runtime", "resume"])
+        BTreeSet::from([
+            "name", "source", "stages", "sink", "runtime", "resume", "storage"
+        ])
     );
     assert_eq!(schema["additionalProperties"], Value::Bool(false));
     let required: BTreeSet<&str> = schema["required"]
