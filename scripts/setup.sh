@@ -136,20 +136,29 @@ _tf_setup_nasm() {
         || { echo "trustflow setup: could not install nasm; run: apt-get install nasm" >&2; return 1; }
 }
 
+# Install the pinned requirements file scripts/$2 with --no-deps into $1 (what $3 names
+# in messages), once per content of the file; $4, if given, must exist afterwards.
+_tf_pip_pinned() {
+    local dir="$1" pins what="$3" expect="${4:-}" stamp
+    pins="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$2"
+    stamp="$dir/.trustflow-setup-$(sha256sum "$pins" | cut -c1-16)"
+    [ -f "$stamp" ] && return 0
+    echo "trustflow setup: installing $what into $dir" >&2
+    rm -rf "$dir" && mkdir -p "$dir" || return 1
+    python3 -m pip install --quiet --no-deps --upgrade --target "$dir" -r "$pins" \
+        || { echo "trustflow setup: pip install of $what failed" >&2; return 1; }
+    if [ -n "$expect" ] && [ ! -e "$dir/$expect" ]; then
+        echo "trustflow setup: $what not where expected in $dir" >&2
+        return 1
+    fi
+    touch "$stamp"
+}
+
 # moto_server: a real S3 server the object-store tests start on 127.0.0.1 (pinned in
 # scripts/moto-requirements.txt; about 290 MB, a minute from PyPI).
 _TF_MOTO="$TRUSTFLOW_CACHE/moto"
 _tf_setup_moto() {
-    local pins
-    pins="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/moto-requirements.txt"
-    local stamp
-    stamp="$_TF_MOTO/.trustflow-setup-$(sha256sum "$pins" | cut -c1-16)"
-    [ -f "$stamp" ] && return 0
-    echo "trustflow setup: installing moto_server (S3 test server) into $_TF_MOTO" >&2
-    rm -rf "$_TF_MOTO" && mkdir -p "$_TF_MOTO" || return 1
-    python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_MOTO" -r "$pins" \
-        || { echo "trustflow setup: pip install of moto_server failed" >&2; return 1; }
-    touch "$stamp"
+    _tf_pip_pinned "$_TF_MOTO" moto-requirements.txt "moto_server (S3 test server)"
 }
 
 # Ray 2.60.0: the cluster runner (python/trustflow_ray, docs/ray.md) and its tests
@@ -157,18 +166,8 @@ _tf_setup_moto() {
 # pip for ray==2.60.0; 19 wheels, 260 MB installed; 23 s from PyPI, 17 s from pip's cache).
 _TF_RAY="$TRUSTFLOW_CACHE/ray"
 _tf_setup_ray() {
-    local pins
-    pins="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/ray-requirements.txt"
-    local stamp
-    stamp="$_TF_RAY/.trustflow-setup-$(sha256sum "$pins" | cut -c1-16)"
-    [ -f "$stamp" ] && return 0
-    echo "trustflow setup: installing Ray 2.60.0 (the cluster runner) into $_TF_RAY" >&2
-    rm -rf "$_TF_RAY" && mkdir -p "$_TF_RAY" || return 1
-    python3 -m pip install --quiet --no-deps --upgrade --target "$_TF_RAY" -r "$pins" \
-        || { echo "trustflow setup: pip install of Ray failed" >&2; return 1; }
-    [ -f "$_TF_RAY/ray/cluster_utils.py" ] \
-        || { echo "trustflow setup: Ray not where expected in $_TF_RAY" >&2; return 1; }
-    touch "$stamp"
+    _tf_pip_pinned "$_TF_RAY" ray-requirements.txt "Ray 2.60.0 (the cluster runner)" \
+        ray/cluster_utils.py
 }
 
 if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then

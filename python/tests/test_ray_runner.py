@@ -119,6 +119,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def alive_after(pid: int, seconds: float) -> bool:
+    """Whether `pid` still runs once it has had `seconds` to exit."""
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pid)
+
+
 def part_children(out: str):
     """(pid, part) of every `trustflow run ... --part I/N` writing into `out`."""
     found = []
@@ -491,10 +499,7 @@ class FaultTest(Base):
 
         child, part, mid = self.kill_when_mid_run(out, lambda pid: True, kill_worker)
         # The trustflow child dies with its worker (parent-death signal): no orphan writer.
-        deadline = time.monotonic() + 10
-        while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertFalse(alive(child), "the trustflow child outlived its killed worker")
+        self.assertFalse(alive_after(child, 10), "the trustflow child outlived its killed worker")
         code, text = self.finish(proc)
         self.assertEqual(code, 0, text)
         self.assert_same_outputs(out)
@@ -535,10 +540,7 @@ class FaultTest(Base):
 
         child, part, _ = self.kill_when_mid_run(out, lambda pid: raylet in ancestors(pid),
                                                 remove_node)
-        deadline = time.monotonic() + 15
-        while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertFalse(alive(child), "a trustflow child outlived its removed node")
+        self.assertFalse(alive_after(child, 15), "a trustflow child outlived its removed node")
         code, text = self.finish(proc)
         self.assertEqual(code, 0, text)
         self.assert_same_outputs(out)

@@ -160,8 +160,10 @@ impl OutputFolder {
             key: uri.key.clone(),
             upload_id: id.clone(),
         };
-        self.put_small(&marker, &serde_json::to_vec(&record).unwrap_or_default())?;
         let uploaded = (|| -> Result<()> {
+            let record =
+                serde_json::to_vec(&record).map_err(|e| Error::output(self.display(&marker), e))?;
+            self.put_small(&marker, &record)?;
             let mut parts: Vec<PartId> = Vec::new();
             let mut buffer = vec![0u8; part_bytes];
             loop {
@@ -235,6 +237,43 @@ impl OutputFolder {
                         .map(|_| ())
                         .map_err(|e| storage.error(&uri, "cannot write", e))
                 })?
+            }
+        }
+    }
+
+    /// Write a small file under `name` only if nothing is there yet; false when
+    /// something is. In a store this is a conditional write (`If-None-Match: *`), which
+    /// only stores that enforce it make safe against a racing writer.
+    pub fn create_small(&self, name: &str, bytes: &[u8]) -> Result<bool> {
+        match self.object(name) {
+            None => {
+                use std::io::Write;
+                let path = self.display(name);
+                let created = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .and_then(|mut file| file.write_all(bytes));
+                match created {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(Error::io(&path, e)),
+                }
+            }
+            Some((uri, storage)) => {
+                use object_store::{ObjectStore, PutMode, PutOptions};
+                let store = storage.store(&uri)?;
+                let put = storage.block_on(store.put_opts(
+                    &uri.object_path(),
+                    PutPayload::from(bytes.to_vec()),
+                    PutOptions::from(PutMode::Create),
+                ))?;
+                match put {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. }) => Ok(false),
+                    Err(e) => Err(storage.error(&uri, "cannot create", e)),
+                }
             }
         }
     }

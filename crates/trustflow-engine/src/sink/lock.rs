@@ -15,31 +15,28 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
-
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-
 use super::folder::OutputFolder;
 use crate::error::{Error, Result};
-use crate::storage::{ObjectUri, Storage};
 
 const FOLDER_LOCK: &str = ".trustflow.lock";
+
+fn part_lock(i: usize, n: usize) -> String {
+    format!(".trustflow.part-{i}-of-{n}.lock")
+}
 
 /// Held locks; dropping it releases them.
 #[derive(Debug)]
 pub struct OutputLock {
     _folder: Option<File>,
     _part: Option<File>,
-    /// Lock objects in a store, deleted on drop.
-    objects: Vec<(ObjectUri, Arc<Storage>)>,
+    /// A lock object in a store (the folder and its name), deleted on drop.
+    object: Option<(OutputFolder, String)>,
 }
 
 impl Drop for OutputLock {
     fn drop(&mut self) {
-        for (uri, storage) in &self.objects {
-            if let Ok(store) = storage.store(uri) {
-                let _ = storage.block_on(store.delete(&uri.object_path()));
-            }
+        if let Some((folder, name)) = &self.object {
+            folder.remove(name);
         }
     }
 }
@@ -48,65 +45,43 @@ impl Drop for OutputLock {
 pub fn lock_folder(folder: &OutputFolder, part: Option<(usize, usize)>) -> Result<OutputLock> {
     match folder {
         OutputFolder::Local(dir) => lock_output(dir, part),
-        OutputFolder::Remote { uri, storage, .. } if storage.spec().conditional_writes => {
-            lock_objects(uri, storage, part)
+        OutputFolder::Remote { storage, .. } if storage.spec().conditional_writes => {
+            lock_object(folder, part)
         }
         OutputFolder::Remote { .. } => Ok(OutputLock {
             _folder: None,
             _part: None,
-            objects: Vec::new(),
+            object: None,
         }),
     }
 }
 
-fn lock_objects(
-    prefix: &ObjectUri,
-    storage: &Arc<Storage>,
-    part: Option<(usize, usize)>,
-) -> Result<OutputLock> {
-    let create = |name: &str| -> Result<ObjectUri> {
-        let uri = prefix.join(name);
-        let store = storage.store(&uri)?;
-        let holder = holder_line();
-        let put = storage.block_on(store.put_opts(
-            &uri.object_path(),
-            PutPayload::from(holder.into_bytes()),
-            PutOptions::from(PutMode::Create),
-        ))?;
-        match put {
-            Ok(_) => Ok(uri),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => {
-                let held_by = storage
-                    .block_on(async {
-                        let got = store.get(&uri.object_path()).await.ok()?;
-                        got.bytes().await.ok()
-                    })
-                    .ok()
-                    .flatten()
-                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                    .unwrap_or_else(|| "another trustflow process".into());
-                Err(Error::input(
-                    prefix.to_path(),
-                    format!(
-                        "the output prefix is in use by another trustflow run ({held_by}); \
-                         wait for it to finish, or, if that run is dead, delete {uri}"
-                    ),
-                ))
-            }
-            Err(e) => Err(storage.error(&uri, "cannot create the lock object", e)),
-        }
-    };
+/// The lock as an object created only if absent (conditional writes).
+fn lock_object(folder: &OutputFolder, part: Option<(usize, usize)>) -> Result<OutputLock> {
     let name = match part {
         None => FOLDER_LOCK.to_string(),
-        Some((i, n)) => format!(".trustflow.part-{i}-of-{n}.lock"),
+        Some((i, n)) => part_lock(i, n),
     };
-    let uri = create(&name)?;
-    Ok(OutputLock {
-        _folder: None,
-        _part: None,
-        objects: vec![(uri, storage.clone())],
-    })
+    if folder.create_small(&name, holder_line().as_bytes())? {
+        return Ok(OutputLock {
+            _folder: None,
+            _part: None,
+            object: Some((folder.clone(), name)),
+        });
+    }
+    let held_by = folder
+        .read_small(&name)
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "another trustflow process".into());
+    Err(Error::input(
+        folder.path(),
+        format!(
+            "the output prefix is in use by another trustflow run ({held_by}); wait for it \
+             to finish, or, if that run is dead, delete {}",
+            folder.display(&name).display()
+        ),
+    ))
 }
 
 fn holder_line() -> String {
@@ -193,7 +168,7 @@ pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<Outpu
                 Ok(OutputLock {
                     _folder: Some(folder),
                     _part: None,
-                    objects: Vec::new(),
+                    object: None,
                 })
             }
             Err(TryLockError::WouldBlock) => {
@@ -213,7 +188,7 @@ pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<Outpu
         Err(TryLockError::WouldBlock) => return Err(busy(out_dir, holder_of(&folder_path))),
         Err(TryLockError::Error(e)) => return Err(Error::io(&folder_path, e)),
     }
-    let part_path: PathBuf = out_dir.join(format!(".trustflow.part-{i}-of-{n}.lock"));
+    let part_path: PathBuf = out_dir.join(part_lock(i, n));
     let mut part_file = open(&part_path)?;
     match part_file.try_lock() {
         Ok(()) => {
@@ -221,7 +196,7 @@ pub fn lock_output(out_dir: &Path, part: Option<(usize, usize)>) -> Result<Outpu
             Ok(OutputLock {
                 _folder: Some(folder),
                 _part: Some(part_file),
-                objects: Vec::new(),
+                object: None,
             })
         }
         Err(TryLockError::WouldBlock) => Err(busy(

@@ -130,18 +130,7 @@ fn check_remote_outputs(
         )
     };
     for (_, input) in inputs.iter().filter(|(_, p)| is_remote(p)) {
-        let uri = ObjectUri::of_path(input)?;
-        let folder = match uri.key.rsplit_once('/') {
-            Some((folder, _)) => ObjectUri {
-                bucket: uri.bucket.clone(),
-                key: folder.to_string(),
-            },
-            None => ObjectUri {
-                bucket: uri.bucket.clone(),
-                key: String::new(),
-            },
-        }
-        .to_string();
+        let folder = ObjectUri::of_path(input)?.parent().to_string();
         if out == folder {
             return Err(refuse(format!(
                 "is the prefix of input shard {}",

@@ -181,13 +181,8 @@ fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
     if storage::is_remote(Path::new(pattern)) {
         // A key prefix that is not a shard is listed like a folder; a glob searches
         // from its fixed leading part.
-        let fixed: Vec<&str> = pattern
-            .split('/')
-            .take_while(|part| !part.contains(['*', '?', '[']))
-            .collect();
-        let globbed = fixed.len() < pattern.split('/').count();
-        return match globbed || !pattern.ends_with(".parquet") {
-            true => Some(PathBuf::from(fixed.join("/"))),
+        return match shards::has_glob_chars(pattern) || !pattern.ends_with(".parquet") {
+            true => Some(PathBuf::from(shards::literal_prefix(pattern))),
             false => None,
         };
     }
@@ -197,7 +192,7 @@ fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
     }
     let parent_has_glob = std::path::Path::new(pattern)
         .parent()
-        .is_some_and(|p| p.to_string_lossy().contains(['*', '?', '[']));
+        .is_some_and(|p| shards::has_glob_chars(&p.to_string_lossy()));
     if full.exists() || !parent_has_glob {
         return None;
     }
@@ -208,7 +203,7 @@ fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
         base.to_path_buf()
     };
     for part in std::path::Path::new(pattern).components() {
-        if part.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+        if shards::has_glob_chars(&part.as_os_str().to_string_lossy()) {
             break;
         }
         root.push(part);

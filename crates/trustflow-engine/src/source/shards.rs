@@ -6,8 +6,18 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::storage::{self, ObjectUri, Storage};
 
-fn has_glob_chars(s: &str) -> bool {
+pub(crate) fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
+}
+
+/// The `/`-separated components of `pattern` before its first one with a glob
+/// character: where a glob starts searching.
+pub(crate) fn literal_prefix(pattern: &str) -> String {
+    pattern
+        .split('/')
+        .take_while(|part| !has_glob_chars(part))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Expand `patterns` (resolved against `base`) into a sorted, de-duplicated list of
@@ -107,14 +117,9 @@ fn discover_remote(storage: &Storage, pattern: &str) -> Result<Vec<PathBuf>> {
             require_literal_separator: true,
             ..glob::MatchOptions::new()
         };
-        let fixed: Vec<&str> = uri
-            .key
-            .split('/')
-            .take_while(|part| !has_glob_chars(part))
-            .collect();
         let prefix = ObjectUri {
             bucket: uri.bucket.clone(),
-            key: fixed.join("/"),
+            key: literal_prefix(&uri.key),
         };
         for object in storage.block_on(storage.list(&prefix))?? {
             let key = object.location.as_ref();

@@ -123,15 +123,16 @@ fn interpolate_text(
     let mut copied = 0;
     let mut problems = Vec::new();
     for scalar in locations.dollar_scalars() {
+        let problem = |offset, message| EnvProblem {
+            field: scalar.path.clone(),
+            at: Some(dollar_position(text, scalar, offset)),
+            message,
+        };
         let new = match interpolate_str(&scalar.value, lookup) {
             Ok(new) if new == scalar.value => continue,
             Ok(new) => new,
             Err((offset, message)) => {
-                problems.push(EnvProblem {
-                    field: scalar.path.clone(),
-                    at: Some(dollar_position(text, scalar, offset)),
-                    message,
-                });
+                problems.push(problem(offset, message));
                 continue;
             }
         };
@@ -150,11 +151,7 @@ fn interpolate_text(
             match interpolate_str(raw, &indented) {
                 Ok(replacement) => replacement,
                 Err((offset, message)) => {
-                    problems.push(EnvProblem {
-                        field: scalar.path.clone(),
-                        at: Some(dollar_position(text, scalar, offset)),
-                        message,
-                    });
+                    problems.push(problem(offset, message));
                     continue;
                 }
             }

@@ -87,6 +87,17 @@ impl ObjectUri {
         PathBuf::from(self.to_string())
     }
 
+    /// The prefix holding this key (the bucket itself for a top-level key).
+    pub fn parent(&self) -> ObjectUri {
+        ObjectUri {
+            bucket: self.bucket.clone(),
+            key: self
+                .key
+                .rsplit_once('/')
+                .map_or(String::new(), |(folder, _)| folder.to_string()),
+        }
+    }
+
     /// The last component of the key.
     pub fn name(&self) -> &str {
         self.key.rsplit('/').next().unwrap_or("")

@@ -41,6 +41,14 @@ sink:
 
 /// Parse `text` as `broken.yaml`, validate it if it parses, and return the phase that
 /// failed with its issues. Panics if the text is valid or the error is not a spec error.
+/// Each issue's field and line, in the order reported.
+fn fields_and_lines(issues: &[SpecIssue]) -> Vec<(&str, Option<usize>)> {
+    issues
+        .iter()
+        .map(|i| (i.location.field.as_str(), i.location.line))
+        .collect()
+}
+
 fn problems(text: &str) -> (Phase, Vec<SpecIssue>) {
     let (phase, result) = match parse_str(text, Path::new(FILE)) {
         Err(e) => (Phase::Parse, Err(e)),
@@ -257,10 +265,7 @@ sink:
 ";
     let (phase, issues) = problems(yaml);
     assert_eq!(phase, Phase::Parse);
-    let mut found: Vec<(&str, Option<usize>)> = issues
-        .iter()
-        .map(|i| (i.location.field.as_str(), i.location.line))
-        .collect();
+    let mut found = fields_and_lines(&issues);
     found.sort();
     assert_eq!(
         found,
@@ -290,10 +295,7 @@ runtime:
 ";
     let (phase, issues) = problems(yaml);
     assert_eq!(phase, Phase::Parse);
-    let found: Vec<(&str, Option<usize>)> = issues
-        .iter()
-        .map(|i| (i.location.field.as_str(), i.location.line))
-        .collect();
+    let found = fields_and_lines(&issues);
     assert_eq!(
         found,
         vec![
@@ -322,10 +324,7 @@ sink:
   row_group_rows: nope
 ";
     let (_, issues) = problems(yaml);
-    let found: Vec<(&str, Option<usize>)> = issues
-        .iter()
-        .map(|i| (i.location.field.as_str(), i.location.line))
-        .collect();
+    let found = fields_and_lines(&issues);
     assert_eq!(
         found,
         vec![
