@@ -125,15 +125,30 @@ _tf_setup_pylibs() {
     touch "$stamp"
 }
 
-# nasm assembles libjpeg-turbo's SIMD kernels when mozjpeg-sys builds (Cargo.toml).
-_tf_setup_nasm() {
-    command -v nasm >/dev/null 2>&1 && return 0
-    echo "trustflow setup: installing nasm from Debian apt (JPEG SIMD kernels)" >&2
+# Install Debian package $1 (command $2) from apt unless the command exists; $3 says
+# what it is for.
+_tf_apt_install() {
+    command -v "$2" >/dev/null 2>&1 && return 0
+    echo "trustflow setup: installing $1 from Debian apt ($3)" >&2
     local sudo=""
     [ "$(id -u)" = "0" ] || sudo="sudo"
-    { $sudo apt-get install -y -qq nasm >/dev/null 2>&1 \
-        || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq nasm >/dev/null 2>&1; }; } \
-        || { echo "trustflow setup: could not install nasm; run: apt-get install nasm" >&2; return 1; }
+    { $sudo apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq >/dev/null 2>&1 \
+            && $sudo apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1; }; } \
+        || { echo "trustflow setup: could not install $1; run: apt-get install $1" >&2; return 1; }
+}
+
+# nasm assembles libjpeg-turbo's SIMD kernels when mozjpeg-sys builds (Cargo.toml).
+_tf_setup_nasm() {
+    _tf_apt_install nasm nasm "JPEG SIMD kernels"
+}
+
+# Headless Chromium renders `trustflow report`'s page in its browser test (about 18 s
+# from apt). Only that test needs it, and it says so when it skips, so a machine that
+# cannot install it still builds and runs everything else.
+_tf_setup_chromium() {
+    _tf_apt_install chromium chromium "the report's browser test" \
+        || echo "trustflow setup: continuing without chromium (the browser test will skip)" >&2
 }
 
 # Install the pinned requirements file scripts/$2 with --no-deps into $1 (what $3 names
@@ -177,7 +192,7 @@ else
     _tf_native_setup=_tf_setup_native
 fi
 if ! "$_tf_native_setup" || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto \
-    || ! _tf_setup_ray; then
+    || ! _tf_setup_ray || ! _tf_setup_chromium; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi

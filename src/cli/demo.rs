@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use trustflow::bench::corpus::{GenOptions, generate};
 use trustflow_engine::plan::{self, Overrides};
-use trustflow_engine::{inspect, spec};
+use trustflow_engine::{inspect, report, spec};
 
 use super::pipeline::{check_complete, run_with_progress};
 
@@ -72,11 +72,36 @@ fn engine_demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
     eprintln!("3/3 inspecting {}", enriched.display());
     out!("{}", inspect::inspect(&enriched)?.to_text())?;
     check_complete(&report)?;
+    let page = write_report(
+        &enriched,
+        None,
+        out.join("report.html"),
+        "trustflow engine demo: decode and caption cleaning",
+    )?;
     outln!(
-        "done: outputs in {}, report {}",
+        "done: outputs in {}, run report {}",
         enriched.display(),
         enriched.join("_report.json").display()
-    )
+    )?;
+    outln!("report: {}", page.display())
+}
+
+/// The HTML report of `enriched` (with the training runs under `runs`), at `html`.
+fn write_report(
+    enriched: &Path,
+    runs: Option<PathBuf>,
+    html: PathBuf,
+    title: &str,
+) -> Result<PathBuf> {
+    let options = report::ReportOptions {
+        html: Some(html),
+        runs,
+        title: Some(title.to_string()),
+        ..report::ReportOptions::default()
+    };
+    let built = report::build(enriched, &options)?;
+    report::write(&built)?;
+    Ok(built.html)
 }
 
 #[cfg(not(feature = "train"))]
@@ -180,7 +205,17 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         "runs (checkpoints, metrics.jsonl, _report.json) under {}",
         out.join("runs").display()
     )?;
-    outln!("done in {:.0} s", started.elapsed().as_secs_f64())
+    let page = write_report(
+        &out.join("enriched").join("target_a"),
+        Some(out.join("runs").join("target_a")),
+        out.join("report.html"),
+        "TRUST demo: the MNIST-M-style target domain",
+    )?;
+    outln!("done in {:.0} s", started.elapsed().as_secs_f64())?;
+    outln!(
+        "report: {} (open it in a browser: what the engine trusted in the target domain)",
+        page.display()
+    )
 }
 
 /// A file of this repository: relative to the current folder when run from the

@@ -80,6 +80,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write one self-contained HTML page about an output folder (the run, the
+    /// invariant per shard, quarantine reasons with samples, weight distributions
+    /// and AUROC, galleries of the lowest- and highest-weight rows, training curves)
+    /// and print its summary as JSON. Reads a bounded sample (`--max-rows`).
+    Report {
+        out_dir: PathBuf,
+        #[command(flatten)]
+        options: trustflow_engine::report::ReportOptions,
+    },
     /// The embedded demo: the whole TRUST chain on real digit images. Builds the MNIST
     /// source and the MNIST-M-style target, enriches them (captioner for missing
     /// captions, pseudo-labels from the text head fitted on source captions, CLIP
@@ -122,6 +131,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         } => pipeline::plan_json(&pipeline, &overrides),
         Command::Schema { train } => schema(train),
         Command::Inspect { out_dir, json } => pipeline::inspect(&out_dir, json),
+        Command::Report { out_dir, options } => pipeline::report(&out_dir, &options),
         Command::Demo(args) => demo::demo(args),
         Command::Bench(command) => bench::dispatch(command),
         #[cfg(feature = "train")]

@@ -1,4 +1,4 @@
-//! `run`, `validate`, `inspect` and `calibrate-weights`: the pipeline commands.
+//! `run`, `validate`, `inspect`, `report` and `calibrate-weights`: the pipeline commands.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -144,6 +144,22 @@ pub fn inspect(out_dir: &Path, json: bool) -> Result<()> {
         true => out_json!(found),
         false => out!("{}", found.to_text()),
     }
+}
+
+pub fn report(out_dir: &Path, options: &trustflow_engine::report::ReportOptions) -> Result<()> {
+    let built = trustflow_engine::report::build(out_dir, options)?;
+    let bytes = trustflow_engine::report::write(&built)?;
+    out_json!(built)?;
+    eprintln!(
+        "wrote {} ({:.1} MiB; {} of {} output rows read, {} thumbnails, {:.1} s)",
+        built.html.display(),
+        bytes as f64 / 1048576.0,
+        built.budget.output_rows_read,
+        built.budget.output_rows_total,
+        built.budget.thumbnails,
+        built.budget.seconds
+    );
+    Ok(())
 }
 
 pub fn calibrate_weights(args: CalibrateArgs) -> Result<()> {

@@ -194,3 +194,59 @@ pub fn slow_corpus_with_reference(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     ]);
     (file, out, reference)
 }
+
+/// Headless Chromium for the browser tests: `TRUSTFLOW_CHROMIUM`, else `chromium` on
+/// the PATH (scripts/setup.sh installs Debian's).
+pub fn chromium() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TRUSTFLOW_CHROMIUM") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("chromium"))
+        .find(|p| p.is_file())
+}
+
+/// Render `page` in headless Chromium through scripts/browser_check.py, evaluate each
+/// `(name, expression)` and save a screenshot; the script's JSON (errors, evals). `None`
+/// (with a message) where no Chromium is installed, unless
+/// `TRUSTFLOW_REQUIRE_BROWSER=1`, which makes that a failure.
+pub fn browser_check(
+    page: &Path,
+    screenshot: &Path,
+    evals: &[(&str, &str)],
+) -> Option<serde_json::Value> {
+    let Some(chromium) = chromium() else {
+        assert!(
+            std::env::var("TRUSTFLOW_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "TRUSTFLOW_REQUIRE_BROWSER=1 but no chromium (apt-get install chromium)"
+        );
+        eprintln!(
+            "SKIPPED the browser check of {}: no chromium on this machine (scripts/setup.sh \
+             installs Debian's `chromium`; it could not here)",
+            page.display()
+        );
+        return None;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/browser_check.py");
+    let mut command = Command::new("python3");
+    command
+        .arg(script)
+        .arg(page)
+        .arg("--screenshot")
+        .arg(screenshot)
+        .arg("--chromium")
+        .arg(chromium);
+    for (name, expression) in evals {
+        command.arg("--eval").arg(format!("{name}={expression}"));
+    }
+    let out = command
+        .output()
+        .expect("run python3 scripts/browser_check.py");
+    assert!(
+        out.status.success(),
+        "browser_check failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("browser_check prints JSON"))
+}

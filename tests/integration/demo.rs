@@ -26,6 +26,11 @@ fn reduced_demo_runs_the_whole_chain() {
         stdout.contains("source only") && stdout.contains("TRUST"),
         "{stdout}"
     );
+    let page = out.join("report.html");
+    assert!(
+        stdout.contains(&format!("report: {}", page.display())),
+        "the demo ends by printing its report's path: {stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("accuracy.json")).expect("report"))
@@ -104,4 +109,74 @@ fn reduced_demo_runs_the_whole_chain() {
             .expect("auroc");
         assert!((0.0..=1.0).contains(&auroc));
     }
+
+    demo_report_shows_the_target_domain(&out, &page);
+}
+
+/// The demo's page: the AUROC it shows is the AUROC of the target's weights for right
+/// vs wrong pseudo-labels (the metric is checked against scikit-learn in metrics.rs),
+/// both training runs have their curves, and it renders in a browser.
+fn demo_report_shows_the_target_domain(out: &std::path::Path, page: &std::path::Path) {
+    let target = out.join("enriched/target_a");
+    let res = common::run_ok(&[
+        "report",
+        target.to_str().expect("utf8"),
+        "--runs",
+        out.join("runs/target_a").to_str().expect("utf8"),
+        "--html",
+        out.join("again.html").to_str().expect("utf8"),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&res.stdout).expect("JSON summary");
+    let rows = common::read_parquet(&target.join("part-00000.parquet"));
+    let weights = rows
+        .column_by_name("pseudo_weight")
+        .expect("weights")
+        .as_primitive::<Float32Type>();
+    let pseudo = rows
+        .column_by_name("pseudo_label")
+        .expect("pseudo-labels")
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    let labels = rows
+        .column_by_name("label")
+        .expect("labels")
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    let scores: Vec<f64> = weights.values().iter().map(|w| f64::from(*w)).collect();
+    let right: Vec<bool> = (0..rows.num_rows())
+        .map(|i| pseudo.value(i) == labels.value(i))
+        .collect();
+    let want = trustflow_train::metrics::auroc(&scores, &right).expect("both classes");
+    let got = report["trust"]["labelled"]["auroc"]
+        .as_f64()
+        .expect("auroc");
+    assert!((got - want).abs() < 1e-12, "report {got} vs {want}");
+    let runs: Vec<&str> = report["training"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(runs, ["source_only/seed0", "trust/seed0"]);
+
+    let Some(seen) = common::browser_check(
+        page,
+        &out.join("report.png"),
+        &[
+            (
+                "loaded",
+                "Array.from(document.querySelectorAll('#lowest-weight img'))\
+                 .filter(i => i.complete && i.naturalWidth > 0).length",
+            ),
+            (
+                "training",
+                "document.querySelectorAll('table.training').length",
+            ),
+            ("auroc", "document.getElementById('auroc').textContent"),
+        ],
+    ) else {
+        return;
+    };
+    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    assert_eq!(seen["evals"]["loaded"], 12, "{seen}");
+    assert_eq!(seen["evals"]["training"], 2, "{seen}");
+    assert_eq!(seen["evals"]["auroc"], format!("{got:.3}"));
 }

@@ -16,6 +16,7 @@ mod harness;
 mod layering;
 mod losses;
 mod metrics;
+mod report;
 mod s3;
 mod train;
 mod untrusted;

@@ -90,36 +90,19 @@ pub fn inspect(out_dir: &Path) -> Result<Inspection> {
              object beside the outputs (or copy the prefix down first)",
         ));
     }
-    let entries = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let mut names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-
+    let listing = list(out_dir)?;
     let mut shards = Vec::new();
     let mut reasons = BTreeMap::new();
-    let mut unfinished = Vec::new();
     let mut accs: Vec<Acc> = Vec::new();
-    for name in &names {
-        let Some(stem) = name.strip_suffix(".parquet") else {
-            continue;
-        };
-        if name.starts_with('.') || stem.ends_with(".quarantine") {
-            continue;
-        }
-        let Some(m) = Manifest::read(&Manifest::path_for(out_dir, stem)) else {
-            unfinished.push(name.clone());
-            continue;
-        };
+    for (stem, m) in &listing.finished {
         shards.push(ShardSummary {
-            stem: stem.to_string(),
+            stem: stem.clone(),
             rows_in: m.rows_in,
             rows_out: m.rows_out,
             rows_quarantined: m.rows_quarantined,
             invariant_holds: m.rows_in == m.rows_out + m.rows_quarantined,
         });
-        summarise_columns(&out_dir.join(name), &mut accs)?;
+        summarise_columns(&out_dir.join(&m.output.file), &mut accs)?;
         let q = out_dir.join(&m.quarantine.file);
         count_quarantine(&q, &mut reasons)?;
     }
@@ -143,8 +126,50 @@ pub fn inspect(out_dir: &Path) -> Result<Inspection> {
         shards,
         quarantine_reasons: reasons,
         columns,
-        unfinished,
+        unfinished: listing.unfinished,
     })
+}
+
+/// What an output folder holds, by name.
+pub(crate) struct Listing {
+    /// (stem, manifest) of finished shards, in name order.
+    pub finished: Vec<(String, Manifest)>,
+    /// Data files without a readable manifest (an interrupted or foreign run).
+    pub unfinished: Vec<String>,
+    /// Run reports: `_report.json` and the `_report.part-I-of-N.json` of `--part` runs.
+    pub reports: Vec<String>,
+}
+
+/// List a local output folder.
+pub(crate) fn list(out_dir: &Path) -> Result<Listing> {
+    let entries = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut listing = Listing {
+        finished: Vec::new(),
+        unfinished: Vec::new(),
+        reports: Vec::new(),
+    };
+    for name in names {
+        if name.starts_with("_report") && name.ends_with(".json") {
+            listing.reports.push(name);
+            continue;
+        }
+        let Some(stem) = name.strip_suffix(".parquet") else {
+            continue;
+        };
+        if name.starts_with('.') || name.ends_with(crate::columns::QUARANTINE_SUFFIX) {
+            continue;
+        }
+        match Manifest::read(&Manifest::path_for(out_dir, stem)) {
+            Some(m) => listing.finished.push((stem.to_string(), m)),
+            None => listing.unfinished.push(name),
+        }
+    }
+    Ok(listing)
 }
 
 fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {

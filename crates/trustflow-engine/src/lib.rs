@@ -27,12 +27,14 @@ pub mod inspect;
 pub mod models;
 pub mod plan;
 pub mod quarantine;
+pub mod report;
 pub mod run;
 pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod spec;
 pub mod stages;
+pub mod stats;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
@@ -43,7 +43,7 @@ pub struct RunOptions {
 }
 
 /// What a run did with a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShardStatus {
     /// Processed by this run.
@@ -61,7 +61,7 @@ impl std::fmt::Display for ShardStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardReport {
     pub stem: String,
     pub input: PathBuf,
@@ -76,13 +76,13 @@ pub struct ShardReport {
 
 /// A shard the run skipped because it could not be read
 /// (`source.on_unreadable: quarantine`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnreadableShard {
     pub input: PathBuf,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub pipeline: String,
     pub pipeline_file: PathBuf,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters of one step (the source, a stage, or the sink).
 #[derive(Debug, Default)]
@@ -68,7 +68,7 @@ impl StepMetrics {
 }
 
 /// A step's figures at one moment (and in the final report).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepReport {
     pub name: String,
     pub workers: usize,

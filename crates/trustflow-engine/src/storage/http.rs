@@ -10,10 +10,10 @@ use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService,
     SpawnedReqwestConnector,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Requests to the object store during a run, as the report shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageStats {
     /// Every HTTP request sent, retries included.
     pub requests: u64,

@@ -7,14 +7,14 @@ use trustflow_testutil::{find_cycle, module_graph, repo_root};
 /// The engine's modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["columns", "digest", "fields", "storage"],
+    &["columns", "digest", "fields", "stats", "storage"],
     &["models"],
     &["stages", "quarantine"],
     &["spec"],
     &["runtime"],
     &["source", "sink"],
     &["plan"],
-    &["run", "inspect"],
+    &["run", "inspect", "report"],
 ];
 
 fn layer_of(module: &str) -> usize {
