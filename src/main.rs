@@ -9,15 +9,6 @@ use trustflow_engine::Error;
 mod cli;
 
 fn main() -> ExitCode {
-    // The engine's own threads (the shard reader evaluates `source.filter` again) take
-    // std's default stack, 2 MiB, unless RUST_MIN_STACK says otherwise; see `main`'s
-    // command thread for why that is too little. std reads the variable when it
-    // spawns its first thread, which has not happened yet.
-    if std::env::var_os("RUST_MIN_STACK").is_none() {
-        // SAFETY: no other thread exists yet, so none can read the environment while it
-        // changes.
-        unsafe { std::env::set_var("RUST_MIN_STACK", ENGINE_THREAD_STACK_BYTES.to_string()) };
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TRUSTFLOW_LOG")
@@ -30,7 +21,8 @@ fn main() -> ExitCode {
     // terms is an expression tree 1,000 levels deep, which DataFusion's recursive
     // passes walk with large (debug) frames, far past the main thread's 8 MiB. So the
     // command runs on a thread with a large stack; only address space is reserved, and
-    // pages are touched only as deep as the input really goes.
+    // pages are touched only as deep as the input really goes. The engine's own threads
+    // set theirs (`trustflow_engine::runtime::THREAD_STACK_BYTES`).
     let command = std::thread::Builder::new()
         .name("trustflow".into())
         .stack_size(COMMAND_STACK_BYTES)
@@ -60,7 +52,3 @@ fn main() -> ExitCode {
 
 /// Stack of the thread that runs the command (see `main`).
 const COMMAND_STACK_BYTES: usize = 256 << 20;
-
-/// Default stack of every other thread this process starts (see `main`): enough for the
-/// deepest `source.filter` that `validate` lets through, in a debug build.
-const ENGINE_THREAD_STACK_BYTES: usize = 64 << 20;

@@ -504,3 +504,45 @@ fn a_warm_up_trains_on_the_source_alone_first() {
     let err = load_train_file(&file).expect_err("warm-up without L_src");
     assert!(err.to_string().contains("`loss.src` is 0"), "{err}");
 }
+
+/// A training file's data sections take the pipeline's source checks: a filter past
+/// the operator limit is refused with its field named (it used to reach DataFusion and
+/// overflow the stack); a long one within the limit validates and trains.
+#[test]
+fn training_filters_are_held_to_the_pipeline_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = corpus(dir.path(), 4);
+    let base = train_file(dir.path(), &c, "filter", "", "");
+    let text = std::fs::read_to_string(&base).expect("read");
+    for (terms, expect_ok) in [(1000, true), (20_000, false)] {
+        // Every target row has a non-empty id, so the 1,000-term filter keeps them all.
+        let filter = std::iter::once("id <> ''".to_string())
+            .chain((0..terms).map(|i| format!("id = 'no-such-{i}'")))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let file = dir.path().join(format!("filter-{terms}.yaml"));
+        std::fs::write(
+            &file,
+            text.replacen("\neval:", &format!("\n  filter: \"{filter}\"\neval:"), 1),
+        )
+        .expect("write");
+        let out = common::bin()
+            .args(["validate-train", file.to_str().expect("utf8")])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("overflow"),
+            "{stderr}"
+        );
+        if expect_ok {
+            assert_eq!(out.status.code(), Some(0), "{terms} terms: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{terms} terms: {stderr}");
+            assert!(
+                stderr.contains("target.filter") && stderr.contains("expected at most"),
+                "{stderr}"
+            );
+        }
+    }
+}

@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use trustflow_engine::runtime::THREAD_STACK_BYTES;
 
 use arrow::array::{
     Array, AsArray, FixedSizeListArray, Float64Array, Int64Array, LargeBinaryArray, ListArray,
@@ -398,6 +399,7 @@ pub fn sample_epoch(
         shuffle_buffer,
     } = plan;
     let rt = tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(THREAD_STACK_BYTES)
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the trainer's reader: {e}")))?;
     let mut readers = [
@@ -480,6 +482,7 @@ impl<'a> CyclicReader<'a> {
 /// Every row of one pass of `data` in file order, without shuffling (evaluation).
 pub fn read_all(data: &DomainData, mut each: impl FnMut(TrainRow) -> Result<()>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(THREAD_STACK_BYTES)
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the evaluation reader: {e}")))?;
     let mut reader = PassReader::new(data, &rt, 0, 0, 0, 1);

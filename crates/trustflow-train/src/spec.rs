@@ -364,6 +364,18 @@ fn check(t: &LoadedTrain) -> Vec<SpecIssue> {
     let s = &t.spec;
     let mut issues = Vec::new();
     let mut at = |field: &str, message: String| issues.push(t.issue_at(field, message));
+    // The data sections take the pipeline's source checks (paths, the filter's size
+    // limit, byte limits), under their own names.
+    let sections = [
+        ("source", Some(&s.source)),
+        ("target", Some(&s.target)),
+        ("eval", s.eval.as_ref()),
+    ];
+    for (section, spec) in sections {
+        if let Some(spec) = spec {
+            trustflow_engine::spec::check_source(spec, section, t.base_dir(), &mut at);
+        }
+    }
     for (name, value) in [
         ("loss.src", s.loss.src),
         ("loss.tgt", s.loss.tgt),

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use trustflow_engine::runtime::spawn_scoped;
 
 use crossbeam_channel::{Receiver, bounded};
 use serde::{Deserialize, Serialize};
@@ -555,7 +556,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     let outcome: Result<()> = std::thread::scope(|scope| {
         let (source, target) = (&source, &target);
         let sampler_ready = ready_tx.clone();
-        scope.spawn(move || {
+        spawn_scoped(scope, "trustflow-sampler", move || {
             for epoch in start_epoch..epochs {
                 let plan = data::EpochSampling {
                     seed,
@@ -571,16 +572,16 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     return;
                 }
             }
-        });
-        for _ in 0..workers {
+        })?;
+        for i in 0..workers {
             let (jobs_rx, ready_tx, views) = (jobs_rx.clone(), ready_tx.clone(), &views);
-            scope.spawn(move || {
+            spawn_scoped(scope, &format!("trustflow-batch-{i}"), move || {
                 for job in jobs_rx.iter() {
                     if ready_tx.send(data::build_step(job, views)).is_err() {
                         return;
                     }
                 }
-            });
+            })?;
         }
         drop((ready_tx, jobs_rx));
         let ready = ready_rx;

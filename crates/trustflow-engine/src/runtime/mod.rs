@@ -24,6 +24,29 @@ use crate::quarantine::split_rows;
 use crate::stages::Stage;
 pub use metrics::{InFlight, StepMetrics, StepReport};
 
+/// Stack of the engine's threads. The shard reader evaluates `source.filter` through
+/// DataFusion, whose recursive passes walk a filter near the operator limit
+/// (`spec::MAX_FILTER_SIZE`) with large frames in a debug build, far past std's 2 MiB
+/// default. Only address space is reserved; pages are touched as deep as a filter goes.
+pub const THREAD_STACK_BYTES: usize = 64 << 20;
+
+/// Start `f` on a thread of `scope` named `name`, with [`THREAD_STACK_BYTES`] of stack.
+pub fn spawn_scoped<'scope, T, F>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: F,
+) -> Result<std::thread::ScopedJoinHandle<'scope, T>>
+where
+    F: FnOnce() -> T + Send + 'scope,
+    T: Send + 'scope,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK_BYTES)
+        .spawn_scoped(scope, f)
+        .map_err(|e| Error::Internal(format!("cannot start thread `{name}`: {e}")))
+}
+
 /// A batch on its way through the pipeline.
 #[derive(Debug)]
 pub struct Envelope {
@@ -327,11 +350,13 @@ pub fn run(
             tx: senders[0].clone(),
             gauge: &gauges[0],
         };
-        let reader = scope.spawn(move || {
+        let reader = spawn_scoped(scope, "trustflow-reader", move || {
             if let Err(e) = read_all(source.as_ref(), shards, &reader_tx, &steps[0], shared) {
                 shared.fail(e);
             }
-        });
+        })
+        .map_err(|e| shared.fail(e))
+        .ok();
 
         let mut workers = Vec::new();
         for (i, slot) in stages.iter().enumerate() {
@@ -347,9 +372,13 @@ pub fn run(
                 let stage = slot.stage.clone();
                 let metrics = &steps[i + 1];
                 let quarantine = source.quarantine_schema();
-                workers.push(scope.spawn(move || {
+                let name = format!("trustflow-{}", stage.name());
+                match spawn_scoped(scope, &name, move || {
                     stage_worker(stage.as_ref(), &rx, &tx, metrics, &quarantine, shared)
-                }));
+                }) {
+                    Ok(worker) => workers.push(worker),
+                    Err(e) => shared.fail(e),
+                }
             }
         }
         // Only the threads hold queue ends now, so a queue closes when its producers end.
@@ -368,7 +397,9 @@ pub fn run(
             shared,
         );
         drop(sink_rx);
-        let _ = reader.join();
+        if let Some(reader) = reader {
+            let _ = reader.join();
+        }
         for w in workers {
             let _ = w.join();
         }

@@ -5,6 +5,7 @@
 pub mod mapping;
 pub mod shards;
 
+use crate::runtime::THREAD_STACK_BYTES;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -415,6 +416,7 @@ fn check_filter(
     filter: &str,
 ) -> std::result::Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(THREAD_STACK_BYTES)
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
@@ -604,6 +606,7 @@ impl BatchSource for SourcePlan {
             .get(index)
             .ok_or_else(|| Error::Internal(format!("shard #{index} is not in the plan")))?;
         let rt = tokio::runtime::Builder::new_current_thread()
+            .thread_stack_size(THREAD_STACK_BYTES)
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the reader's runtime: {e}")))?;
         let converter = self.converter(shard)?;

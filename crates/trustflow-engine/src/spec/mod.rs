@@ -15,7 +15,7 @@ use crate::stages::StageSpec;
 
 pub use load::paths_as_list;
 pub use load::{MAX_PIPELINE_BYTES, interpolate_env, load_file, parse_str, read_spec_text};
-pub use validate::validate;
+pub use validate::{check_source, validate};
 
 /// A whole pipeline: where rows come from, what happens to them, where they go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

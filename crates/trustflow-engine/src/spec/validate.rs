@@ -74,66 +74,14 @@ pub(super) struct ParsedStage<'a> {
 /// Report every problem of what parsed through `issue(field, message)`; relative paths
 /// resolve against `base`, the pipeline file's folder.
 pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, String)) {
+    if let Some(source) = parsed.source {
+        check_source(source, "source", base, issue);
+    }
     let mut check = |ok: bool, field: &str, message: String| {
         if !ok {
             issue(field, message);
         }
     };
-
-    if let Some(source) = parsed.source {
-        check(
-            !source.paths.is_empty(),
-            "source.paths",
-            "expected at least one shard file or glob pattern".into(),
-        );
-        for (i, path) in source.paths.iter().enumerate() {
-            check(
-                !path.trim().is_empty(),
-                &format!("source.paths[{i}]"),
-                "expected a file path or glob pattern, found an empty string".into(),
-            );
-            if crate::storage::is_remote(Path::new(path)) {
-                if let Err(e) = crate::storage::ObjectUri::parse(path) {
-                    check(false, &format!("source.paths[{i}]"), e.to_string());
-                }
-                continue;
-            }
-            // An existing path is read literally, whatever its name holds (`odd[.parquet`).
-            if let Err(e) = glob::Pattern::new(path)
-                && !resolve(base, path).exists()
-            {
-                check(
-                    false,
-                    &format!("source.paths[{i}]"),
-                    format!("invalid glob pattern: {e}"),
-                );
-            }
-        }
-        if let Some(filter) = &source.filter {
-            check(
-                !filter.trim().is_empty(),
-                "source.filter",
-                "expected an SQL predicate, found an empty string (remove the key to read all \
-                 rows)"
-                    .into(),
-            );
-            let size = filter_size(filter);
-            check(
-                size <= MAX_FILTER_SIZE,
-                "source.filter",
-                format!(
-                    "expected at most {MAX_FILTER_SIZE} operators (AND, OR, NOT, comparisons, \
-                     arithmetic) and levels of parentheses, found {size}; for a long list of \
-                     values write `column IN ('a', 'b', ...)`"
-                ),
-            );
-        }
-        check(
-            source.max_image_file_bytes > 0,
-            "source.max_image_file_bytes",
-            "expected a positive number of bytes".into(),
-        );
-    }
 
     if let Some(rt) = parsed.runtime {
         check(
@@ -298,6 +246,74 @@ fn output_folder_problem(out: &Path) -> Option<String> {
             existing.display()
         )
     })
+}
+
+/// Report the problems of a source section (`section`: `source` in a pipeline file;
+/// `source`, `target` or `eval` in a training file) through `issue(field, message)`;
+/// relative paths resolve against `base`.
+pub fn check_source(
+    source: &SourceSpec,
+    section: &str,
+    base: &Path,
+    issue: &mut dyn FnMut(&str, String),
+) {
+    let mut check = |ok: bool, field: &str, message: String| {
+        if !ok {
+            issue(field, message);
+        }
+    };
+    check(
+        !source.paths.is_empty(),
+        &format!("{section}.paths"),
+        "expected at least one shard file or glob pattern".into(),
+    );
+    for (i, path) in source.paths.iter().enumerate() {
+        check(
+            !path.trim().is_empty(),
+            &format!("{section}.paths[{i}]"),
+            "expected a file path or glob pattern, found an empty string".into(),
+        );
+        if crate::storage::is_remote(Path::new(path)) {
+            if let Err(e) = crate::storage::ObjectUri::parse(path) {
+                check(false, &format!("{section}.paths[{i}]"), e.to_string());
+            }
+            continue;
+        }
+        // An existing path is read literally, whatever its name holds (`odd[.parquet`).
+        if let Err(e) = glob::Pattern::new(path)
+            && !resolve(base, path).exists()
+        {
+            check(
+                false,
+                &format!("{section}.paths[{i}]"),
+                format!("invalid glob pattern: {e}"),
+            );
+        }
+    }
+    if let Some(filter) = &source.filter {
+        check(
+            !filter.trim().is_empty(),
+            &format!("{section}.filter"),
+            "expected an SQL predicate, found an empty string (remove the key to read all \
+             rows)"
+                .into(),
+        );
+        let size = filter_size(filter);
+        check(
+            size <= MAX_FILTER_SIZE,
+            &format!("{section}.filter"),
+            format!(
+                "expected at most {MAX_FILTER_SIZE} operators (AND, OR, NOT, comparisons, \
+                 arithmetic) and levels of parentheses, found {size}; for a long list of \
+                 values write `column IN ('a', 'b', ...)`"
+            ),
+        );
+    }
+    check(
+        source.max_image_file_bytes > 0,
+        &format!("{section}.max_image_file_bytes"),
+        "expected a positive number of bytes".into(),
+    );
 }
 
 /// An upper bound on the depth of the expression tree of the SQL predicate `sql`: its
