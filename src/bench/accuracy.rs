@@ -290,8 +290,8 @@ pub fn enrich_domain(
     for stage in &mut pipeline.spec.stages {
         match &mut stage.kind {
             StageKind::PseudoLabel(c) => {
-                c.head = Some(head.display().to_string());
-                c.model = None;
+                c.files.head = Some(head.display().to_string());
+                c.files.model = None;
                 found = true;
             }
             StageKind::Uncertainty(c) => {

@@ -1495,12 +1495,12 @@ fn prepare_baseline(
                 args.push("--emit-embeddings".into());
             }
             for (flag, value) in [
-                ("--model", &c.model),
-                ("--vision-model", &c.vision_model),
-                ("--text-model", &c.text_model),
-                ("--tokenizer", &c.tokenizer),
-                ("--config", &c.config),
-                ("--preprocessor-config", &c.preprocessor_config),
+                ("--model", &c.files.model),
+                ("--vision-model", &c.files.vision_model),
+                ("--text-model", &c.files.text_model),
+                ("--tokenizer", &c.files.tokenizer),
+                ("--config", &c.files.config),
+                ("--preprocessor-config", &c.files.preprocessor_config),
             ] {
                 if let Some(v) = value {
                     args.extend([flag.to_string(), v.clone()]);

@@ -68,8 +68,8 @@ fn clip_stage() -> ClipScoreStage {
     require_ort();
     let mut config = ClipScoreConfig::for_model(models().join("clip").to_string_lossy());
     let minilm = env_path("TRUSTFLOW_MINILM_DIR").join("paraphrase-MiniLM-L3-v2.onnx");
-    config.text_model = Some(minilm.to_string_lossy().into_owned());
-    config.tokenizer = Some(
+    config.files.text_model = Some(minilm.to_string_lossy().into_owned());
+    config.files.tokenizer = Some(
         env_path("TRUSTFLOW_MINILM_TOKENIZER")
             .to_string_lossy()
             .into_owned(),

@@ -188,18 +188,18 @@ fn fit_text_reaches_held_out_accuracy_and_labels_a_pipeline() {
 #[test]
 fn head_config_needs_exactly_one_classifier_and_names_missing_files() {
     let mut config = PseudoLabelConfig::for_model("m");
-    config.head = Some("head.safetensors".into());
+    config.files.head = Some("head.safetensors".into());
     let fields: Vec<String> = config.validate().into_iter().map(|p| p.0).collect();
     assert_eq!(fields, ["head"]);
-    config.model = None;
+    config.files.model = None;
     assert!(config.validate().is_empty());
-    config.classifier_model = Some("x.onnx".into());
+    config.files.classifier_model = Some("x.onnx".into());
     let fields: Vec<String> = config.validate().into_iter().map(|p| p.0).collect();
     assert_eq!(fields, ["classifier_model"]);
 
     let mut config = PseudoLabelConfig::for_model("unused");
-    config.model = None;
-    config.head = Some("/nonexistent/head.safetensors".into());
+    config.files.model = None;
+    config.files.head = Some("/nonexistent/head.safetensors".into());
     let err = PseudoLabelStage::new("label".into(), config)
         .expect_err("a missing head must fail")
         .to_string();

@@ -23,8 +23,8 @@
 //! so a caption of `n` tokens costs `n` decoder calls over prefixes of 1..n tokens
 //! (O(n^2) attention work instead of O(n)); simple, exact, and cheap at caption lengths.
 
-use crate::models::files;
-use std::path::{Path, PathBuf};
+use crate::models::files::{self, ModelFiles, model_files};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, StringArray};
@@ -67,37 +67,39 @@ fn default_max_length() -> usize {
     20
 }
 
+model_files! {
+    /// Where the `caption` stage finds its model files (flattened into its settings).
+    pub struct CaptionFiles {
+        /// Folder of an image-to-text export (VisionEncoderDecoder): `encoder_model.onnx`
+        /// (input `pixel_values`, output `last_hidden_state`), `decoder_model.onnx` (inputs
+        /// `input_ids` and `encoder_hidden_states`, optionally `attention_mask`, output
+        /// `logits`; no KV cache),
+        /// `tokenizer.json`, `config.json`, `generation_config.json` (optional: token ids
+        /// fall back to `config.json`), `preprocessor_config.json`. A relative path is
+        /// resolved against the pipeline file's folder. Optional when every file is given.
+        model,
+        /// Path of the encoder, overriding `<model>/encoder_model.onnx`.
+        encoder_model: needed "encoder_model.onnx",
+        /// Path of the decoder, overriding `<model>/decoder_model.onnx`.
+        decoder_model: needed "decoder_model.onnx",
+        /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
+        tokenizer: needed "tokenizer.json",
+        /// Path of the model configuration, overriding `<model>/config.json`.
+        config: needed "config.json",
+        /// Path of the generation settings, overriding `<model>/generation_config.json`.
+        generation_config: optional "generation_config.json",
+        /// Path of the image processor settings, overriding
+        /// `<model>/preprocessor_config.json`.
+        preprocessor_config: needed "preprocessor_config.json",
+    }
+}
+
 /// Settings of the `caption` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CaptionConfig {
-    /// Folder of an image-to-text export (VisionEncoderDecoder): `encoder_model.onnx`
-    /// (input `pixel_values`, output `last_hidden_state`), `decoder_model.onnx` (inputs
-    /// `input_ids` and `encoder_hidden_states`, optionally `attention_mask`, output
-    /// `logits`; no KV cache),
-    /// `tokenizer.json`, `config.json`, `generation_config.json` (optional: token ids
-    /// fall back to `config.json`), `preprocessor_config.json`. A relative path is
-    /// resolved against the pipeline file's folder. Optional when every file is given.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Path of the encoder, overriding `<model>/encoder_model.onnx`.
-    #[serde(default)]
-    pub encoder_model: Option<String>,
-    /// Path of the decoder, overriding `<model>/decoder_model.onnx`.
-    #[serde(default)]
-    pub decoder_model: Option<String>,
-    /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    /// Path of the model configuration, overriding `<model>/config.json`.
-    #[serde(default)]
-    pub config: Option<String>,
-    /// Path of the generation settings, overriding `<model>/generation_config.json`.
-    #[serde(default)]
-    pub generation_config: Option<String>,
-    /// Path of the image processor settings, overriding
-    /// `<model>/preprocessor_config.json`.
-    #[serde(default)]
-    pub preprocessor_config: Option<String>,
+    /// The export folder `model` and the paths that override its files.
+    #[serde(flatten)]
+    pub files: CaptionFiles,
     /// Most new tokens per caption (transformers' `max_new_tokens`). Default 20; at most
     /// the decoder's `n_positions`.
     #[serde(default = "default_max_length")]
@@ -125,15 +127,9 @@ impl CaptionConfig {
     /// A configuration reading the export folder `model`, every other field default.
     pub fn for_model(model: impl Into<String>) -> Self {
         Self {
+            files: CaptionFiles::in_folder(model),
             session: SessionConfig::default(),
             image: ImageSettings::default(),
-            model: Some(model.into()),
-            encoder_model: None,
-            decoder_model: None,
-            tokenizer: None,
-            config: None,
-            generation_config: None,
-            preprocessor_config: None,
             max_length: default_max_length(),
             caption_column: None,
             missing_column: None,
@@ -142,23 +138,7 @@ impl CaptionConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        files::resolve_against(
-            base,
-            [
-                &mut self.model,
-                &mut self.encoder_model,
-                &mut self.decoder_model,
-                &mut self.tokenizer,
-                &mut self.config,
-                &mut self.generation_config,
-                &mut self.preprocessor_config,
-            ],
-        );
-    }
-
-    fn file(&self, explicit: &Option<String>, default_name: &str) -> PathBuf {
-        files::lookup(explicit, &self.model, default_name)
-            .unwrap_or_else(|| PathBuf::from(default_name))
+        self.files.resolve_paths(base);
     }
 }
 
@@ -168,24 +148,9 @@ impl StageConfig for CaptionConfig {
     }
 
     fn validate(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
+        let mut problems = self.files.validate();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        let file_fields = [
-            ("encoder_model", &self.encoder_model),
-            ("decoder_model", &self.decoder_model),
-            ("tokenizer", &self.tokenizer),
-            ("config", &self.config),
-            ("preprocessor_config", &self.preprocessor_config),
-        ];
-        for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
-            problem(&field, message);
-        }
-        for (field, message) in files::blank_fields(&file_fields) {
-            problem(&field, message);
-        }
         for (field, message) in files::blank_fields(&[
-            ("model", &self.model),
-            ("generation_config", &self.generation_config),
             ("caption_column", &self.caption_column),
             ("missing_column", &self.missing_column),
         ]) {
@@ -321,22 +286,18 @@ impl CaptionStage {
     /// naming the file.
     pub fn new(name: String, config: CaptionConfig) -> Result<Self> {
         let err = |e: Error| Error::stage(&name, e);
-        if let Some(folder) = &config.model
-            && !Path::new(folder).is_dir()
-        {
-            return Err(err(Error::input(
-                folder,
-                "model folder not found (expected an image-to-text export folder holding \
-                 encoder_model.onnx, decoder_model.onnx, tokenizer.json, config.json, \
-                 preprocessor_config.json; a relative path is resolved against the pipeline \
-                 file's folder)",
-            )));
-        }
-        let encoder_path = config.file(&config.encoder_model, "encoder_model.onnx");
-        let decoder_path = config.file(&config.decoder_model, "decoder_model.onnx");
-        let config_path = config.file(&config.config, "config.json");
-        let generation_path = config.file(&config.generation_config, "generation_config.json");
-        if config.generation_config.is_some() && !generation_path.is_file() {
+        let paths = &config.files;
+        paths
+            .check_folder(
+                "an image-to-text export folder holding encoder_model.onnx, \
+                 decoder_model.onnx, tokenizer.json, config.json, preprocessor_config.json",
+            )
+            .map_err(err)?;
+        let encoder_path = paths.file_or_name("encoder_model");
+        let decoder_path = paths.file_or_name("decoder_model");
+        let config_path = paths.file_or_name("config");
+        let generation_path = paths.file_or_name("generation_config");
+        if paths.generation_config.is_some() && !generation_path.is_file() {
             return Err(err(Error::input(&generation_path, "file not found")));
         }
         let facts = read_generation_facts(&config_path, &generation_path).map_err(err)?;
@@ -353,8 +314,7 @@ impl CaptionStage {
             )));
         }
 
-        let preprocessor_path =
-            config.file(&config.preprocessor_config, "preprocessor_config.json");
+        let preprocessor_path = paths.file_or_name("preprocessor_config");
         let mut processor = read_json(&preprocessor_path).map_err(err)?;
         // ViTImageProcessor (the usual encoder's) does not centre-crop; the CLIP defaults
         // that ClipImageConfig starts from do, so say so when the file is silent.
@@ -378,7 +338,7 @@ impl CaptionStage {
             }
         };
 
-        let tokenizer_path = config.file(&config.tokenizer, "tokenizer.json");
+        let tokenizer_path = paths.file_or_name("tokenizer");
         if !tokenizer_path.is_file() {
             return Err(err(Error::input(
                 &tokenizer_path,
@@ -752,9 +712,12 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_base() {
         let mut config = CaptionConfig::for_model("models/cap");
-        config.decoder_model = Some("/abs/decoder.onnx".into());
+        config.files.decoder_model = Some("/abs/decoder.onnx".into());
         config.resolve_paths(Path::new("/pipes"));
-        assert_eq!(config.model.as_deref(), Some("/pipes/models/cap"));
-        assert_eq!(config.decoder_model.as_deref(), Some("/abs/decoder.onnx"));
+        assert_eq!(config.files.model.as_deref(), Some("/pipes/models/cap"));
+        assert_eq!(
+            config.files.decoder_model.as_deref(),
+            Some("/abs/decoder.onnx")
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! (the cosine of the pair) and, by default, the two unit embeddings, which the
 //! `uncertainty` stage turns into weights.
 
-use crate::models::files;
-use std::path::{Path, PathBuf};
+use crate::models::files::{self, ModelFiles, model_files};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -54,37 +54,40 @@ fn default_text_output() -> String {
     "text_embeds".into()
 }
 
+model_files! {
+    /// Where the `clip_score` stage finds its model files (flattened into its settings).
+    pub struct ClipScoreFiles {
+        /// Folder of a CLIP export in Hugging Face Optimum's layout: `vision_model.onnx`
+        /// (input `pixel_values`, output `image_embeds`), `text_model.onnx` (inputs
+        /// `input_ids` and optionally `attention_mask`, output `text_embeds`),
+        /// `tokenizer.json`, `config.json`, `preprocessor_config.json`. A relative path is
+        /// resolved against the pipeline file's folder. Optional when all five files are given.
+        model,
+        /// Path of the vision model, overriding `<model>/vision_model.onnx`.
+        vision_model: needed "vision_model.onnx",
+        /// Path of the text model, overriding `<model>/text_model.onnx`.
+        text_model: needed "text_model.onnx",
+        /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
+        tokenizer: needed "tokenizer.json",
+        /// Path of the model configuration, overriding `<model>/config.json`.
+        config: needed "config.json",
+        /// Path of the image processor settings, overriding
+        /// `<model>/preprocessor_config.json`.
+        preprocessor_config: needed "preprocessor_config.json",
+    }
+}
+
 /// Settings of the `clip_score` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ClipScoreConfig {
-    /// Folder of a CLIP export in Hugging Face Optimum's layout: `vision_model.onnx`
-    /// (input `pixel_values`, output `image_embeds`), `text_model.onnx` (inputs
-    /// `input_ids` and optionally `attention_mask`, output `text_embeds`),
-    /// `tokenizer.json`, `config.json`, `preprocessor_config.json`. A relative path is
-    /// resolved against the pipeline file's folder. Optional when all five files are given.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Path of the vision model, overriding `<model>/vision_model.onnx`.
-    #[serde(default)]
-    pub vision_model: Option<String>,
-    /// Path of the text model, overriding `<model>/text_model.onnx`.
-    #[serde(default)]
-    pub text_model: Option<String>,
-    /// Path of the tokenizer, overriding `<model>/tokenizer.json`.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
+    /// The export folder `model` and the paths that override its files.
+    #[serde(flatten)]
+    pub files: ClipScoreFiles,
     /// Name of the text model's embedding output [B, D]. Default `text_embeds`; set it
     /// to use a sentence encoder as the text tower (e.g. `461` for the
     /// paraphrase-MiniLM ONNX that setup.sh installs).
     #[serde(default = "default_text_output")]
     pub text_output: String,
-    /// Path of the model configuration, overriding `<model>/config.json`.
-    #[serde(default)]
-    pub config: Option<String>,
-    /// Path of the image processor settings, overriding
-    /// `<model>/preprocessor_config.json`.
-    #[serde(default)]
-    pub preprocessor_config: Option<String>,
     /// Column holding the captions. Default: `caption_clean` when an earlier stage
     /// provides it, else `caption`.
     #[serde(default)]
@@ -113,15 +116,10 @@ impl ClipScoreConfig {
     /// A configuration reading the export folder `model`, every other field default.
     pub fn for_model(model: impl Into<String>) -> Self {
         Self {
+            files: ClipScoreFiles::in_folder(model),
             session: SessionConfig::default(),
             image: ImageSettings::default(),
-            model: Some(model.into()),
-            vision_model: None,
-            text_model: None,
-            tokenizer: None,
             text_output: default_text_output(),
-            config: None,
-            preprocessor_config: None,
             caption_column: None,
             logit_scale: None,
             emit_embeddings: true,
@@ -130,22 +128,7 @@ impl ClipScoreConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        files::resolve_against(
-            base,
-            [
-                &mut self.model,
-                &mut self.vision_model,
-                &mut self.text_model,
-                &mut self.tokenizer,
-                &mut self.config,
-                &mut self.preprocessor_config,
-            ],
-        );
-    }
-
-    fn file(&self, explicit: &Option<String>, default_name: &str) -> PathBuf {
-        files::lookup(explicit, &self.model, default_name)
-            .unwrap_or_else(|| PathBuf::from(default_name))
+        self.files.resolve_paths(base);
     }
 }
 
@@ -155,25 +138,9 @@ impl StageConfig for ClipScoreConfig {
     }
 
     fn validate(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
+        let mut problems = self.files.validate();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        let file_fields = [
-            ("vision_model", &self.vision_model),
-            ("text_model", &self.text_model),
-            ("tokenizer", &self.tokenizer),
-            ("config", &self.config),
-            ("preprocessor_config", &self.preprocessor_config),
-        ];
-        for (field, message) in files::require_folder_or_files(&self.model, &file_fields) {
-            problem(&field, message);
-        }
-        for (field, message) in files::blank_fields(&file_fields) {
-            problem(&field, message);
-        }
-        for (field, message) in files::blank_fields(&[
-            ("model", &self.model),
-            ("caption_column", &self.caption_column),
-        ]) {
+        for (field, message) in files::blank_fields(&[("caption_column", &self.caption_column)]) {
             problem(&field, message);
         }
         for (field, message) in self.session.validate() {
@@ -262,19 +229,16 @@ impl ClipScoreStage {
     /// execution provider that is not available) is an error naming the file.
     pub fn new(name: String, config: ClipScoreConfig) -> Result<Self> {
         let err = |e: Error| Error::stage(&name, e);
-        if let Some(folder) = &config.model
-            && !Path::new(folder).is_dir()
-        {
-            return Err(err(Error::input(
-                folder,
-                "model folder not found (expected an export folder holding vision_model.onnx, \
-                 text_model.onnx, tokenizer.json, config.json, preprocessor_config.json; a \
-                 relative path is resolved against the pipeline file's folder)",
-            )));
-        }
-        let vision_path = config.file(&config.vision_model, "vision_model.onnx");
-        let text_path = config.file(&config.text_model, "text_model.onnx");
-        if let Some(folder) = &config.model
+        let paths = &config.files;
+        paths
+            .check_folder(
+                "an export folder holding vision_model.onnx, text_model.onnx, \
+                 tokenizer.json, config.json, preprocessor_config.json",
+            )
+            .map_err(err)?;
+        let vision_path = paths.file_or_name("vision_model");
+        let text_path = paths.file_or_name("text_model");
+        if let Some(folder) = &paths.model
             && !vision_path.exists()
             && Path::new(folder).join("model.onnx").is_file()
         {
@@ -285,9 +249,8 @@ impl ClipScoreStage {
                  text_model)",
             )));
         }
-        let facts = read_model_config(&config.file(&config.config, "config.json")).map_err(err)?;
-        let preprocessor_path =
-            config.file(&config.preprocessor_config, "preprocessor_config.json");
+        let facts = read_model_config(&paths.file_or_name("config")).map_err(err)?;
+        let preprocessor_path = paths.file_or_name("preprocessor_config");
         let image = ClipImageConfig::load(&preprocessor_path).map_err(err)?;
         let pixel_size = match (image.do_center_crop, image.do_resize, image.size) {
             (true, _, _) => (image.crop_size.0 as usize, image.crop_size.1 as usize),
@@ -304,7 +267,7 @@ impl ClipScoreStage {
             }
         };
         let tokenizer = TextTokenizer::load(
-            &config.file(&config.tokenizer, "tokenizer.json"),
+            &paths.file_or_name("tokenizer"),
             facts.context,
             Some(CLIP_CAPTION_CHARS),
         )
@@ -381,7 +344,7 @@ impl ClipScoreStage {
             .or(text_dim)
             .ok_or_else(|| {
                 err(Error::input(
-                    config.file(&config.config, "config.json"),
+                    paths.file_or_name("config"),
                     "no `projection_dim`, and the models' embedding sizes are dynamic; cannot \
                  tell the embedding size",
                 ))
@@ -408,8 +371,8 @@ impl ClipScoreStage {
         let digest = crate::digest::files_digest([
             vision_path.clone(),
             text_path.clone(),
-            config.file(&config.tokenizer, "tokenizer.json"),
-            config.file(&config.config, "config.json"),
+            paths.file_or_name("tokenizer"),
+            paths.file_or_name("config"),
             preprocessor_path.clone(),
         ]).map_err(err)?;
         Ok(Self {

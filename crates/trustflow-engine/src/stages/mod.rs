@@ -165,39 +165,56 @@ pub fn require_column<'a>(
     Ok(field)
 }
 
+/// Checks one flattened block of a stage entry on its own (see [`parse_config`]).
+type BlockCheck = fn(
+    &serde_json::Map<String, serde_json::Value>,
+    &[String],
+    &str,
+) -> std::result::Result<(), (String, String)>;
+
+/// Every settings block that stage configs flatten: the one list [`parse_config`] reads.
+/// A block whose keys a config does not all accept is not part of that config.
+const FLATTENED_BLOCKS: &[BlockCheck] = &[
+    check_block::<crate::models::onnx::SessionConfig>,
+    check_block::<crate::models::image::ImageSettings>,
+    check_block::<caption::CaptionFiles>,
+    check_block::<clip_score::ClipScoreFiles>,
+    check_block::<pseudo_label::PseudoLabelFiles>,
+];
+
+/// Deserialize the keys of block `B` in `entry` on their own, when the config (whose
+/// keys are `accepted`) flattens `B`, so that an error names its field.
+fn check_block<B: serde::de::DeserializeOwned + JsonSchema>(
+    entry: &serde_json::Map<String, serde_json::Value>,
+    accepted: &[String],
+    at: &str,
+) -> std::result::Result<(), (String, String)> {
+    let keys = crate::fields::schema_property_names::<B>();
+    if !keys.iter().all(|k| accepted.contains(k)) {
+        return Ok(()); // this config does not flatten B
+    }
+    let block: serde_json::Map<_, _> = entry
+        .iter()
+        .filter(|(k, _)| keys.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    crate::fields::from_value_at::<B>(serde_json::Value::Object(block), at).map(|_| ())
+}
+
 /// A stage entry's settings (its `type` and common keys removed) as `T`. Unknown keys
-/// are refused against `T`'s schema, and the blocks that configs flatten are read on
-/// their own first: serde loses the field path inside a flattened block, and an error
-/// must point at `stages[0].formats[1]`, not at the stage.
+/// are refused against `T`'s schema, and the blocks that configs flatten
+/// ([`FLATTENED_BLOCKS`]) are read on their own first: serde loses the field path inside
+/// a flattened block, and an error must point at `stages[0].formats[1]`, not at the
+/// stage.
 fn parse_config<T: serde::de::DeserializeOwned + JsonSchema>(
     value: serde_json::Value,
     at: &str,
 ) -> std::result::Result<T, (String, String)> {
-    use crate::fields::{from_value_at, schema_property_names};
-    use crate::models::image::ImageSettings;
-    use crate::models::onnx::SessionConfig;
-
-    fn check_block<B: serde::de::DeserializeOwned + JsonSchema>(
-        entry: &serde_json::Map<String, serde_json::Value>,
-        accepted: &[String],
-        at: &str,
-    ) -> std::result::Result<(), (String, String)> {
-        let keys = schema_property_names::<B>();
-        if !keys.iter().all(|k| accepted.contains(k)) {
-            return Ok(()); // this config does not flatten B
-        }
-        let block: serde_json::Map<_, _> = entry
-            .iter()
-            .filter(|(k, _)| keys.contains(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        from_value_at::<B>(serde_json::Value::Object(block), at).map(|_| ())
-    }
-
-    let accepted = schema_property_names::<T>();
+    let accepted = crate::fields::schema_property_names::<T>();
     if let serde_json::Value::Object(entry) = &value {
-        check_block::<SessionConfig>(entry, &accepted, at)?;
-        check_block::<ImageSettings>(entry, &accepted, at)?;
+        for check in FLATTENED_BLOCKS {
+            check(entry, &accepted, at)?;
+        }
     }
     crate::fields::from_value_checked(value, at, &accepted)
 }

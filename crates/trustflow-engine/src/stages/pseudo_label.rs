@@ -20,7 +20,7 @@
 //! `TRUSTFLOW_MINILM_TOKENIZER`), both set by scripts/setup.sh; the head gives the logits
 //! and `text_feature` is its ReLU hidden layer. The output columns are the same.
 
-use crate::models::files;
+use crate::models::files::{self, ModelFiles, model_files};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -64,37 +64,43 @@ fn default_features() -> String {
     "features".to_string()
 }
 
+model_files! {
+    /// Where the `pseudo_label` stage finds its classifier's files (flattened into its
+    /// settings): an ONNX export folder, or a fitted text head with its encoder.
+    pub struct PseudoLabelFiles {
+        /// Folder of the exported classifier: `model.onnx` (inputs `input_ids` and
+        /// optionally `attention_mask`; outputs `logits_output` [B, classes] and
+        /// `feature_output` [B, D]), `tokenizer.json` and `config.json`. A relative path is
+        /// resolved against the pipeline file's folder. Optional when `classifier_model`,
+        /// `tokenizer` and `max_length` are given.
+        model,
+        /// A text head fitted by `trustflow fit-text` (safetensors, with its `<head>.json`
+        /// sidecar beside it), used instead of `model`: exactly one of the two is set.
+        /// `text_feature` is then the head's ReLU hidden layer.
+        head: path,
+        /// With `head`: the frozen ONNX sentence encoder, an `.onnx` file or a folder holding
+        /// one. Default: the environment variable `TRUSTFLOW_MINILM_DIR` (set by
+        /// scripts/setup.sh to paraphrase-MiniLM-L3-v2).
+        encoder: path,
+        /// Path of the ONNX classifier, overriding `<model>/model.onnx`.
+        classifier_model: needed "model.onnx",
+        /// Path of the tokenizer, overriding `<model>/tokenizer.json`. With `head`: the
+        /// encoder's tokenizer, default the environment variable `TRUSTFLOW_MINILM_TOKENIZER`.
+        tokenizer: needed "tokenizer.json",
+        /// Path of the model configuration (read for `max_position_embeddings`),
+        /// overriding `<model>/config.json`.
+        // Optional: without `model`, `max_length` may stand in for it (see `validate`).
+        config: optional "config.json",
+    }
+}
+
 /// Settings of the `pseudo_label` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PseudoLabelConfig {
-    /// Folder of the exported classifier: `model.onnx` (inputs `input_ids` and
-    /// optionally `attention_mask`; outputs `logits_output` [B, classes] and
-    /// `feature_output` [B, D]), `tokenizer.json` and `config.json`. A relative path is
-    /// resolved against the pipeline file's folder. Optional when `classifier_model`,
-    /// `tokenizer` and `max_length` are given.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// A text head fitted by `trustflow fit-text` (safetensors, with its `<head>.json`
-    /// sidecar beside it), used instead of `model`: exactly one of the two is set.
-    /// `text_feature` is then the head's ReLU hidden layer.
-    #[serde(default)]
-    pub head: Option<String>,
-    /// With `head`: the frozen ONNX sentence encoder, an `.onnx` file or a folder holding
-    /// one. Default: the environment variable `TRUSTFLOW_MINILM_DIR` (set by
-    /// scripts/setup.sh to paraphrase-MiniLM-L3-v2).
-    #[serde(default)]
-    pub encoder: Option<String>,
-    /// Path of the ONNX classifier, overriding `<model>/model.onnx`.
-    #[serde(default)]
-    pub classifier_model: Option<String>,
-    /// Path of the tokenizer, overriding `<model>/tokenizer.json`. With `head`: the
-    /// encoder's tokenizer, default the environment variable `TRUSTFLOW_MINILM_TOKENIZER`.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    /// Path of the model configuration (read for `max_position_embeddings`),
-    /// overriding `<model>/config.json`.
-    #[serde(default)]
-    pub config: Option<String>,
+    /// The export folder `model` or the text head `head`, and the paths that go with
+    /// them.
+    #[serde(flatten)]
+    pub files: PseudoLabelFiles,
     /// Column holding the captions. Default: `caption_clean` when an earlier stage
     /// provides it, else `caption`.
     #[serde(default)]
@@ -126,13 +132,8 @@ impl PseudoLabelConfig {
     /// A configuration reading the export folder `model`, every other field default.
     pub fn for_model(model: impl Into<String>) -> Self {
         Self {
+            files: PseudoLabelFiles::in_folder(model),
             session: SessionConfig::default(),
-            model: Some(model.into()),
-            head: None,
-            encoder: None,
-            classifier_model: None,
-            tokenizer: None,
-            config: None,
             caption_column: None,
             max_length: None,
             logits_output: default_logits(),
@@ -143,21 +144,7 @@ impl PseudoLabelConfig {
 
     /// Make every relative model path relative to `base` (the pipeline file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        files::resolve_against(
-            base,
-            [
-                &mut self.model,
-                &mut self.head,
-                &mut self.encoder,
-                &mut self.classifier_model,
-                &mut self.tokenizer,
-                &mut self.config,
-            ],
-        );
-    }
-
-    fn file(&self, explicit: &Option<String>, default_name: &str) -> Option<PathBuf> {
-        files::lookup(explicit, &self.model, default_name)
+        self.files.resolve_paths(base);
     }
 }
 
@@ -169,8 +156,11 @@ impl StageConfig for PseudoLabelConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut problem = |field: &str, message: String| problems.push((field.into(), message));
-        if self.head.is_some() {
-            if self.model.is_some() {
+        let paths = &self.files;
+        // Not the usual "folder or every file" rule: `head` replaces the folder, and
+        // `max_length` can stand in for config.json.
+        if paths.head.is_some() {
+            if paths.model.is_some() {
                 problem(
                     "head",
                     "set exactly one of `model` (an ONNX classifier) and `head` (a text head)"
@@ -178,22 +168,16 @@ impl StageConfig for PseudoLabelConfig {
                 );
             }
             for (field, value) in [
-                ("classifier_model", &self.classifier_model),
-                ("config", &self.config),
+                ("classifier_model", &paths.classifier_model),
+                ("config", &paths.config),
             ] {
                 if value.is_some() {
                     problem(field, "applies to `model`, not to `head`".into());
                 }
             }
-        } else if self.model.is_none() {
-            let mut missing = Vec::new();
-            if self.classifier_model.is_none() {
-                missing.push("classifier_model");
-            }
-            if self.tokenizer.is_none() {
-                missing.push("tokenizer");
-            }
-            if self.config.is_none() && self.max_length.is_none() {
+        } else {
+            let mut missing = paths.missing();
+            if paths.model.is_none() && paths.config.is_none() && self.max_length.is_none() {
                 missing.push("max_length (or config)");
             }
             if !missing.is_empty() {
@@ -207,15 +191,11 @@ impl StageConfig for PseudoLabelConfig {
                 );
             }
         }
-        for (field, message) in files::blank_fields(&[
-            ("model", &self.model),
-            ("head", &self.head),
-            ("encoder", &self.encoder),
-            ("classifier_model", &self.classifier_model),
-            ("tokenizer", &self.tokenizer),
-            ("config", &self.config),
-            ("caption_column", &self.caption_column),
-        ]) {
+        for (field, message) in paths
+            .blank()
+            .into_iter()
+            .chain(files::blank_fields(&[("caption_column", &self.caption_column)]))
+        {
             problem(&field, message);
         }
         for (field, value) in [
@@ -343,32 +323,28 @@ impl PseudoLabelStage {
     /// execution provider that is not available, class names that do not match the
     /// model) is an error naming the file.
     pub fn new(name: String, config: PseudoLabelConfig) -> Result<Self> {
-        if config.head.is_some() {
+        if config.files.head.is_some() {
             return Self::new_head(name, config);
         }
         let err = |e: Error| Error::stage(&name, e);
-        if let Some(folder) = &config.model
-            && !Path::new(folder).is_dir()
-        {
-            return Err(err(Error::input(
-                folder,
-                "model folder not found (expected an export folder holding model.onnx, \
-                 tokenizer.json and config.json; a relative path is resolved against the \
-                 pipeline file's folder)",
-            )));
-        }
+        let paths = &config.files;
+        paths
+            .check_folder(
+                "an export folder holding model.onnx, tokenizer.json and config.json",
+            )
+            .map_err(err)?;
         let needs = |field: &str| {
             err(Error::Invalid(format!(
                 "`{field}` is required when `model` (an export folder) is not given"
             )))
         };
-        let model_path = config
-            .file(&config.classifier_model, "model.onnx")
+        let model_path = paths
+            .file("classifier_model")
             .ok_or_else(|| needs("classifier_model"))?;
-        let tokenizer_path = config
-            .file(&config.tokenizer, "tokenizer.json")
+        let tokenizer_path = paths
+            .file("tokenizer")
             .ok_or_else(|| needs("tokenizer"))?;
-        let config_path = config.file(&config.config, "config.json");
+        let config_path = paths.file("config");
         let facts = match &config_path {
             Some(path) => read_model_config(path).map_err(err)?,
             None => ModelFacts {
@@ -513,16 +489,16 @@ impl PseudoLabelStage {
     /// Build the text-head kind: `head` with the sentence encoder and tokenizer.
     fn new_head(name: String, config: PseudoLabelConfig) -> Result<Self> {
         let err = |e: Error| Error::stage(&name, e);
-        let head_path = PathBuf::from(config.head.clone().unwrap_or_default());
+        let head_path = PathBuf::from(config.files.head.clone().unwrap_or_default());
         let head = TextHead::load(&head_path).map_err(err)?;
         let encoder_path = text_head::path_or_env(
-            config.encoder.as_deref(),
+            config.files.encoder.as_deref(),
             text_head::MINILM_DIR_ENV,
             "`encoder`",
         )
         .map_err(err)?;
         let tokenizer_path = text_head::path_or_env(
-            config.tokenizer.as_deref(),
+            config.files.tokenizer.as_deref(),
             text_head::MINILM_TOKENIZER_ENV,
             "`tokenizer`",
         )
@@ -851,7 +827,7 @@ mod tests {
     fn config_needs_a_folder_or_the_files() {
         let mut config = PseudoLabelConfig::for_model("m");
         assert!(config.validate().is_empty());
-        config.model = None;
+        config.files.model = None;
         let problems = config.validate();
         assert_eq!(problems.len(), 1);
         assert!(

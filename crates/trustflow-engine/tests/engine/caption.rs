@@ -291,7 +291,7 @@ fn decoder_with_other_inputs_is_rejected_naming_the_file() {
     require_ort();
     let mut config = CaptionConfig::for_model(model_dir().to_string_lossy());
     config.max_length = 8;
-    config.decoder_model = Some(
+    config.files.decoder_model = Some(
         fixtures()
             .join("wrong_decoder.onnx")
             .to_string_lossy()

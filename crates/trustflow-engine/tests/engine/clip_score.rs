@@ -568,7 +568,7 @@ fn caption_the_tokenizer_rejects_is_quarantined_with_the_reason() {
     )
     .unwrap();
     let stage = stage(with_files(|c| {
-        c.tokenizer = Some(tokenizer.display().to_string())
+        c.files.tokenizer = Some(tokenizer.display().to_string())
     }));
     let image = std::fs::read(fixtures().join("images/03_flower_square.png")).unwrap();
     let output = stage
@@ -705,7 +705,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
     let garbage = dir.path().join("vision_model.onnx");
     std::fs::write(&garbage, b"this is not a protobuf").unwrap();
     let err = build_error(with_files(|c| {
-        c.vision_model = Some(garbage.display().to_string())
+        c.files.vision_model = Some(garbage.display().to_string())
     }));
     assert!(
         err.contains(&format!(
@@ -717,7 +717,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
 
     let missing = dir.path().join("absent.onnx");
     let err = build_error(with_files(|c| {
-        c.text_model = Some(missing.display().to_string())
+        c.files.text_model = Some(missing.display().to_string())
     }));
     assert!(
         err.contains(&format!(
@@ -729,7 +729,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
 
     let wrong = fixtures().join("wrong_inputs.onnx");
     let err = build_error(with_files(|c| {
-        c.vision_model = Some(wrong.display().to_string())
+        c.files.vision_model = Some(wrong.display().to_string())
     }));
     assert!(
         err.contains("wrong_inputs.onnx: expected an input `pixel_values`, found inputs: x, y"),
@@ -738,7 +738,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
 
     // The text model where the vision model belongs, and the other way round.
     let err = build_error(with_files(|c| {
-        c.vision_model = Some(model_dir().join("text_model.onnx").display().to_string())
+        c.files.vision_model = Some(model_dir().join("text_model.onnx").display().to_string())
     }));
     assert!(
         err.contains(
@@ -748,7 +748,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
         "{err}"
     );
     let err = build_error(with_files(|c| {
-        c.text_model = Some(model_dir().join("vision_model.onnx").display().to_string())
+        c.files.text_model = Some(model_dir().join("vision_model.onnx").display().to_string())
     }));
     assert!(
         err.contains(
@@ -765,7 +765,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
     )
     .unwrap();
     let err = build_error(with_files(|c| {
-        c.preprocessor_config = Some(preprocessor.display().to_string())
+        c.files.preprocessor_config = Some(preprocessor.display().to_string())
     }));
     assert!(
         err.contains(
@@ -781,7 +781,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
     let config_path = dir.path().join("config.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let err = build_error(with_files(|c| {
-        c.config = Some(config_path.display().to_string())
+        c.files.config = Some(config_path.display().to_string())
     }));
     assert!(
         err.contains(
@@ -792,7 +792,7 @@ fn model_errors_name_the_file_and_the_mismatch() {
     );
 
     let err = build_error(with_files(|c| {
-        c.tokenizer = Some(dir.path().join("tokenizer.json").display().to_string())
+        c.files.tokenizer = Some(dir.path().join("tokenizer.json").display().to_string())
     }));
     assert!(
         err.contains("tokenizer.json: tokenizer file not found"),
@@ -874,7 +874,7 @@ fn config_parses_validates_and_describes_itself() {
     let StageKind::ClipScore(config) = &spec.kind else {
         panic!("{spec:?}")
     };
-    assert_eq!(config.model.as_deref(), Some("models/clip"));
+    assert_eq!(config.files.model.as_deref(), Some("models/clip"));
     assert_eq!(config.session.fallback, Fallback::Cpu);
     assert!(config.emit_embeddings);
     assert_eq!(config.image.max_pixels, 40_000_000);
@@ -884,8 +884,8 @@ fn config_parses_validates_and_describes_itself() {
     assert_eq!(field, "stages[0].modle");
     assert!(message.contains("unknown field `modle`"), "{message}");
     let mut bad = ClipScoreConfig::for_model("m");
-    bad.model = None;
-    bad.vision_model = Some("v.onnx".into());
+    bad.files.model = None;
+    bad.files.vision_model = Some("v.onnx".into());
     bad.logit_scale = Some(-1.0);
     bad.session.intra_op_threads = 1000;
     bad.image.formats.clear();

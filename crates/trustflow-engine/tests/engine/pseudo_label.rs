@@ -369,7 +369,7 @@ fn model_errors_name_the_file_and_the_output() {
     // A classifier exported with `logits` only (what a plain Optimum export gives).
     let logits_only = fixtures().join("logits_only.onnx");
     let mut config = PseudoLabelConfig::for_model(model_dir().display().to_string());
-    config.classifier_model = Some(logits_only.display().to_string());
+    config.files.classifier_model = Some(logits_only.display().to_string());
     let err = build_error(config);
     assert!(
         err.contains(&format!(
@@ -414,9 +414,9 @@ fn model_errors_name_the_file_and_the_output() {
     );
     // Explicit files without a folder work (max_length given instead of config.json).
     let mut config = PseudoLabelConfig::for_model("unused");
-    config.model = None;
-    config.classifier_model = Some(model_dir().join("model.onnx").display().to_string());
-    config.tokenizer = Some(model_dir().join("tokenizer.json").display().to_string());
+    config.files.model = None;
+    config.files.classifier_model = Some(model_dir().join("model.onnx").display().to_string());
+    config.files.tokenizer = Some(model_dir().join("tokenizer.json").display().to_string());
     config.max_length = Some(16);
     assert!(config.validate().is_empty());
     let stage = stage(config);

@@ -323,6 +323,43 @@ sink:
         token: "type: 3",
         message: &["expected a stage type name", "found a number"],
     },
+    Case {
+        name: "a model file path of the wrong type (clip_score vision_model: [a])",
+        yaml: "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: clip_score
+    model: models/clip
+    vision_model: [a]
+sink:
+  path: out
+",
+        phase: Phase::Parse,
+        field: "stages[0].vision_model",
+        line: 6,
+        column: 5,
+        token: "vision_model:",
+        message: &["invalid type: sequence", "expected a string"],
+    },
+    Case {
+        name: "a text head path of the wrong type (pseudo_label head: 5)",
+        yaml: "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: pseudo_label
+    head: 5
+sink:
+  path: out
+",
+        phase: Phase::Parse,
+        field: "stages[0].head",
+        line: 5,
+        column: 5,
+        token: "head: 5",
+        message: &["integer `5`", "expected a string"],
+    },
 ];
 
 pub const MISSING_OR_UNKNOWN: &[Case] = &[
@@ -741,5 +778,45 @@ sink:
         column: 3,
         token: "row_group_bytes: 10",
         message: &["expected at least 1024 bytes, found 10"],
+    },
+    Case {
+        name: "clip_score without a model folder or its files",
+        yaml: "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: clip_score
+    tokenizer: tok.json
+sink:
+  path: out
+",
+        phase: Phase::Validate,
+        field: "stages[0].model",
+        line: 4,
+        column: 5,
+        token: "type: clip_score",
+        message: &[
+            "is required (an export folder) unless every file is given",
+            "missing: vision_model, text_model, config, preprocessor_config",
+        ],
+    },
+    Case {
+        name: "caption with a blank tokenizer path",
+        yaml: "\
+source:
+  paths: [data.parquet]
+stages:
+  - type: caption
+    model: models/captioner
+    tokenizer: \"\"
+sink:
+  path: out
+",
+        phase: Phase::Validate,
+        field: "stages[0].tokenizer",
+        line: 6,
+        column: 5,
+        token: "tokenizer:",
+        message: &["must not be empty"],
     },
 ];
