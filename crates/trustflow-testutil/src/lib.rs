@@ -14,8 +14,20 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The repository's root folder (fixtures, pipelines, schemas), whichever member's
 /// tests ask.
+/// The workspace's root, found at run time from the crate under test (cargo sets
+/// `CARGO_MANIFEST_DIR` for the test process) rather than from where this crate was
+/// compiled: one target folder serves several checkouts, and cargo may reuse a build
+/// of this crate made in another one.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|dir| {
+            dir.ancestors()
+                .find(|d| d.join("Cargo.lock").is_file())
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or(compiled)
 }
 
 pub fn read_parquet(path: &Path) -> RecordBatch {
