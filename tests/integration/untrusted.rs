@@ -182,10 +182,12 @@ fn bad_captions_null_labels_and_null_ids_are_quarantined() {
     );
     assert!(q["latin1"].1.contains("not valid UTF-8"), "{q:?}");
     assert!(q["nolabel"].1.contains("label is null"), "{q:?}");
-    assert!(
-        q["~row:shard:4"].1.contains("id is null"),
-        "null ids get a synthetic id with the reserved prefix: {q:?}"
-    );
+    // The quarantine holds rows as they came: the null id is still null there.
+    let null_id = q
+        .iter()
+        .find(|(id, _)| id.starts_with("<null id"))
+        .unwrap_or_else(|| panic!("the null-id row: {q:?}"));
+    assert!(null_id.1.1.contains("id is null"), "{q:?}");
     assert_eq!(q.len(), 3);
 
     // `null_labels: keep` lets unlabelled rows through.
@@ -249,4 +251,108 @@ fn hf_struct_falls_back_to_its_path() {
         &[12, 20],
         "inline bytes win, else the file is read"
     );
+}
+
+/// A quarantined row is kept as it came: every column of its shard (mapped or not),
+/// with its stored type and bytes, whichever step rejected it, so it can be repaired
+/// and fed again as it is. Before, the quarantine held the canonical columns only,
+/// with a null caption where the bytes were not UTF-8.
+#[test]
+fn the_quarantine_keeps_each_row_as_it_came_and_takes_it_back_repaired() {
+    use arrow::array::{Array, AsArray, Float64Array};
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let good = png(16, false);
+    let latin1: &[u8] = &[0x63, 0x61, 0x66, 0xe9];
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("image", DataType::Binary, true),
+        Field::new("caption", DataType::Binary, true),
+        Field::new("url", DataType::Utf8, true),
+        Field::new("score", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec!["ok", "latin1", "broken"])) as ArrayRef,
+            Arc::new(BinaryArray::from(vec![
+                good.as_slice(),
+                good.as_slice(),
+                b"not an image".as_slice(),
+            ])),
+            Arc::new(BinaryArray::from(vec![
+                b"a cat".as_slice(),
+                latin1,
+                b"a dog".as_slice(),
+            ])),
+            Arc::new(StringArray::from(vec!["u0", "u1", "u2"])),
+            Arc::new(Float64Array::from(vec![0.5, 0.25, 0.125])),
+        ],
+    )
+    .unwrap();
+    write_parquet(&shards.join("shard.parquet"), &batch);
+    let (kept, q) = run_and_collect(dir.path(), &shards, "");
+    assert_eq!(kept, ["ok"]);
+    assert!(
+        q["latin1"].0 == "source" && q["broken"].0 == "decode",
+        "{q:?}"
+    );
+
+    let quarantine = read_parquet(&dir.path().join("out/shard.quarantine.parquet"));
+    let names: Vec<(String, DataType)> = quarantine
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
+    let mut want: Vec<(String, DataType)> = schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
+    want.push(("error_stage".into(), DataType::Utf8));
+    want.push(("error".into(), DataType::Utf8));
+    assert_eq!(names, want, "every source column, with its stored type");
+    let row = |id: &str| {
+        (0..quarantine.num_rows())
+            .find(|&i| quarantine.column(0).as_string::<i32>().value(i) == id)
+            .unwrap_or_else(|| panic!("{id} in the quarantine"))
+    };
+    let captions = quarantine.column(2).as_binary::<i32>();
+    assert_eq!(
+        captions.value(row("latin1")),
+        latin1,
+        "the caption's own bytes"
+    );
+    let images = quarantine.column(1).as_binary::<i32>();
+    assert_eq!(images.value(row("broken")), b"not an image");
+    assert_eq!(images.value(row("latin1")), good.as_slice());
+    let urls = quarantine.column(3).as_string::<i32>();
+    assert_eq!(urls.value(row("broken")), "u2", "unmapped columns too");
+    let scores = quarantine
+        .column(4)
+        .as_primitive::<arrow::datatypes::Float64Type>();
+    assert_eq!(scores.value(row("latin1")), 0.25);
+
+    // Repaired (a UTF-8 caption, a real image) and fed back as it is, reasons and all:
+    // both rows now come out.
+    let mut columns = quarantine.columns().to_vec();
+    let fixed_images: Vec<&[u8]> = (0..quarantine.num_rows())
+        .map(|_| good.as_slice())
+        .collect();
+    columns[1] = Arc::new(BinaryArray::from(fixed_images));
+    let fixed_captions: Vec<&[u8]> = (0..quarantine.num_rows())
+        .map(|_| b"fixed".as_slice())
+        .collect();
+    columns[2] = Arc::new(BinaryArray::from(fixed_captions));
+    let repaired = RecordBatch::try_new(quarantine.schema(), columns).unwrap();
+    let again = dir.path().join("again");
+    let again_shards = again.join("shards");
+    std::fs::create_dir_all(&again_shards).unwrap();
+    write_parquet(&again_shards.join("shard.parquet"), &repaired);
+    let (kept, q) = run_and_collect(&again, &again_shards, "");
+    assert_eq!(kept.len(), 2, "{kept:?} {q:?}");
+    assert!(q.is_empty(), "{q:?}");
+    assert!(quarantine.column(2).null_count() == 0);
 }

@@ -15,6 +15,13 @@ pub const LABEL: &str = "label";
 pub const DOMAIN: &str = "domain";
 pub const SPLIT: &str = "split";
 
+/// The row as the source read it: a struct of the shard's own columns (names, types
+/// and bytes as stored), carried beside the canonical columns so that a quarantined
+/// row is written back as it came and can be repaired and fed again. Outputs never
+/// hold it. The column that feeds `image` as plain bytes is left out (carrying it
+/// would double the images in memory) and is restored from `image` instead.
+pub const SOURCE_ROW: &str = "__trustflow_source_row";
+
 /// Quarantine-only columns: which stage rejected the row and why.
 pub const ERROR_STAGE: &str = "error_stage";
 pub const ERROR: &str = "error";
@@ -42,9 +49,16 @@ pub fn canonical_schema(present: &[&str]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Schema of a quarantine shard: the source's canonical columns plus the reason.
+/// Schema of a quarantine shard: the input shard's own columns as stored, plus the
+/// reason. An input that is itself a quarantine shard (repaired and fed again) has
+/// its old reason replaced by the new one.
 pub fn quarantine_schema(source: &Schema) -> SchemaRef {
-    let mut fields: Vec<Field> = source.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = source
+        .fields()
+        .iter()
+        .filter(|f| f.name() != ERROR_STAGE && f.name() != ERROR)
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new(ERROR_STAGE, DataType::Utf8, false));
     fields.push(Field::new(ERROR, DataType::Utf8, false));
     Arc::new(Schema::new(fields))

@@ -334,9 +334,17 @@ impl Plan {
                 if f.is_nullable() { "" } else { " not null" }
             );
         }
-        let _ = writeln!(s, "quarantine schema:");
-        for f in self.source.quarantine.fields() {
-            let _ = writeln!(s, "  {:<16} {}", f.name(), f.data_type());
+        // Each shard's quarantine holds its own columns as stored; the first's stand
+        // for all here.
+        if let Some(first) = self.source.shards.first() {
+            let _ = writeln!(
+                s,
+                "quarantine schema (rows as they came, with the reason; of {}):",
+                first.path.display()
+            );
+            for f in first.quarantine_schema().fields() {
+                let _ = writeln!(s, "  {:<16} {}", f.name(), f.data_type());
+            }
         }
         let _ = write!(s, "pipeline hash: {}", self.pipeline_hash);
         s

@@ -182,7 +182,6 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         &plan.pipeline.spec.sink,
         folder.clone(),
         plan.sink_schema.clone(),
-        plan.source.quarantine.clone(),
         plan.pipeline_hash.clone(),
         plan.source
             .shards
@@ -193,6 +192,8 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
                 fingerprint: fingerprints
                     .remove(&s.index)
                     .unwrap_or_else(|| s.fingerprint.clone()),
+                quarantine_schema: s.quarantine_schema(),
+                image_column: s.mapping.image_bytes_column().map(str::to_string),
             })
             .collect(),
     );

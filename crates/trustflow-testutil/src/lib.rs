@@ -79,12 +79,18 @@ pub fn quarantined(out: &Path) -> BTreeMap<String, (String, String)> {
         let path = entry.path();
         if path.to_string_lossy().ends_with(".quarantine.parquet") {
             let batch = read_parquet(&path);
-            let ids = strings(&batch, "id");
+            // Quarantined rows are as they came: the id column has the shard's name
+            // (`key` in img2dataset shards), and a null id stays null.
+            let id_column = ["id", "key"]
+                .into_iter()
+                .find(|c| batch.column_by_name(c).is_some())
+                .expect("an id column in the quarantine");
+            let ids = strings(&batch, id_column);
             let stages = strings(&batch, "error_stage");
             let errors = strings(&batch, "error");
-            for ((id, stage), error) in ids.into_iter().zip(stages).zip(errors) {
+            for (row, ((id, stage), error)) in ids.into_iter().zip(stages).zip(errors).enumerate() {
                 found.insert(
-                    id.expect("quarantine id"),
+                    id.unwrap_or_else(|| format!("<null id, row {row}>")),
                     (stage.expect("stage"), error.expect("error")),
                 );
             }

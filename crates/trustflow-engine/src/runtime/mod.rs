@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -116,9 +115,6 @@ pub struct ShardCounts {
 pub trait BatchSource: Send + Sync {
     /// Rows per batch leaving the reader (the last batch of a shard may be shorter).
     fn batch_size(&self) -> usize;
-    /// The schema of rows the source rejects (the quarantine schema); stages' rejected
-    /// rows are written in it too.
-    fn quarantine_schema(&self) -> SchemaRef;
     /// A name for shard `index` in messages (its path).
     fn shard_label(&self, index: usize) -> String;
     /// Start reading shard `index`.
@@ -371,10 +367,9 @@ pub fn run(
                 };
                 let stage = slot.stage.clone();
                 let metrics = &steps[i + 1];
-                let quarantine = source.quarantine_schema();
                 let name = format!("trustflow-{}", stage.name());
                 match spawn_scoped(scope, &name, move || {
-                    stage_worker(stage.as_ref(), &rx, &tx, metrics, &quarantine, shared)
+                    stage_worker(stage.as_ref(), &rx, &tx, metrics, shared)
                 }) {
                     Ok(worker) => workers.push(worker),
                     Err(e) => shared.fail(e),
@@ -635,7 +630,6 @@ fn stage_worker(
     rx: &Inlet<'_>,
     tx: &Outlet<'_>,
     metrics: &StepMetrics,
-    quarantine_schema: &arrow::datatypes::SchemaRef,
     shared: &Shared,
 ) {
     loop {
@@ -646,7 +640,7 @@ fn stage_worker(
         let msg = match msg {
             Message::Batch(mut env) => {
                 let t0 = Instant::now();
-                match apply_stage(stage, &env.batch, quarantine_schema) {
+                match apply_stage(stage, &env.batch) {
                     Ok((ok, bad)) => {
                         let rows = env.batch.num_rows() as u64;
                         let quarantined = bad.as_ref().map_or(0, |b| b.num_rows() as u64);
@@ -673,11 +667,11 @@ fn stage_worker(
     }
 }
 
-/// Run one stage on a batch: append its columns, move its rejected rows out.
+/// Run one stage on a batch: append its columns, move its rejected rows out (whole,
+/// with the stage and reason; see `quarantine::split_rows`).
 pub fn apply_stage(
     stage: &dyn Stage,
     batch: &RecordBatch,
-    quarantine_schema: &arrow::datatypes::SchemaRef,
 ) -> Result<(RecordBatch, Option<RecordBatch>)> {
     let name = stage.name();
     if batch.num_rows() == 0 {
@@ -702,7 +696,7 @@ pub fn apply_stage(
         ));
     }
     let full = append_columns(name, batch, &fields, out.columns)?;
-    split_rows(&full, &out.rejected, name, quarantine_schema)
+    split_rows(&full, &out.rejected, name)
 }
 
 fn append_columns(

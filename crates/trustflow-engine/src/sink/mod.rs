@@ -25,6 +25,7 @@ use crate::columns::{ERROR, ERROR_STAGE};
 pub use crate::columns::{QUARANTINE_SUFFIX, output_name, quarantine_name};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
+use crate::quarantine::as_it_came;
 use crate::runtime::{ShardCounts, Sink};
 use crate::spec::{Compression, SinkSpec};
 pub use folder::OutputFolder;
@@ -68,6 +69,10 @@ pub struct ShardTarget {
     pub stem: String,
     pub input: PathBuf,
     pub fingerprint: Fingerprint,
+    /// The input's own columns plus the reason (`ShardPlan::quarantine_schema`).
+    pub quarantine_schema: SchemaRef,
+    /// The input column restored from the canonical `image` (`Mapping::image_bytes_column`).
+    pub image_column: Option<String>,
 }
 
 /// The Parquet [`Sink`].
@@ -76,7 +81,6 @@ pub struct ParquetSink {
     shards: Vec<ShardTarget>,
     folder: OutputFolder,
     output_schema: SchemaRef,
-    quarantine_schema: SchemaRef,
     props: WriterProperties,
     row_group_bytes: usize,
     pipeline_hash: String,
@@ -90,7 +94,6 @@ impl ParquetSink {
         spec: &SinkSpec,
         folder: OutputFolder,
         output_schema: SchemaRef,
-        quarantine_schema: SchemaRef,
         pipeline_hash: String,
         shards: Vec<ShardTarget>,
     ) -> Self {
@@ -108,7 +111,6 @@ impl ParquetSink {
             shards,
             folder,
             output_schema,
-            quarantine_schema,
             props,
             row_group_bytes: spec.row_group_bytes,
             pipeline_hash,
@@ -138,7 +140,7 @@ impl ParquetSink {
             let quarantine_tmp = tmp_path(&staging.join(quarantine_name(&shard.stem)));
             let entry = OpenShard {
                 out: self.writer(&out_tmp, &self.output_schema)?,
-                quarantine: self.writer(&quarantine_tmp, &self.quarantine_schema)?,
+                quarantine: self.writer(&quarantine_tmp, &shard.quarantine_schema)?,
                 out_tmp,
                 quarantine_tmp,
                 reasons: BTreeMap::new(),
@@ -178,7 +180,7 @@ impl Sink for ParquetSink {
         quarantine: &[RecordBatch],
     ) -> Result<()> {
         let output_schema = self.output_schema.clone();
-        let quarantine_schema = self.quarantine_schema.clone();
+        let target = self.target(shard)?;
         let row_group_bytes = self.row_group_bytes;
         let open = self.open_shard(shard)?;
         if batch.num_rows() > 0 {
@@ -187,8 +189,9 @@ impl Sink for ParquetSink {
             write_batch(&mut open.out, &open.out_tmp, projected, row_group_bytes)?;
         }
         for q in quarantine.iter().filter(|q| q.num_rows() > 0) {
-            let projected = project(q, &quarantine_schema)
-                .map_err(|e| Error::output(&open.quarantine_tmp, e))?;
+            let projected =
+                as_it_came(q, &target.quarantine_schema, target.image_column.as_deref())
+                    .map_err(|e| Error::output(&open.quarantine_tmp, e))?;
             count_reasons(&projected, &mut open.reasons);
             write_batch(
                 &mut open.quarantine,

@@ -10,7 +10,7 @@ use arrow::array::{
     Array, ArrayRef, AsArray, LargeBinaryBuilder, StringArray, StringBuilder, StructArray,
 };
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::columns::{self, CAPTION, ID, IMAGE, LABEL, SYNTHETIC_ID_PREFIX};
@@ -47,6 +47,19 @@ impl Mapping {
 
     pub fn logical_columns(&self) -> Vec<&'static str> {
         self.columns.iter().map(|(l, _)| *l).collect()
+    }
+
+    /// The shard column that feeds `image` as plain bytes, if any: the canonical
+    /// `image` holds its bytes, so a quarantined row restores it from there.
+    pub fn image_bytes_column(&self) -> Option<&str> {
+        match self.image {
+            Some(ImageSource::Bytes) | None => self
+                .columns
+                .iter()
+                .find(|(l, _)| *l == IMAGE)
+                .map(|(_, p)| p.as_str()),
+            Some(ImageSource::HfStruct | ImageSource::Path) => None,
+        }
     }
 
     pub fn canonical_schema(&self) -> SchemaRef {
@@ -214,7 +227,6 @@ pub fn resolve(
 pub struct Converter {
     pub mapping: Mapping,
     pub canonical: SchemaRef,
-    pub quarantine: SchemaRef,
     pub stem: String,
     pub shard: PathBuf,
     /// Canonicalised folder that image paths must stay inside; None for a shard in an
@@ -332,10 +344,47 @@ impl Converter {
             };
             out.push(column);
         }
-        let canonical = RecordBatch::try_new(self.canonical.clone(), out).map_err(arrow_err)?;
+        let (source_field, source_row) = self.source_row(batch)?;
+        out.push(source_row);
+        let mut fields: Vec<Field> = self
+            .canonical
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(source_field);
+        let canonical =
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), out).map_err(arrow_err)?;
         rejected.sort_by_key(|(row, _)| *row);
         rejected.dedup_by_key(|(row, _)| *row);
-        split_rows(&canonical, &rejected, SOURCE_STAGE, &self.quarantine)
+        split_rows(&canonical, &rejected, SOURCE_STAGE)
+    }
+
+    /// The batch's own columns as one struct (`columns::SOURCE_ROW`), so that a row
+    /// quarantined later is written as it came. The plain image-bytes column is left
+    /// out: the canonical `image` holds the same bytes ([`Mapping::image_bytes_column`]).
+    fn source_row(&self, batch: &RecordBatch) -> Result<(Field, ArrayRef)> {
+        let skip = self.mapping.image_bytes_column();
+        let (fields, arrays): (Vec<Arc<Field>>, Vec<ArrayRef>) = batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .filter(|(f, _)| Some(f.name().as_str()) != skip)
+            .map(|(f, c)| (f.clone(), c.clone()))
+            .unzip();
+        let row: ArrayRef = if fields.is_empty() {
+            Arc::new(StructArray::new_empty_fields(batch.num_rows(), None))
+        } else {
+            Arc::new(
+                StructArray::try_new(fields.into(), arrays, None)
+                    .map_err(|e| self.arrow_error(e))?,
+            )
+        };
+        Ok((
+            Field::new(columns::SOURCE_ROW, row.data_type().clone(), false),
+            row,
+        ))
     }
 
     fn images(&self, col: &ArrayRef, rejected: &mut Vec<(usize, String)>) -> Result<ArrayRef> {

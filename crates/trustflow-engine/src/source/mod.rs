@@ -41,12 +41,19 @@ pub struct ShardPlan {
     pub mapping: Mapping,
 }
 
+impl ShardPlan {
+    /// The schema of this shard's quarantine shard: its own columns as stored, then
+    /// `error_stage` and `error`.
+    pub fn quarantine_schema(&self) -> SchemaRef {
+        columns::quarantine_schema(&self.file_schema)
+    }
+}
+
 /// Everything the reader needs, resolved before any data is read.
 #[derive(Debug, Clone)]
 pub struct SourcePlan {
     pub shards: Vec<ShardPlan>,
     pub canonical: SchemaRef,
-    pub quarantine: SchemaRef,
     pub filter: Option<String>,
     pub batch_size: usize,
     pub image_root: Option<PathBuf>,
@@ -303,6 +310,16 @@ pub fn plan_section(
                 ),
             ));
         }
+        // The engine carries each row's own columns under this name.
+        if footer.schema.index_of(columns::SOURCE_ROW).is_ok() {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "has a column named `{}`, a name trustflow reserves; rename it",
+                    columns::SOURCE_ROW
+                ),
+            ));
+        }
         // The first shard's types are the output's: another type would be cast
         // silently (or fail mid-run).
         if let Some(first) = planned.first() {
@@ -355,7 +372,6 @@ pub fn plan_section(
         })?;
     }
     Ok(SourcePlan {
-        quarantine: columns::quarantine_schema(&canonical),
         canonical,
         shards: planned,
         filter: spec.filter.clone(),
@@ -441,16 +457,15 @@ fn tidy_datafusion_error(message: &str) -> String {
 }
 
 impl SourcePlan {
-    /// Open a stream of the shard's mapped columns (filtered), in file order.
+    /// Open a stream of all the shard's columns (filtered), in file order: the mapped
+    /// ones become the canonical table, and every one is carried for the quarantine
+    /// (`columns::SOURCE_ROW`).
     pub async fn open(&self, shard: &ShardPlan) -> Result<SendableRecordBatchStream> {
         vanished_check(&self.storage, &shard.path).await?;
         let ctx = session(self.batch_size, &self.storage)?;
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
             .await
-            .map_err(err)?;
-        let df = df
-            .select_columns(&shard.mapping.physical_columns())
             .map_err(err)?;
         df.execute_stream().await.map_err(err)
     }
@@ -519,7 +534,6 @@ impl SourcePlan {
         Ok(Converter {
             mapping: shard.mapping.clone(),
             canonical: self.canonical.clone(),
-            quarantine: self.quarantine.clone(),
             stem: shard.stem.clone(),
             shard: shard.path.clone(),
             image_root,
@@ -587,10 +601,6 @@ impl ShardReader for ParquetShardReader {
 impl BatchSource for SourcePlan {
     fn batch_size(&self) -> usize {
         self.batch_size
-    }
-
-    fn quarantine_schema(&self) -> SchemaRef {
-        self.quarantine.clone()
     }
 
     fn shard_label(&self, index: usize) -> String {

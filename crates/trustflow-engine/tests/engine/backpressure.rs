@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::{LargeBinaryArray, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use trustflow_engine::runtime::{
     self, BatchSource, CancelToken, RunSnapshot, ShardCounts, ShardReader, Sink, StageSlot,
@@ -44,9 +44,6 @@ impl ShardReader for MemoryReader {
 impl BatchSource for MemorySource {
     fn batch_size(&self) -> usize {
         self.batch_size
-    }
-    fn quarantine_schema(&self) -> SchemaRef {
-        Arc::new(Schema::empty())
     }
     fn shard_label(&self, index: usize) -> String {
         format!("memory shard {index}")

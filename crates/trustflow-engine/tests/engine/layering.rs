@@ -14,7 +14,8 @@ const LAYERS: &[&[&str]] = &[
     &["runtime"],
     &["source", "sink"],
     &["plan"],
-    &["run", "inspect", "report"],
+    &["run", "inspect"],
+    &["report"],
 ];
 
 fn layer_of(module: &str) -> usize {

@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Schema};
 use arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use trustflow_engine::Error;
-use trustflow_engine::columns::{ERROR, ERROR_STAGE, ID, quarantine_schema};
+use trustflow_engine::columns::{ERROR, ERROR_STAGE, ID};
 use trustflow_engine::error::SpecIssues;
 use trustflow_engine::runtime::apply_stage;
 use trustflow_engine::spec::{parse_str, validate};
@@ -406,8 +406,7 @@ fn bad_embeddings_go_to_quarantine_with_reasons() {
 
     // Through the runtime: kept rows get `pseudo_weight`, the others are quarantined
     // with the stage's name and the reason.
-    let quarantine = quarantine_schema(&Schema::new(vec![Field::new(ID, DataType::Utf8, false)]));
-    let (ok, bad) = apply_stage(&stage, &batch, &quarantine).unwrap();
+    let (ok, bad) = apply_stage(&stage, &batch).unwrap();
     let bad = bad.expect("quarantined rows");
     assert_eq!(ok.num_rows(), 3);
     let w = ok.column_by_name(PSEUDO_WEIGHT).unwrap();
