@@ -304,9 +304,19 @@ fn made_up_ids_never_equal_real_ones() {
 /// Overwrite bytes inside the first data page of `shard`'s first column chunk, leaving
 /// the footer intact: the file plans, and fails when its data is read.
 fn corrupt_a_data_page(shard: &Path) {
+    corrupt_row_group(shard, 0);
+}
+
+/// Overwrite bytes inside the first data page of the first column chunk of row group
+/// `group` of `shard`, leaving the footer intact.
+fn corrupt_row_group(shard: &Path, group: usize) {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let reader = SerializedFileReader::new(std::fs::File::open(shard).unwrap()).unwrap();
-    let offset = reader.metadata().row_group(0).column(0).data_page_offset() as usize;
+    let offset = reader
+        .metadata()
+        .row_group(group)
+        .column(0)
+        .data_page_offset() as usize;
     let mut bytes = std::fs::read(shard).unwrap();
     for b in &mut bytes[offset..offset + 24] {
         *b = 0xff;
@@ -344,9 +354,17 @@ fn an_unreadable_shard_is_skipped_and_reported_or_fails_the_run() {
     assert_eq!(unreadable.len(), 2, "{r}");
     assert!(unreadable.iter().any(|u| u.ends_with("part-00001.parquet")));
     assert!(unreadable.iter().any(|u| u.ends_with("part-00003.parquet")));
-    // The readable shards are whole; nothing of the unreadable ones is committed.
-    assert_eq!(count_manifests(&out), 2);
-    assert!(!out.join("part-00001.parquet").exists());
+    // The readable shards are whole. The one with a corrupt page (its only row group)
+    // is done with no rows and says so in its manifest; the one without a footer has
+    // nothing committed.
+    assert_eq!(count_manifests(&out), 3);
+    assert!(!out.join("part-00003.parquet").exists());
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("part-00001.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows_in"], 0, "{manifest}");
+    assert_eq!(manifest["skipped"][0]["row_group"], 0, "{manifest}");
     assert_eq!(r["invariant_holds"], true);
     let names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -369,6 +387,75 @@ fn an_unreadable_shard_is_skipped_and_reported_or_fails_the_run() {
         &["run", "--quiet", strict.to_str().unwrap()],
         &["part-00003.parquet"],
     );
+}
+
+/// A shard with a corrupt data page in one row group of three: the rows of the other
+/// two still flow (filtered or not), the skipped row group is in the manifest and the
+/// report with its reason, the run exits 3, and a rerun keeps saying so.
+#[test]
+fn the_readable_row_groups_of_a_partly_corrupt_shard_still_flow() {
+    use parquet::file::properties::WriterProperties;
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated");
+    corpus(&generated, 30, 1, 21, 64);
+    let rows = read_parquet(&generated.join("part-00000.parquet"));
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let shard = data.join("s.parquet");
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(10))
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&shard).unwrap(),
+        rows.schema(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&rows).unwrap();
+    w.close().unwrap();
+    corrupt_row_group(&shard, 1);
+    let all_ids = ids(&rows);
+    let bad = planted_corruptions(&generated);
+    let expected: Vec<&String> = all_ids
+        .iter()
+        .enumerate()
+        .filter(|(i, id)| !(10..20).contains(i) && !bad.contains_key(*id))
+        .map(|(_, id)| id)
+        .collect();
+    for (name, filter) in [("plain", ""), ("filtered", "  filter: \"id <> 'none'\"\n")] {
+        let out = dir.path().join(name);
+        let p = pipeline(
+            dir.path(),
+            &format!("{name}.yaml"),
+            &standard_pipeline(&data, &out, filter),
+        );
+        for attempt in ["first", "rerun"] {
+            let run = bin()
+                .args(["run", "--quiet", p.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(run.status.code(), Some(3), "{name} {attempt}: {stderr}");
+            let r = report(&out);
+            let unreadable = r["unreadable"].as_array().unwrap();
+            assert_eq!(unreadable.len(), 1, "{name} {attempt}: {r}");
+            assert_eq!(unreadable[0]["row_group"], 1, "{r}");
+            assert!(
+                unreadable[0]["input"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("s.parquet")
+            );
+            assert_eq!(r["invariant_holds"], true);
+        }
+        let got = ids(&read_parquet(&out.join("s.parquet")));
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "{name}");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("s.manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(manifest["rows_in"], 20, "{name}: {manifest}");
+        assert_eq!(manifest["skipped"][0]["row_group"], 1, "{manifest}");
+    }
 }
 
 #[test]

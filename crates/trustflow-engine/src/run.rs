@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::runtime::{self, CancelToken, RunSnapshot, ShardCounts, StepReport, Topology};
+use crate::runtime::{
+    self, CancelToken, RunSnapshot, ShardCounts, SkippedPart, StepReport, Topology,
+};
 use crate::sink::{self, Manifest, OutputFolder, ParquetSink};
 
 /// The run report's name in the output folder: `_report.json`, or
@@ -72,13 +74,19 @@ pub struct ShardReport {
     /// `rows_in == rows_out + rows_quarantined`.
     pub invariant_holds: bool,
     pub quarantine_reasons: BTreeMap<String, u64>,
+    /// Parts of the input that could not be read and were skipped (from its manifest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedPart>,
 }
 
-/// A shard the run skipped because it could not be read
+/// A shard, or a part of one, that the run skipped because it could not be read
 /// (`source.on_unreadable: quarantine`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnreadableShard {
     pub input: PathBuf,
+    /// The row group skipped, when only part of the shard was (its other rows flowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_group: Option<usize>,
     pub reason: String,
 }
 
@@ -129,6 +137,7 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
         rows_quarantined: m.rows_quarantined,
         invariant_holds: m.rows_in == m.rows_out + m.rows_quarantined,
         quarantine_reasons: m.quarantine_reasons.clone(),
+        skipped: m.skipped.clone(),
     }
 }
 
@@ -248,6 +257,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         .iter()
         .map(|(input, reason)| UnreadableShard {
             input: input.clone(),
+            row_group: None,
             reason: reason.clone(),
         })
         .collect();
@@ -255,7 +265,18 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
         if let Some(shard) = plan.source.shards.get(*index) {
             unreadable.push(UnreadableShard {
                 input: shard.path.clone(),
+                row_group: None,
                 reason: reason.clone(),
+            });
+        }
+    }
+    // Shards done but not whole (now or by an earlier run): the outputs lack rows.
+    for shard in &shards {
+        for part in &shard.skipped {
+            unreadable.push(UnreadableShard {
+                input: shard.input.clone(),
+                row_group: part.row_group,
+                reason: part.reason.clone(),
             });
         }
     }

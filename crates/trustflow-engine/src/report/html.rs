@@ -277,9 +277,12 @@ fn run_table(s: &mut String, rep: &RunReport) {
             .unwrap_or_else(|| "none found".into()),
     ));
     for u in &rep.unreadable {
+        let part = u
+            .row_group
+            .map_or_else(String::new, |g| format!(", row group {g}"));
         rows.push((
             "unreadable (skipped)",
-            format!("{}: {}", u.input.display(), u.reason),
+            format!("{}{part}: {}", u.input.display(), u.reason),
         ));
     }
     s.push_str("<table class=\"kv\"><tbody>\n");

@@ -69,12 +69,24 @@ pub enum Message {
         shard: usize,
         reason: String,
     },
-    /// The reader has sent every batch of `shard`.
+    /// The reader has sent every batch of `shard`; `skipped` lists the parts of it that
+    /// could not be read (their rows are in no count).
     ShardEnd {
         shard: usize,
         batches: u64,
         rows_in: u64,
+        skipped: Vec<SkippedPart>,
     },
+}
+
+/// A part of a shard the reader could not read and skipped, reading on after it
+/// (`source.on_unreadable: quarantine`): recorded in the shard's manifest and the run
+/// report, and the run exits with code 3.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedPart {
+    /// The row group, when the part is one.
+    pub row_group: Option<usize>,
+    pub reason: String,
 }
 
 /// Shared stop flag: set by a signal handler, or by the first hard error.
@@ -137,6 +149,10 @@ pub trait ShardReader {
         rows: &RecordBatch,
         first_row: u64,
     ) -> Result<(RecordBatch, Option<RecordBatch>)>;
+    /// Parts of the shard skipped because they could not be read (asked at its end).
+    fn skipped(&self) -> Vec<SkippedPart> {
+        Vec::new()
+    }
 }
 
 /// Where finished batches go. Called from one thread, in order per shard; shards are
@@ -150,7 +166,12 @@ pub trait Sink: Send {
         quarantine: &[RecordBatch],
     ) -> Result<()>;
     /// Every batch of `shard` has been written: make the output durable.
-    fn finish_shard(&mut self, shard: usize, counts: ShardCounts) -> Result<()>;
+    fn finish_shard(
+        &mut self,
+        shard: usize,
+        counts: ShardCounts,
+        skipped: &[SkippedPart],
+    ) -> Result<()>;
     /// `shard` will not be finished (it could not be read): drop what was written.
     fn discard_shard(&mut self, shard: usize);
     /// The run is stopping: discard every shard not finished.
@@ -574,6 +595,7 @@ fn read_shard(
             shard: index,
             batches: seq,
             rows_in,
+            skipped: reader.skipped(),
         };
         Ok(tx.send(end, metrics))
     }
@@ -722,6 +744,7 @@ struct ShardProgress {
     pending: BTreeMap<u64, Envelope>,
     expected: Option<(u64, u64)>,
     counts: ShardCounts,
+    skipped: Vec<SkippedPart>,
 }
 
 fn sink_worker(
@@ -768,8 +791,11 @@ fn sink_worker(
                     shard,
                     batches,
                     rows_in,
+                    skipped,
                 } => {
-                    open.entry(shard).or_default().expected = Some((batches, rows_in));
+                    let progress = open.entry(shard).or_default();
+                    progress.expected = Some((batches, rows_in));
+                    progress.skipped = skipped;
                     shard
                 }
             };
@@ -806,7 +832,7 @@ fn sink_worker(
                         counts.rows_quarantined
                     )));
                 }
-                sink.finish_shard(shard_index, counts)?;
+                sink.finish_shard(shard_index, counts, &progress.skipped)?;
                 open.remove(&shard_index);
                 finished.push((shard_index, counts));
                 shared.shards_done.fetch_add(1, Relaxed);

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::folder::OutputFolder;
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
-use crate::runtime::ShardCounts;
+use crate::runtime::{ShardCounts, SkippedPart};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -30,6 +30,10 @@ pub struct Manifest {
     pub quarantine: FileEntry,
     /// Quarantined rows per `stage: reason` (reasons with their specifics elided).
     pub quarantine_reasons: BTreeMap<String, u64>,
+    /// Parts of the input that could not be read and were skipped (their rows are in
+    /// no count): the shard is done, but not whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedPart>,
 }
 
 impl Manifest {

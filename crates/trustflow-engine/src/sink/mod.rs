@@ -26,7 +26,7 @@ pub use crate::columns::{QUARANTINE_SUFFIX, output_name, quarantine_name};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::quarantine::as_it_came;
-use crate::runtime::{ShardCounts, Sink};
+use crate::runtime::{ShardCounts, Sink, SkippedPart};
 use crate::spec::{Compression, SinkSpec};
 pub use folder::OutputFolder;
 pub use manifest::{Manifest, reason_key};
@@ -203,7 +203,12 @@ impl Sink for ParquetSink {
         Ok(())
     }
 
-    fn finish_shard(&mut self, index: usize, counts: ShardCounts) -> Result<()> {
+    fn finish_shard(
+        &mut self,
+        index: usize,
+        counts: ShardCounts,
+        skipped: &[SkippedPart],
+    ) -> Result<()> {
         // A shard whose every batch was empty still gets (empty) outputs.
         self.open_shard(index)?;
         let shard = self.target(index)?;
@@ -249,6 +254,7 @@ impl Sink for ParquetSink {
                 bytes: quarantine_bytes,
             },
             quarantine_reasons: open.reasons,
+            skipped: skipped.to_vec(),
         };
         manifest.write_to(&self.folder, &shard.stem)?;
         self.folder.sync();

@@ -555,6 +555,184 @@ struct ParquetShardReader {
     /// Rows per row group when rows read map onto row groups (no filter): a failure
     /// then names its row group.
     row_groups: Option<Vec<u64>>,
+    /// How to salvage the shard if its read fails (`on_unreadable: quarantine`, a local
+    /// file); None: a failure skips the whole shard or fails the run.
+    salvage_plan: Option<SalvagePlan>,
+    /// Reading row group by row group, after a failure.
+    salvage: Option<Salvage>,
+}
+
+#[derive(Debug, Clone)]
+struct SalvagePlan {
+    filter: Option<String>,
+    batch_size: usize,
+}
+
+/// A shard read again from its start, one row group at a time with the parquet reader,
+/// after DataFusion's read of it failed: the rows already delivered are passed over
+/// (same file order, same batches), a row group that fails is recorded and skipped,
+/// and every readable row after it still flows. `source.filter` is applied to each
+/// batch through DataFusion, and batches take the types of the stream they continue.
+struct Salvage {
+    file: std::fs::File,
+    meta: parquet::arrow::arrow_reader::ArrowReaderMetadata,
+    plan: SalvagePlan,
+    /// The schema of the batches already delivered.
+    schema: SchemaRef,
+    next_group: usize,
+    current: Option<(
+        usize,
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    )>,
+    /// Rows of the salvaged sequence still to pass over (delivered before the failure).
+    to_pass: u64,
+    ctx: SessionContext,
+    skipped: Vec<crate::runtime::SkippedPart>,
+}
+
+impl Salvage {
+    fn start(path: &Path, plan: SalvagePlan, schema: SchemaRef, delivered: u64) -> Result<Self> {
+        use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
+            .map_err(|e| Error::parquet(path, e))?;
+        Ok(Salvage {
+            file,
+            meta,
+            plan,
+            schema,
+            next_group: 0,
+            current: None,
+            to_pass: delivered,
+            ctx: SessionContext::new(),
+            skipped: Vec::new(),
+        })
+    }
+
+    /// The next batch to deliver; None at the end; Err when salvage cannot continue
+    /// safely (the shard is then skipped whole).
+    fn next(&mut self, rt: &tokio::runtime::Runtime, path: &Path) -> Option<Result<RecordBatch>> {
+        loop {
+            if self.current.is_none() {
+                if self.next_group >= self.meta.metadata().num_row_groups() {
+                    return None;
+                }
+                let group = self.next_group;
+                self.next_group += 1;
+                let opened = self
+                    .file
+                    .try_clone()
+                    .map_err(|e| e.to_string())
+                    .and_then(|file| {
+                        ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
+                            .with_row_groups(vec![group])
+                            .with_batch_size(self.plan.batch_size.max(1))
+                            .build()
+                            .map_err(|e| e.to_string())
+                    });
+                match opened {
+                    Ok(reader) => self.current = Some((group, reader)),
+                    Err(reason) => {
+                        if let Some(e) = self.skip(group, reason, path) {
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some((group, reader)) = self.current.as_mut() else {
+                continue;
+            };
+            let group = *group;
+            match reader.next() {
+                None => self.current = None,
+                Some(Err(e)) => {
+                    self.current = None;
+                    if let Some(e) = self.skip(group, e.to_string(), path) {
+                        return Some(Err(e));
+                    }
+                }
+                Some(Ok(batch)) => {
+                    let batch = match self.filtered(rt, batch) {
+                        Ok(b) => b,
+                        Err(reason) => return Some(Err(unreadable(path, reason))),
+                    };
+                    let rows = batch.num_rows() as u64;
+                    if self.to_pass >= rows {
+                        self.to_pass -= rows;
+                        continue;
+                    }
+                    let from = self.to_pass as usize;
+                    self.to_pass = 0;
+                    return Some(Ok(batch.slice(from, batch.num_rows() - from)));
+                }
+            }
+        }
+    }
+
+    /// Record row group `group` as skipped; an error instead when rows delivered
+    /// before the failure are not all accounted for (the salvaged sequence would not
+    /// line up with what was delivered).
+    fn skip(&mut self, group: usize, reason: String, path: &Path) -> Option<Error> {
+        if self.to_pass > 0 {
+            return Some(unreadable(
+                path,
+                format!(
+                    "row group {group}: {reason} (and the rows read before it cannot be                      lined up again, so the shard is skipped whole)"
+                ),
+            ));
+        }
+        tracing::warn!("{}: row group {group} skipped: {reason}", path.display());
+        self.skipped.push(crate::runtime::SkippedPart {
+            row_group: Some(group),
+            reason: tidy_datafusion_error(&reason),
+        });
+        None
+    }
+
+    /// `batch` with `source.filter` applied, in the types of the delivered stream.
+    fn filtered(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        batch: RecordBatch,
+    ) -> std::result::Result<RecordBatch, String> {
+        let kept = match &self.plan.filter {
+            None => batch,
+            Some(sql) => rt.block_on(async {
+                let df = self
+                    .ctx
+                    .read_batch(batch.clone())
+                    .map_err(|e| e.to_string())?;
+                let expr = df.parse_sql_expr(sql).map_err(|e| e.to_string())?;
+                let parts = df
+                    .filter(expr)
+                    .map_err(|e| e.to_string())?
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                arrow::compute::concat_batches(&batch.schema(), &parts).map_err(|e| e.to_string())
+            })?,
+        };
+        let columns = self
+            .schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let column = kept
+                    .column_by_name(field.name())
+                    .ok_or_else(|| format!("column `{}` is missing", field.name()))?;
+                arrow::compute::cast(column, field.data_type()).map_err(|e| e.to_string())
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| e.to_string())
+    }
+}
+
+fn unreadable(path: &Path, reason: String) -> Error {
+    Error::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 impl ParquetShardReader {
@@ -572,21 +750,44 @@ impl ParquetShardReader {
 
 impl ShardReader for ParquetShardReader {
     fn next_rows(&mut self) -> Option<Result<RecordBatch>> {
+        if let Some(salvage) = self.salvage.as_mut() {
+            return salvage.next(&self.rt, &self.path);
+        }
         let next = self.rt.block_on(self.stream.next())?;
         Some(match next {
             Ok(batch) => {
                 self.rows += batch.num_rows() as u64;
                 Ok(batch)
             }
-            Err(e) => Err(Error::Unreadable {
-                path: self.path.clone(),
-                reason: format!(
+            Err(e) => {
+                let reason = format!(
                     "{}: {}",
                     self.where_failed(),
                     tidy_datafusion_error(&e.to_string())
-                ),
-            }),
+                );
+                let Some(plan) = self.salvage_plan.take() else {
+                    return Some(Err(unreadable(&self.path, reason)));
+                };
+                tracing::warn!(
+                    "{}: {reason}; reading on row group by row group",
+                    self.path.display()
+                );
+                match Salvage::start(&self.path, plan, self.stream.schema(), self.rows) {
+                    Ok(salvage) => {
+                        let salvage = self.salvage.insert(salvage);
+                        return salvage.next(&self.rt, &self.path);
+                    }
+                    Err(_) => Err(unreadable(&self.path, reason)),
+                }
+            }
         })
+    }
+
+    fn skipped(&self) -> Vec<crate::runtime::SkippedPart> {
+        self.salvage
+            .as_ref()
+            .map(|s| s.skipped.clone())
+            .unwrap_or_default()
     }
 
     fn convert(
@@ -629,6 +830,13 @@ impl BatchSource for SourcePlan {
                     other => other.to_string(),
                 },
             })?;
+        // Salvage reads a local file's row groups one by one once a read fails.
+        let salvage = (self.on_unreadable == OnUnreadable::Quarantine
+            && !storage::is_remote(&shard.path))
+        .then(|| SalvagePlan {
+            filter: self.filter.clone(),
+            batch_size: self.batch_size,
+        });
         Ok(Box::new(ParquetShardReader {
             rt,
             stream,
@@ -636,6 +844,8 @@ impl BatchSource for SourcePlan {
             path: shard.path.clone(),
             rows: 0,
             row_groups: self.filter.is_none().then(|| shard.row_group_rows.clone()),
+            salvage_plan: salvage,
+            salvage: None,
         }))
     }
 

@@ -119,7 +119,12 @@ impl Sink for CountingSink {
             .fetch_add((batch.num_rows() + quarantined) as u64, Relaxed);
         Ok(())
     }
-    fn finish_shard(&mut self, _: usize, _: ShardCounts) -> trustflow_engine::Result<()> {
+    fn finish_shard(
+        &mut self,
+        _: usize,
+        _: ShardCounts,
+        _: &[trustflow_engine::runtime::SkippedPart],
+    ) -> trustflow_engine::Result<()> {
         Ok(())
     }
     fn discard_shard(&mut self, _: usize) {}
