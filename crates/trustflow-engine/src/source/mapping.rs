@@ -376,10 +376,13 @@ impl Converter {
         let row: ArrayRef = if fields.is_empty() {
             Arc::new(StructArray::new_empty_fields(batch.num_rows(), None))
         } else {
-            Arc::new(
-                StructArray::try_new(fields.into(), arrays, None)
-                    .map_err(|e| self.arrow_error(e))?,
-            )
+            let slices = StructArray::try_new(fields.into(), arrays, None)
+                .map_err(|e| self.arrow_error(e))?;
+            // A compact copy: DataFusion's batches are slices of a row group's buffers,
+            // which a carried slice would keep alive (and count) until the last row
+            // of the group leaves the sink. The image bytes are not among them.
+            let all = arrow::array::UInt32Array::from_iter_values(0..batch.num_rows() as u32);
+            arrow::compute::take(&slices, &all, None).map_err(|e| self.arrow_error(e))?
         };
         Ok((
             Field::new(columns::SOURCE_ROW, row.data_type().clone(), false),
