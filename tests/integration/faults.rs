@@ -484,6 +484,19 @@ fn resume_verify_full_catches_an_edit_that_keeps_size_and_time() {
     };
     run("quick", "quick");
     run("full", "full");
+    // The hash in the manifest is of the file's bytes, taken by the read that
+    // processed them (no pass of its own); an unchanged rerun skips the shard.
+    let manifest_hash = || -> String {
+        let text = std::fs::read_to_string(dir.path().join("full/s.manifest.json")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        m["input_fingerprint"]["content_sha256"]
+            .as_str()
+            .expect("a whole-file hash")
+            .to_string()
+    };
+    let file_hash = |path: &Path| format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()));
+    assert_eq!(manifest_hash(), file_hash(&shard));
+    assert_eq!(run("full", "full")["shards_skipped"], 1);
     // Edit a caption in the middle of the file, in place, and put the time back.
     let modified = std::fs::metadata(&shard).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -505,4 +518,5 @@ fn resume_verify_full_catches_an_edit_that_keeps_size_and_time() {
     assert_eq!(full["shards_processed"], 1, "{full}");
     let captions = strings(&read_parquet(&dir.path().join("full/s.parquet")), "caption");
     assert_eq!(captions[1].as_deref(), Some("a cot 1"));
+    assert_eq!(manifest_hash(), file_hash(&shard), "the new content's hash");
 }

@@ -164,9 +164,17 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             continue;
         }
         let manifest = Manifest::read_from(&folder, &shard.stem);
+        let may_skip = manifest.as_ref().is_some_and(|m| {
+            !options.force && m.input_fingerprint.still_matches(&shard.fingerprint)
+        });
         let fingerprint = match plan.pipeline.spec.resume.verify {
             ResumeVerify::Quick => shard.fingerprint.clone(),
-            ResumeVerify::Full => plan.source.full_fingerprint(shard)?,
+            // Verifying a finished shard takes reading it whole; a shard to process is
+            // hashed by the read that processes it (`source::hashes_in_memory`).
+            ResumeVerify::Full if may_skip || !crate::source::hashes_in_memory(shard) => {
+                plan.source.full_fingerprint(shard)?
+            }
+            ResumeVerify::Full => shard.fingerprint.clone(),
         };
         match manifest {
             Some(m) if !options.force && m.matches(&folder, &plan.pipeline_hash, &fingerprint) => {
@@ -208,8 +216,10 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
     );
     let finished = sink.finished.clone();
     let processed = todo.len();
+    let mut source = plan.source.clone();
+    source.hash_inputs = plan.pipeline.spec.resume.verify == ResumeVerify::Full;
     let topology = Topology {
-        source: Box::new(plan.source.clone()),
+        source: Box::new(source),
         shards: todo,
         stages: plan.stages,
         queue_depth: plan.pipeline.spec.runtime.queue_depth,

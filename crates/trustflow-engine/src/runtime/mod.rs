@@ -69,14 +69,23 @@ pub enum Message {
         shard: usize,
         reason: String,
     },
-    /// The reader has sent every batch of `shard`; `skipped` lists the parts of it that
-    /// could not be read (their rows are in no count).
+    /// The reader has sent every batch of `shard`.
     ShardEnd {
         shard: usize,
         batches: u64,
         rows_in: u64,
-        skipped: Vec<SkippedPart>,
+        ending: ShardEnding,
     },
+}
+
+/// What the reader learnt of a shard by reading it to its end, for its manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardEnding {
+    /// Parts that could not be read (their rows are in no count).
+    pub skipped: Vec<SkippedPart>,
+    /// SHA-256 of the whole input, hashed by the read that processed it
+    /// (`resume.verify: full`).
+    pub content_sha256: Option<String>,
 }
 
 /// A part of a shard the reader could not read and skipped, reading on after it
@@ -149,9 +158,9 @@ pub trait ShardReader {
         rows: &RecordBatch,
         first_row: u64,
     ) -> Result<(RecordBatch, Option<RecordBatch>)>;
-    /// Parts of the shard skipped because they could not be read (asked at its end).
-    fn skipped(&self) -> Vec<SkippedPart> {
-        Vec::new()
+    /// What reading the shard to its end found (asked at its end).
+    fn ending(&self) -> ShardEnding {
+        ShardEnding::default()
     }
 }
 
@@ -170,7 +179,7 @@ pub trait Sink: Send {
         &mut self,
         shard: usize,
         counts: ShardCounts,
-        skipped: &[SkippedPart],
+        ending: &ShardEnding,
     ) -> Result<()>;
     /// `shard` will not be finished (it could not be read): drop what was written.
     fn discard_shard(&mut self, shard: usize);
@@ -595,7 +604,7 @@ fn read_shard(
             shard: index,
             batches: seq,
             rows_in,
-            skipped: reader.skipped(),
+            ending: reader.ending(),
         };
         Ok(tx.send(end, metrics))
     }
@@ -744,7 +753,7 @@ struct ShardProgress {
     pending: BTreeMap<u64, Envelope>,
     expected: Option<(u64, u64)>,
     counts: ShardCounts,
-    skipped: Vec<SkippedPart>,
+    ending: ShardEnding,
 }
 
 fn sink_worker(
@@ -791,11 +800,11 @@ fn sink_worker(
                     shard,
                     batches,
                     rows_in,
-                    skipped,
+                    ending,
                 } => {
                     let progress = open.entry(shard).or_default();
                     progress.expected = Some((batches, rows_in));
-                    progress.skipped = skipped;
+                    progress.ending = ending;
                     shard
                 }
             };
@@ -832,7 +841,7 @@ fn sink_worker(
                         counts.rows_quarantined
                     )));
                 }
-                sink.finish_shard(shard_index, counts, &progress.skipped)?;
+                sink.finish_shard(shard_index, counts, &progress.ending)?;
                 open.remove(&shard_index);
                 finished.push((shard_index, counts));
                 shared.shards_done.fetch_add(1, Relaxed);

@@ -26,7 +26,7 @@ pub use crate::columns::{QUARANTINE_SUFFIX, output_name, quarantine_name};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::quarantine::as_it_came;
-use crate::runtime::{ShardCounts, Sink, SkippedPart};
+use crate::runtime::{ShardCounts, ShardEnding, Sink};
 use crate::spec::{Compression, SinkSpec};
 pub use folder::OutputFolder;
 pub use manifest::{Manifest, reason_key};
@@ -207,7 +207,7 @@ impl Sink for ParquetSink {
         &mut self,
         index: usize,
         counts: ShardCounts,
-        skipped: &[SkippedPart],
+        ending: &ShardEnding,
     ) -> Result<()> {
         // A shard whose every batch was empty still gets (empty) outputs.
         self.open_shard(index)?;
@@ -241,7 +241,14 @@ impl Sink for ParquetSink {
             trustflow_version: env!("CARGO_PKG_VERSION").into(),
             pipeline_hash: self.pipeline_hash.clone(),
             input: shard.input.clone(),
-            input_fingerprint: shard.fingerprint.clone(),
+            input_fingerprint: Fingerprint {
+                // The hash of the bytes this run processed, when its read took one.
+                content_sha256: ending
+                    .content_sha256
+                    .clone()
+                    .or_else(|| shard.fingerprint.content_sha256.clone()),
+                ..shard.fingerprint.clone()
+            },
             rows_in: counts.rows_in,
             rows_out: counts.rows_out,
             rows_quarantined: counts.rows_quarantined,
@@ -254,7 +261,7 @@ impl Sink for ParquetSink {
                 bytes: quarantine_bytes,
             },
             quarantine_reasons: open.reasons,
-            skipped: skipped.to_vec(),
+            skipped: ending.skipped.clone(),
         };
         manifest.write_to(&self.folder, &shard.stem)?;
         self.folder.sync();

@@ -68,6 +68,9 @@ pub struct SourcePlan {
     pub search_roots: Vec<PathBuf>,
     /// The object stores of `s3://` shards.
     pub storage: Arc<Storage>,
+    /// Hash each local input whole with the read that processes it
+    /// (`resume.verify: full`; set by the run).
+    pub hash_inputs: bool,
 }
 
 /// What planning reads of a shard: its footer and identity.
@@ -386,6 +389,7 @@ pub fn plan_section(
             .filter_map(|p| search_root(base, p))
             .collect(),
         storage,
+        hash_inputs: false,
     })
 }
 
@@ -467,6 +471,33 @@ impl SourcePlan {
         let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
             .await
             .map_err(err)?;
+        df.execute_stream().await.map_err(err)
+    }
+
+    /// [`SourcePlan::open`] over the shard's bytes, already read into memory.
+    async fn open_bytes(
+        &self,
+        shard: &ShardPlan,
+        bytes: bytes::Bytes,
+    ) -> Result<SendableRecordBatchStream> {
+        use object_store::ObjectStoreExt;
+        let ctx = session(self.batch_size, &self.storage)?;
+        let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let name = format!("shard{}", extension_of(&shard.path));
+        store
+            .put(&object_store::path::Path::from(name.as_str()), bytes.into())
+            .await
+            .map_err(|e| Error::input(&shard.path, e.to_string()))?;
+        let url = url::Url::parse("memory://").map_err(|e| Error::Internal(e.to_string()))?;
+        ctx.register_object_store(&url, store);
+        let df = dataframe(
+            &ctx,
+            Path::new(&format!("memory:///{name}")),
+            self.filter.as_deref(),
+        )
+        .await
+        .map_err(err)?;
         df.execute_stream().await.map_err(err)
     }
 
@@ -560,6 +591,8 @@ struct ParquetShardReader {
     salvage_plan: Option<SalvagePlan>,
     /// Reading row group by row group, after a failure.
     salvage: Option<Salvage>,
+    /// SHA-256 of the whole file, when the read hashed it.
+    content_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -783,11 +816,15 @@ impl ShardReader for ParquetShardReader {
         })
     }
 
-    fn skipped(&self) -> Vec<crate::runtime::SkippedPart> {
-        self.salvage
-            .as_ref()
-            .map(|s| s.skipped.clone())
-            .unwrap_or_default()
+    fn ending(&self) -> crate::runtime::ShardEnding {
+        crate::runtime::ShardEnding {
+            skipped: self
+                .salvage
+                .as_ref()
+                .map(|s| s.skipped.clone())
+                .unwrap_or_default(),
+            content_sha256: self.content_sha256.clone(),
+        }
     }
 
     fn convert(
@@ -821,15 +858,28 @@ impl BatchSource for SourcePlan {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the reader's runtime: {e}")))?;
         let converter = self.converter(shard)?;
-        let stream = rt
-            .block_on(self.open(shard))
-            .map_err(|e| Error::Unreadable {
+        // Under `resume.verify: full`, a local shard is read once, hashed as it is read,
+        // and processed from that copy in memory: the manifest's hash is of the very
+        // bytes processed, and no second pass reads the file.
+        let whole = match self.hash_inputs && hashes_in_memory(shard) {
+            true => Some(read_hashing(&shard.path).map_err(|e| Error::Unreadable {
                 path: shard.path.clone(),
-                reason: match e {
-                    Error::Input { message, .. } => message,
-                    other => other.to_string(),
-                },
-            })?;
+                reason: e.to_string(),
+            })?),
+            false => None,
+        };
+        let content_sha256 = whole.as_ref().map(|(_, hash)| hash.clone());
+        let opened = match whole {
+            Some((bytes, _)) => rt.block_on(self.open_bytes(shard, bytes)),
+            None => rt.block_on(self.open(shard)),
+        };
+        let stream = opened.map_err(|e| Error::Unreadable {
+            path: shard.path.clone(),
+            reason: match e {
+                Error::Input { message, .. } => message,
+                other => other.to_string(),
+            },
+        })?;
         // Salvage reads a local file's row groups one by one once a read fails.
         let salvage = (self.on_unreadable == OnUnreadable::Quarantine
             && !storage::is_remote(&shard.path))
@@ -846,12 +896,35 @@ impl BatchSource for SourcePlan {
             row_groups: self.filter.is_none().then(|| shard.row_group_rows.clone()),
             salvage_plan: salvage,
             salvage: None,
+            content_sha256,
         }))
     }
 
     fn skip_unreadable(&self) -> bool {
         self.on_unreadable == OnUnreadable::Quarantine
     }
+}
+
+/// Largest shard hashed by its processing read (it is held in memory while read);
+/// a larger one is hashed by a read of its own before the run.
+pub const MAX_HASHED_IN_MEMORY_BYTES: u64 = 2 << 30;
+
+/// Whether `shard` is hashed by the read that processes it (a local file, not larger
+/// than [`MAX_HASHED_IN_MEMORY_BYTES`]).
+pub fn hashes_in_memory(shard: &ShardPlan) -> bool {
+    !storage::is_remote(&shard.path) && shard.fingerprint.size <= MAX_HASHED_IN_MEMORY_BYTES
+}
+
+/// The whole file, and its SHA-256, from one sequential read.
+fn read_hashing(path: &Path) -> Result<(bytes::Bytes, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let hash = format!("{:x}", Sha256::digest(&bytes));
+    Ok((bytes.into(), hash))
 }
 
 /// A shard deleted after planning would otherwise surface as DataFusion's "cannot infer

@@ -49,9 +49,11 @@ pub struct PipelineSpec {
 #[serde(deny_unknown_fields)]
 pub struct ResumeSpec {
     /// `quick` (default): the input's size, modification time and a SHA-256 of its last
-    /// 64 KiB (the Parquet footer). `full`: also a SHA-256 of the whole file, read once
-    /// more before each run decides what to skip; it catches an edit in the middle of a
-    /// file whose size and modification time were kept.
+    /// 64 KiB (the Parquet footer). `full`: also a SHA-256 of the whole file; it
+    /// catches an edit in the middle of a file whose size and modification time were
+    /// kept. A shard to process is hashed by the read that processes it (held in
+    /// memory while read; over 2 GiB or in an object store: a read of its own); a
+    /// finished shard is verified by reading it whole.
     #[serde(default)]
     pub verify: ResumeVerify,
 }

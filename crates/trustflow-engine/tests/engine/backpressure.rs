@@ -123,7 +123,7 @@ impl Sink for CountingSink {
         &mut self,
         _: usize,
         _: ShardCounts,
-        _: &[trustflow_engine::runtime::SkippedPart],
+        _: &trustflow_engine::runtime::ShardEnding,
     ) -> trustflow_engine::Result<()> {
         Ok(())
     }
