@@ -232,3 +232,44 @@ fn the_report_of_a_missing_folder_names_it() {
     assert!(err.contains("/nonexistent/trustflow-out"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Quarantine shards keep their input's own column names (img2dataset: `key`, `txt`,
+/// `jpg`); the manifest says which is which, so the report's samples still show the
+/// id, the caption and the image's fate.
+#[test]
+fn quarantine_samples_follow_the_input_names() {
+    use trustflow::bench::corpus::GenLayout;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let corpus = dir.path().join("corpus");
+    common::corpus_with(&corpus, 60, 1, 5, 64, GenLayout::Img2dataset, 0.2);
+    let out = dir.path().join("out");
+    let pipeline = common::pipeline(
+        dir.path(),
+        "p.yaml",
+        &common::standard_pipeline(&corpus, &out, "  preset: img2dataset\n"),
+    );
+    common::run_ok(&["run", "--quiet", pipeline.to_str().expect("utf8")]);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("part-00000.manifest.json")).expect("manifest"),
+    )
+    .expect("JSON");
+    assert_eq!(manifest["source_columns"]["id"], "key", "{manifest}");
+    let res = common::run_ok(&["report", out.to_str().expect("utf8")]);
+    let report: serde_json::Value = serde_json::from_slice(&res.stdout).expect("JSON summary");
+    let samples: Vec<&serde_json::Value> = report["quarantine"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .flat_map(|r| r["samples"].as_array().expect("samples"))
+        .collect();
+    assert!(!samples.is_empty(), "{report}");
+    for s in samples {
+        assert!(s["id"].is_string(), "{s}");
+        assert!(s["caption"].is_string() || s["caption"].is_null(), "{s}");
+        let why = s["no_thumbnail"].as_str().unwrap_or("");
+        assert!(
+            !why.contains("no image column"),
+            "the image column was found: {s}"
+        );
+    }
+}

@@ -211,6 +211,12 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
                     .unwrap_or_else(|| s.fingerprint.clone()),
                 quarantine_schema: s.quarantine_schema(),
                 image_column: s.mapping.image_bytes_column().map(str::to_string),
+                source_columns: s
+                    .mapping
+                    .columns
+                    .iter()
+                    .map(|(logical, physical)| (logical.to_string(), physical.clone()))
+                    .collect(),
             })
             .collect(),
     );

@@ -321,9 +321,10 @@ pub fn build(out_dir: &Path, options: &ReportOptions) -> Result<Report> {
             &out_dir.join(&manifest.output.file),
         )?);
         if manifest.rows_quarantined > 0 {
-            quarantines.push(sample::ShardFile::open(
-                &out_dir.join(&manifest.quarantine.file),
-            )?);
+            quarantines.push(
+                sample::ShardFile::open(&out_dir.join(&manifest.quarantine.file))?
+                    .with_names(manifest.source_columns.clone()),
+            );
         }
     }
 

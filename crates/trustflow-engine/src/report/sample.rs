@@ -103,6 +103,9 @@ pub(crate) struct TrustRow {
 pub(crate) struct ShardFile {
     pub path: PathBuf,
     meta: ArrowReaderMetadata,
+    /// The file's name for a canonical column, where it differs (a quarantine shard
+    /// keeps its input's names: the manifest's `source_columns`).
+    names: BTreeMap<String, String>,
 }
 
 impl ShardFile {
@@ -113,7 +116,19 @@ impl ShardFile {
         Ok(ShardFile {
             path: path.to_path_buf(),
             meta,
+            names: BTreeMap::new(),
         })
+    }
+
+    /// This file, whose canonical columns are stored under `names`.
+    pub fn with_names(mut self, names: BTreeMap<String, String>) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// The file's name for canonical column `logical`.
+    fn name<'a>(&'a self, logical: &'a str) -> &'a str {
+        self.names.get(logical).map_or(logical, String::as_str)
     }
 
     pub fn row_group_rows(&self) -> Vec<u64> {
@@ -495,9 +510,10 @@ pub(crate) fn sample_quarantine(
                 break 'files;
             }
             let mut row = 0usize;
+            let (id, caption) = (file.name(ID), file.name(CAPTION));
             file.read(
                 rg,
-                &[ID, CAPTION, ERROR_STAGE, ERROR],
+                &[id, caption, ERROR_STAGE, ERROR],
                 None,
                 8192,
                 |batch| {
@@ -508,8 +524,8 @@ pub(crate) fn sample_quarantine(
                             "quarantine shard lacks error_stage/error columns",
                         ));
                     };
-                    let ids = c.text(ID);
-                    let captions = c.text(CAPTION);
+                    let ids = c.text(id);
+                    let captions = c.text(caption);
                     for i in 0..batch.num_rows() {
                         let stage = stages[i].clone().unwrap_or_default().0;
                         let error = errors[i].clone().unwrap_or_default().0;
@@ -557,7 +573,8 @@ pub(crate) fn attach_thumbnails(
     let mut images: BTreeMap<RowAt, std::result::Result<Thumbnail, String>> = BTreeMap::new();
     for ((f, rg), rows) in by_group {
         let file = &files[f];
-        if !file.has(IMAGE) {
+        let image = file.name(IMAGE);
+        if !file.has(image) {
             for row in rows {
                 let at = RowAt {
                     file: f,
@@ -572,19 +589,20 @@ pub(crate) fn attach_thumbnails(
         let mut next = 0usize;
         file.read(
             rg,
-            &[IMAGE],
+            &[image],
             Some(selection(&wanted)),
             IMAGE_BATCH,
             |batch| {
-                let Some(bytes) = Columns::new(batch).bytes(IMAGE) else {
-                    return Err(Error::input(&file.path, "the image column is not binary"));
-                };
+                // An image stored as a path or a struct has no bytes to show here.
+                let bytes = Columns::new(batch)
+                    .bytes(image)
+                    .unwrap_or_else(|| vec![None; batch.num_rows()]);
                 for b in bytes {
                     let Some(&row) = wanted.get(next) else { break };
                     next += 1;
                     let thumb = match b {
                         Some(b) => thumbnail(&b, max_side, settings),
-                        None => Err("the image is null".into()),
+                        None => Err("no image bytes (null, or stored as a path)".into()),
                     };
                     images.insert(
                         RowAt {

@@ -34,6 +34,10 @@ pub struct Manifest {
     /// no count): the shard is done, but not whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<SkippedPart>,
+    /// The input column that fed each canonical one (`id`, `image`, `caption`, ...):
+    /// the quarantine shard keeps the input's own names, and tools read it by these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_columns: BTreeMap<String, String>,
 }
 
 impl Manifest {

@@ -73,6 +73,8 @@ pub struct ShardTarget {
     pub quarantine_schema: SchemaRef,
     /// The input column restored from the canonical `image` (`Mapping::image_bytes_column`).
     pub image_column: Option<String>,
+    /// The input column that fed each canonical one (for the manifest).
+    pub source_columns: BTreeMap<String, String>,
 }
 
 /// The Parquet [`Sink`].
@@ -262,6 +264,7 @@ impl Sink for ParquetSink {
             },
             quarantine_reasons: open.reasons,
             skipped: ending.skipped.clone(),
+            source_columns: shard.source_columns.clone(),
         };
         manifest.write_to(&self.folder, &shard.stem)?;
         self.folder.sync();
