@@ -292,31 +292,17 @@ impl<'a> Columns<'a> {
         Some(cast.as_primitive::<Int64Type>().iter().collect())
     }
 
-    /// Text, with invalid UTF-8 (a binary column) decoded lossily and flagged.
-    pub fn text(&self, name: &str) -> Option<Vec<Option<(String, bool)>>> {
+    /// A text column (a binary one holds text that may not be UTF-8), read lazily.
+    pub fn text(&self, name: &str) -> Option<Text> {
         let col = self.column(name)?;
-        let lossy = |b: &[u8]| match std::str::from_utf8(b) {
-            Ok(s) => (s.to_string(), false),
-            Err(_) => (String::from_utf8_lossy(b).into_owned(), true),
-        };
         Some(match col.data_type() {
-            DataType::Binary => col
-                .as_binary::<i32>()
-                .iter()
-                .map(|v| v.map(lossy))
-                .collect(),
-            DataType::LargeBinary => col
-                .as_binary::<i64>()
-                .iter()
-                .map(|v| v.map(lossy))
-                .collect(),
-            DataType::BinaryView => col.as_binary_view().iter().map(|v| v.map(lossy)).collect(),
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
+                let bytes = arrow::compute::cast(col, &DataType::LargeBinary).ok()?;
+                Text::Bytes(bytes.as_binary::<i64>().clone())
+            }
             _ => {
-                let cast = arrow::compute::cast(col, &DataType::Utf8).ok()?;
-                cast.as_string::<i32>()
-                    .iter()
-                    .map(|v| v.map(|s| (s.to_string(), false)))
-                    .collect()
+                let text = arrow::compute::cast(col, &DataType::Utf8).ok()?;
+                Text::Utf8(text.as_string::<i32>().clone())
             }
         })
     }
@@ -330,6 +316,36 @@ impl<'a> Columns<'a> {
             DataType::BinaryView => col.as_binary_view().iter().map(own).collect(),
             _ => return None,
         })
+    }
+}
+
+/// A text column of a batch; a value becomes a `String` only when a card needs it.
+pub(crate) enum Text {
+    Utf8(arrow::array::StringArray),
+    Bytes(arrow::array::LargeBinaryArray),
+}
+
+impl Text {
+    /// Row `i`, with bytes that are not UTF-8 decoded lossily and flagged (`true`).
+    fn get(&self, i: usize) -> Option<(String, bool)> {
+        match self {
+            Text::Utf8(a) => a.is_valid(i).then(|| (a.value(i).to_string(), false)),
+            Text::Bytes(a) => a.is_valid(i).then(|| {
+                let b = a.value(i);
+                match std::str::from_utf8(b) {
+                    Ok(s) => (s.to_string(), false),
+                    Err(_) => (String::from_utf8_lossy(b).into_owned(), true),
+                }
+            }),
+        }
+    }
+
+    /// Whether row `i` holds `value`.
+    fn is(&self, i: usize, value: &str) -> bool {
+        match self {
+            Text::Utf8(a) => a.is_valid(i) && a.value(i) == value,
+            Text::Bytes(a) => a.is_valid(i) && a.value(i) == value.as_bytes(),
+        }
     }
 }
 
@@ -423,9 +439,7 @@ pub(crate) fn sample_outputs(files: &[ShardFile], budget: u64, n: usize) -> Resu
             let sims = c.f32(CLIP_SIMILARITY);
             let at = |v: &Option<Vec<Option<f32>>>, i: usize| v.as_ref().and_then(|v| v[i]);
             let at_i = |v: &Option<Vec<Option<i64>>>, i: usize| v.as_ref().and_then(|v| v[i]);
-            let at_s = |v: &Option<Vec<Option<(String, bool)>>>, i: usize| {
-                v.as_ref().and_then(|v| v[i].clone())
-            };
+            let at_s = |v: &Option<Text>, i: usize| v.as_ref().and_then(|t| t.get(i));
             for i in 0..len {
                 let trust = TrustRow {
                     weight: at(&weights, i),
@@ -434,10 +448,13 @@ pub(crate) fn sample_outputs(files: &[ShardFile], budget: u64, n: usize) -> Resu
                     label: at_i(&labels, i),
                 };
                 out.rows.push(trust);
-                if let (Some(k), Some((name, _))) = (trust.pseudo_label, at_s(&names, i)) {
-                    out.class_names.entry(k).or_insert(name);
+                if let Some(k) = trust.pseudo_label
+                    && !out.class_names.contains_key(&k)
+                    && let Some((name, _)) = at_s(&names, i)
+                {
+                    out.class_names.insert(k, name);
                 }
-                let generated = at_s(&sources, i).is_some_and(|(s, _)| s == SOURCE_GENERATED);
+                let generated = sources.as_ref().is_some_and(|t| t.is(i, SOURCE_GENERATED));
                 let card = || {
                     let caption = at_s(&captions, i);
                     let raw = at_s(&raw, i).map(|r| r.0);
@@ -527,13 +544,13 @@ pub(crate) fn sample_quarantine(
                     let ids = c.text(id);
                     let captions = c.text(caption);
                     for i in 0..batch.num_rows() {
-                        let stage = stages[i].clone().unwrap_or_default().0;
-                        let error = errors[i].clone().unwrap_or_default().0;
+                        let stage = stages.get(i).unwrap_or_default().0;
+                        let error = errors.get(i).unwrap_or_default().0;
                         let samples = out.samples.entry(reason_key(&stage, &error)).or_default();
                         push_capped(samples, n, || {
-                            let caption = captions.as_ref().and_then(|v| v[i].clone());
+                            let caption = captions.as_ref().and_then(|t| t.get(i));
                             Card {
-                                id: ids.as_ref().and_then(|v| v[i].clone()).map(|s| s.0),
+                                id: ids.as_ref().and_then(|t| t.get(i)).map(|s| s.0),
                                 caption_not_utf8: caption.as_ref().is_some_and(|c| c.1),
                                 caption: caption.map(|c| c.0),
                                 reason: Some(format!("{stage}: {error}")),

@@ -37,14 +37,6 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    pub fn physical_columns(&self) -> Vec<&str> {
-        self.columns
-            .iter()
-            .map(|(_, p)| p.as_str())
-            .chain(self.kept.iter().map(|f| f.name().as_str()))
-            .collect()
-    }
-
     pub fn logical_columns(&self) -> Vec<&'static str> {
         self.columns.iter().map(|(l, _)| *l).collect()
     }

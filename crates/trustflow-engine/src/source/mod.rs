@@ -421,6 +421,14 @@ async fn dataframe(
     let df = ctx
         .read_parquet(shard.to_string_lossy().as_ref(), options)
         .await?;
+    filtered(df, filter)
+}
+
+/// `df` with `source.filter` applied, if there is one.
+fn filtered(
+    df: datafusion::prelude::DataFrame,
+    filter: Option<&str>,
+) -> datafusion::error::Result<datafusion::prelude::DataFrame> {
     match filter {
         Some(sql) => {
             let expr = df.parse_sql_expr(sql)?;
@@ -465,13 +473,7 @@ impl SourcePlan {
     /// ones become the canonical table, and every one is carried for the quarantine
     /// (`columns::SOURCE_ROW`).
     pub async fn open(&self, shard: &ShardPlan) -> Result<SendableRecordBatchStream> {
-        vanished_check(&self.storage, &shard.path).await?;
-        let ctx = session(self.batch_size, &self.storage)?;
-        let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
-        let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
-            .await
-            .map_err(err)?;
-        df.execute_stream().await.map_err(err)
+        self.stream(shard, None, None).await
     }
 
     /// [`SourcePlan::open`] over the shard's bytes, already read into memory.
@@ -480,25 +482,7 @@ impl SourcePlan {
         shard: &ShardPlan,
         bytes: bytes::Bytes,
     ) -> Result<SendableRecordBatchStream> {
-        use object_store::ObjectStoreExt;
-        let ctx = session(self.batch_size, &self.storage)?;
-        let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
-        let store = Arc::new(object_store::memory::InMemory::new());
-        let name = format!("shard{}", extension_of(&shard.path));
-        store
-            .put(&object_store::path::Path::from(name.as_str()), bytes.into())
-            .await
-            .map_err(|e| Error::input(&shard.path, e.to_string()))?;
-        let url = url::Url::parse("memory://").map_err(|e| Error::Internal(e.to_string()))?;
-        ctx.register_object_store(&url, store);
-        let df = dataframe(
-            &ctx,
-            Path::new(&format!("memory:///{name}")),
-            self.filter.as_deref(),
-        )
-        .await
-        .map_err(err)?;
-        df.execute_stream().await.map_err(err)
+        self.stream(shard, Some(bytes), None).await
     }
 
     /// Open a stream of some of the shard's physical columns (filtered), in file order:
@@ -508,17 +492,46 @@ impl SourcePlan {
         shard: &ShardPlan,
         columns: &[&str],
     ) -> Result<SendableRecordBatchStream> {
-        vanished_check(&self.storage, &shard.path).await?;
+        self.stream(shard, None, Some(columns)).await
+    }
+
+    /// The one way a shard is read: from its path (checked to be still there) or from
+    /// its `bytes` already in memory (an in-memory store registered on the session),
+    /// with `source.filter`, all columns or `columns`, in file order.
+    async fn stream(
+        &self,
+        shard: &ShardPlan,
+        bytes: Option<bytes::Bytes>,
+        columns: Option<&[&str]>,
+    ) -> Result<SendableRecordBatchStream> {
         let ctx = session(self.batch_size, &self.storage)?;
         let err = |e: datafusion::error::DataFusionError| Error::input(&shard.path, e.to_string());
-        let df = dataframe(&ctx, &shard.path, self.filter.as_deref())
+        let location = match bytes {
+            None => {
+                vanished_check(&self.storage, &shard.path).await?;
+                shard.path.clone()
+            }
+            Some(bytes) => {
+                use object_store::ObjectStoreExt;
+                let store = Arc::new(object_store::memory::InMemory::new());
+                let name = format!("shard{}", extension_of(&shard.path));
+                store
+                    .put(&object_store::path::Path::from(name.as_str()), bytes.into())
+                    .await
+                    .map_err(|e| Error::input(&shard.path, e.to_string()))?;
+                let url =
+                    url::Url::parse("memory://").map_err(|e| Error::Internal(e.to_string()))?;
+                ctx.register_object_store(&url, store);
+                PathBuf::from(format!("memory:///{name}"))
+            }
+        };
+        let mut df = dataframe(&ctx, &location, self.filter.as_deref())
             .await
             .map_err(err)?;
-        df.select_columns(columns)
-            .map_err(err)?
-            .execute_stream()
-            .await
-            .map_err(err)
+        if let Some(columns) = columns {
+            df = df.select_columns(columns).map_err(err)?;
+        }
+        df.execute_stream().await.map_err(err)
     }
 
     /// The shard's fingerprint with a SHA-256 of its whole content (`resume.verify:
@@ -736,9 +749,7 @@ impl Salvage {
                     .ctx
                     .read_batch(batch.clone())
                     .map_err(|e| e.to_string())?;
-                let expr = df.parse_sql_expr(sql).map_err(|e| e.to_string())?;
-                let parts = df
-                    .filter(expr)
+                let parts = filtered(df, Some(sql))
                     .map_err(|e| e.to_string())?
                     .collect()
                     .await
@@ -858,7 +869,7 @@ impl BatchSource for SourcePlan {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the reader's runtime: {e}")))?;
         let converter = self.converter(shard)?;
-        // Under `resume.verify: full`, a local shard is read once, hashed as it is read,
+        // Under `resume.verify: full`, a local shard is read once into memory, hashed,
         // and processed from that copy in memory: the manifest's hash is of the very
         // bytes processed, and no second pass reads the file.
         let whole = match self.hash_inputs && hashes_in_memory(shard) {
