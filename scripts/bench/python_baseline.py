@@ -20,6 +20,21 @@ Two modes, matching the bench pipelines:
 * `--mode decode` (pipelines/decode-only.yaml, a single `decode` stage): fully decode
   every image and write `width`, `height` and `image_format`.
 
+Two decoders (`--decoder`):
+
+* `pillow` (default): the reference above, whose pixels the engine matches byte for
+  byte.
+* `opencv`: a stronger peer, what img2dataset does. The header is still read by
+  Pillow for the limits and the format (no pixels decoded), then `cv2.imdecode`
+  (`IMREAD_COLOR | IMREAD_IGNORE_ORIENTATION`, as Pillow ignores EXIF orientation too)
+  and BGR to RGB, and the resize is `cv2.resize` with img2dataset's defaults: area
+  interpolation when shrinking, Lanczos when enlarging. The crop, rescale and normalise
+  steps are the same. Its pixels are not the reference's (another resize filter; OpenCV
+  also accepts some truncated files that Pillow refuses), so the harness compares its
+  rows but does not expect equal values. OpenCV's own thread pool is limited to one
+  thread (`cv2.setNumThreads(1)`): the pool's `--workers` threads are the budget, as
+  for the engine.
+
 Rows whose image is null, unreadable, over the limits or of another format, or whose
 caption is null (clip mode), go to `<stem>.quarantine.parquet` with an `error` column,
 as the engine's quarantine does. Output shards are `<out>/<stem>.parquet`, holding the
@@ -75,6 +90,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
+cv2 = None  # imported by init_worker for --decoder opencv
+
 CANONICAL = ["id", "image", "caption", "label", "domain", "split"]
 RENAMES = {"key": "id", "jpg": "image"}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -100,6 +117,7 @@ def parse_args():
     p.add_argument("--max-pixels", type=int, default=40_000_000)
     p.add_argument("--max-bytes", type=int, default=33_554_432)
     p.add_argument("--formats", default="jpeg,png,webp")
+    p.add_argument("--decoder", choices=["pillow", "opencv"], default="pillow")
     # clip mode
     p.add_argument("--model", help="CLIP export folder (Optimum layout)")
     p.add_argument("--vision-model")
@@ -152,8 +170,9 @@ def shard_files(inputs):
 # ---------------------------------------------------------------- images
 
 
-def open_rgb(data, limits):
-    """Pillow RGB image of `data`, or an exception saying why it cannot be used."""
+def open_rgb(data, limits, decoder="pillow"):
+    """RGB pixels of `data` as an (h, w, 3) uint8 array (OpenCV) or a Pillow image,
+    and the format; or an exception saying why the image cannot be used."""
     max_bytes, max_pixels, formats = limits
     if len(data) > max_bytes:
         raise ValueError(f"image of {len(data)} bytes is over the limit of {max_bytes}")
@@ -162,8 +181,20 @@ def open_rgb(data, limits):
         if w * h > max_pixels:
             raise ValueError(f"image of {w}x{h} pixels is over the limit of {max_pixels}")
         fmt = (im.format or "").lower()
-        rgb = im.convert("RGB")  # decodes the whole image
-    return rgb, fmt
+        if decoder == "pillow":
+            return im.convert("RGB"), fmt  # decodes the whole image
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise ValueError("OpenCV cannot decode the image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), fmt
+
+
+def image_size(rgb):
+    """(width, height) of a Pillow image or an (h, w, 3) array."""
+    if isinstance(rgb, np.ndarray):
+        return rgb.shape[1], rgb.shape[0]
+    return rgb.size
 
 
 class ClipPreprocessor:
@@ -193,7 +224,7 @@ class ClipPreprocessor:
             raise SystemExit("python_baseline: needs do_center_crop (fixed-size batches)")
 
     def __call__(self, im):
-        w, h = im.size
+        w, h = image_size(im)
         if self.do_resize:
             if self.shortest:
                 short, long = (w, h) if w <= h else (h, w)
@@ -203,7 +234,12 @@ class ClipPreprocessor:
                 nh, nw = self.exact
             if nw == 0 or nh == 0:
                 raise ValueError(f"image of {w}x{h} pixels would be resized to {nw}x{nh}")
-            if (nw, nh) != (w, h):
+            if (nw, nh) != (w, h) and isinstance(im, np.ndarray):
+                # img2dataset's defaults: area when shrinking, Lanczos when enlarging.
+                shrink = nw <= w and nh <= h
+                im = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA if shrink
+                                else cv2.INTER_LANCZOS4)
+            elif (nw, nh) != (w, h):
                 im = im.resize((nw, nh), resample=self.resample)
         arr = np.asarray(im)
         rh, rw = arr.shape[:2]
@@ -332,7 +368,7 @@ WORKER = None  # per-process state of the process pool (or the shared state of t
 
 
 def clip_batch(batch):
-    state, limits, caption_column, emit = WORKER
+    state, limits, caption_column, emit, decoder = WORKER
     images = image_bytes(batch.column("image"))
     captions = batch.column(caption_column).to_pylist()
     pixels, tokens, kept, bad = [], [], [], []
@@ -347,7 +383,7 @@ def clip_batch(batch):
             ids = state.tokenizer.encode(caption[:CLIP_CAPTION_CHARS]).ids
             if not ids:
                 raise ValueError("tokenizer gave no tokens for the caption")
-            rgb, _ = open_rgb(data, limits)
+            rgb, _ = open_rgb(data, limits, decoder)
             pixels.append(state.pre(rgb))
         except Exception as e:  # a bad row, never a failed run
             bad.append((row, f"{type(e).__name__}: {e}"))
@@ -380,20 +416,21 @@ def clip_batch(batch):
 
 
 def decode_batch(batch):
-    _, limits, _, _ = WORKER
+    _, limits, _, _, decoder = WORKER
     good, bad, widths, heights, formats = [], [], [], [], []
     for row, data in enumerate(image_bytes(batch.column("image"))):
         if data is None:
             bad.append((row, "image is null"))
             continue
         try:
-            rgb, fmt = open_rgb(data, limits)
+            rgb, fmt = open_rgb(data, limits, decoder)
         except Exception as e:
             bad.append((row, f"{type(e).__name__}: {e}"))
             continue
         good.append(row)
-        widths.append(rgb.width)
-        heights.append(rgb.height)
+        w, h = image_size(rgb)
+        widths.append(w)
+        heights.append(h)
         formats.append(fmt)
     extra = [
         ("width", pa.array(widths, pa.uint32())),
@@ -404,14 +441,17 @@ def decode_batch(batch):
 
 
 def init_worker(args):
-    global WORKER, STAGE
+    global WORKER, STAGE, cv2
     limits = (args.max_bytes, args.max_pixels, args.formats)
+    if args.decoder == "opencv":
+        import cv2
+        cv2.setNumThreads(1)
     if args.mode == "clip":
         STAGE = "clip_score"
-        WORKER = (Clip(args), limits, args.caption_column, args.emit_embeddings)
+        WORKER = (Clip(args), limits, args.caption_column, args.emit_embeddings, args.decoder)
     else:
         STAGE = "decode"
-        WORKER = (None, limits, None, False)
+        WORKER = (None, limits, None, False, args.decoder)
 
 
 # ---------------------------------------------------------------- output
@@ -507,6 +547,7 @@ def main():
            + kids.ru_utime + kids.ru_stime)
     print(json.dumps({
         "mode": args.mode,
+        "decoder": args.decoder,
         "pool": args.pool,
         "workers": args.workers,
         "intra_op_threads": args.intra_op_threads,

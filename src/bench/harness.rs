@@ -164,6 +164,32 @@ impl BaselinePool {
     }
 }
 
+/// How the Python baseline decodes and resizes images (`--decoder`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineDecoder {
+    /// Pillow, as transformers' `CLIPImageProcessor` does: the reference the engine
+    /// matches byte for byte.
+    #[default]
+    Pillow,
+    /// OpenCV (`cv2.imdecode`, `cv2.resize` with area interpolation when shrinking),
+    /// as img2dataset does: faster, and not the reference's pixels.
+    Opencv,
+}
+
+impl BaselineDecoder {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pillow => "pillow",
+            Self::Opencv => "opencv",
+        }
+    }
+}
+
+fn default_decoders() -> Vec<BaselineDecoder> {
+    vec![BaselineDecoder::Pillow]
+}
+
 /// The Python baseline.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +208,10 @@ pub struct BaselineSpec {
     /// repository).
     #[serde(default)]
     pub script: Option<String>,
+    /// The peers to run, each in every repetition: `pillow` (default) and/or `opencv`.
+    /// The first is the report's `baseline`; the others are its `peers`.
+    #[serde(default = "default_decoders")]
+    pub decoders: Vec<BaselineDecoder>,
 }
 
 /// The model-only ceiling of a `clip_score` stage.
@@ -194,9 +224,16 @@ pub struct CeilingSpec {
     /// The `clip_score` stage to measure (default: the first).
     #[serde(default)]
     pub stage: Option<String>,
-    /// Model calls per caller per measurement. Default 10.
+    /// Least model calls per caller per measurement. Default 10.
     #[serde(default = "default_calls")]
     pub calls: usize,
+    /// Least seconds per measurement, after one warm-up call per caller. Default 10.
+    #[serde(default = "default_ceiling_seconds")]
+    pub min_seconds: f64,
+}
+
+fn default_ceiling_seconds() -> f64 {
+    10.0
 }
 
 /// Where each scaling point runs.
@@ -340,6 +377,14 @@ fn check_spec(l: &LoadedBenchSpec) -> Vec<SpecIssue> {
     {
         issues.push(l.issue("ceiling.calls", "must be at least 1"));
     }
+    if let Some(c) = &s.ceiling
+        && !(c.min_seconds.is_finite() && c.min_seconds >= 0.0)
+    {
+        issues.push(l.issue(
+            "ceiling.min_seconds",
+            format!("must be a number of seconds >= 0, got {}", c.min_seconds),
+        ));
+    }
     if let Some(sc) = &s.scaling {
         if sc.shards.is_empty() || sc.shards.contains(&0) {
             issues.push(l.issue(
@@ -433,14 +478,20 @@ fn baseline_pythonpath() -> Option<std::ffi::OsString> {
     std::env::join_paths(parts).ok()
 }
 
-/// Whether `python` can run the baseline (imports numpy, PIL, pyarrow, onnxruntime and
-/// tokenizers with the baseline's `PYTHONPATH`); the reason when it cannot.
-pub fn check_baseline_python(python: &Path) -> std::result::Result<(), String> {
+/// Whether `python` can run the baseline with `decoder` (imports numpy, PIL, pyarrow,
+/// onnxruntime and tokenizers, and cv2 for OpenCV, with the baseline's `PYTHONPATH`);
+/// the reason when it cannot.
+pub fn check_baseline_python(
+    python: &Path,
+    decoder: BaselineDecoder,
+) -> std::result::Result<(), String> {
+    let mut imports =
+        "import numpy, PIL, pyarrow, pyarrow.parquet, onnxruntime, tokenizers".to_string();
+    if decoder == BaselineDecoder::Opencv {
+        imports.push_str(", cv2");
+    }
     let mut cmd = Command::new(python);
-    cmd.args([
-        "-c",
-        "import numpy, PIL, pyarrow, pyarrow.parquet, onnxruntime, tokenizers",
-    ]);
+    cmd.args(["-c", &imports]);
     if let Some(pp) = baseline_pythonpath() {
         cmd.env("PYTHONPATH", pp);
     }
@@ -497,6 +548,8 @@ pub struct HarnessReport {
     pub steps: Vec<String>,
     pub engine: EngineSummary,
     pub baseline: Option<BaselineSummary>,
+    /// The other peers of `baseline.decoders` (the same script with another decoder).
+    pub peers: Vec<BaselineSummary>,
     pub ceiling: Option<CeilingSummary>,
     pub scaling: Option<ScalingSummary>,
     /// Plots written (PNG).
@@ -638,6 +691,7 @@ pub struct BaselineSummary {
     pub script: PathBuf,
     pub mode: String,
     pub pool: BaselinePool,
+    pub decoder: BaselineDecoder,
     pub runs: Vec<BaselineRun>,
     pub rows_per_s: Stats,
     /// Mean engine rows/s / mean baseline rows/s (> 1: the engine is faster).
@@ -696,10 +750,15 @@ pub struct CeilingSummary {
     pub workers: usize,
     pub intra_op_threads: usize,
     pub calls: usize,
+    pub min_seconds: f64,
     /// Model-only rows/s per repetition.
     pub rows_per_s: Stats,
-    /// Mean engine rows/s / mean ceiling rows/s (1.0: the engine costs nothing beyond
-    /// the models).
+    /// Rows the stage scored per second of the engine's wall time, per repetition: the
+    /// figure the ceiling bounds (the engine's rows/s also counts rows quarantined
+    /// before they reach the models).
+    pub end_to_end_scored_rows_per_s: Stats,
+    /// Mean scored rows/s end to end / mean ceiling rows/s (1.0: the engine costs
+    /// nothing beyond the models).
     pub end_to_end_over_ceiling: f64,
 }
 
@@ -774,11 +833,12 @@ impl HarnessReport {
                 );
             }
         }
-        if let Some(b) = &self.baseline {
+        for b in self.baseline.iter().chain(&self.peers) {
             let peak = b.runs.iter().filter_map(|r| r.peak_rss_bytes).max();
             let _ = writeln!(
                 s,
-                "  python:   {:.1} rows/s ({} pool), peak RSS {}; engine / python = {:.2}",
+                "  python ({}): {:.1} rows/s ({} pool), peak RSS {}; engine / python = {:.2}",
+                b.decoder.name(),
                 b.rows_per_s.mean,
                 b.pool.name(),
                 mib(peak),
@@ -875,11 +935,13 @@ pub fn run_spec_with(
         },
     )?;
     let step_names = step_names(&probe);
-    let baseline = match &spec.baseline {
-        Some(b) if b.enabled && !options.skip_baseline => {
-            Some(prepare_baseline(&loaded, b, &probe, options)?)
-        }
-        _ => None,
+    let baselines = match &spec.baseline {
+        Some(b) if b.enabled && !options.skip_baseline => b
+            .decoders
+            .iter()
+            .map(|d| prepare_baseline(&loaded, b, *d, &probe, options))
+            .collect::<Result<Vec<_>>>()?,
+        _ => Vec::new(),
     };
     let ceiling = match &spec.ceiling {
         Some(c) if c.enabled && !options.skip_ceiling => Some(prepare_ceiling(&loaded, c, &probe)?),
@@ -892,9 +954,16 @@ pub fn run_spec_with(
         engine_run(&pipeline_file, &inputs, &engine_out, 0)?;
     }
     let mut engine_runs = Vec::new();
-    let mut baseline_runs = Vec::new();
+    let mut baseline_runs: Vec<Vec<BaselineRun>> = baselines.iter().map(|_| Vec::new()).collect();
     let mut ceiling_values = Vec::new();
-    let baseline_out = out_dir.join("baseline");
+    // The first peer keeps the folder name it always had.
+    let baseline_out = |i: usize, b: &BaselineSetup| {
+        out_dir.join(if i == 0 {
+            "baseline".to_string()
+        } else {
+            format!("baseline-{}", b.decoder.name())
+        })
+    };
     for rep in 1..=repetitions {
         if let Some(c) = &ceiling {
             let v = ceiling_once(c)?;
@@ -909,52 +978,73 @@ pub fn run_spec_with(
             run.rows_per_s, run.rows_in, run.wall_s
         ));
         engine_runs.push(run);
-        if let Some(b) = &baseline {
-            let run = baseline_run(b, &corpus_dir, &baseline_out, rep)?;
+        for (i, b) in baselines.iter().enumerate() {
+            let run = baseline_run(b, &corpus_dir, &baseline_out(i, b), rep)?;
             options.say(&format!(
-                "repetition {rep}/{repetitions}: python baseline {:.1} rows/s ({} rows in {:.2} s)",
-                run.rows_per_s, run.rows_in, run.wall_s
+                "repetition {rep}/{repetitions}: python baseline ({}) {:.1} rows/s ({} rows in {:.2} s)",
+                b.decoder.name(),
+                run.rows_per_s,
+                run.rows_in,
+                run.wall_s
             ));
-            baseline_runs.push(run);
+            baseline_runs[i].push(run);
         }
     }
 
     let engine_rps = Stats::of(engine_runs.iter().map(|r| r.rows_per_s).collect());
-    let baseline = baseline.map(|b| {
-        let rps = Stats::of(baseline_runs.iter().map(|r| r.rows_per_s).collect());
-        let ratio_per_repetition = engine_runs
-            .iter()
-            .zip(&baseline_runs)
-            .map(|(e, p)| ratio(e.rows_per_s, p.rows_per_s))
-            .collect();
-        let agreement = match compare_outputs(&engine_out, &baseline_out, &b.value_columns) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::warn!("cannot compare the engine's and the baseline's outputs: {e}");
-                None
+    let mut summaries = baselines
+        .iter()
+        .zip(baseline_runs)
+        .enumerate()
+        .map(|(i, (b, runs))| {
+            let rps = Stats::of(runs.iter().map(|r| r.rows_per_s).collect());
+            let ratio_per_repetition = engine_runs
+                .iter()
+                .zip(&runs)
+                .map(|(e, p)| ratio(e.rows_per_s, p.rows_per_s))
+                .collect();
+            let agreement =
+                match compare_outputs(&engine_out, &baseline_out(i, b), &b.value_columns) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot compare the engine's and the baseline's outputs: {e}"
+                        );
+                        None
+                    }
+                };
+            BaselineSummary {
+                python: b.python.clone(),
+                script: b.script.clone(),
+                mode: b.mode.to_string(),
+                pool: b.pool,
+                decoder: b.decoder,
+                runs,
+                engine_over_baseline: ratio(engine_rps.mean, rps.mean),
+                rows_per_s: rps,
+                ratio_per_repetition,
+                agreement,
             }
-        };
-        BaselineSummary {
-            python: b.python.clone(),
-            script: b.script.clone(),
-            mode: b.mode.to_string(),
-            pool: b.pool,
-            runs: std::mem::take(&mut baseline_runs),
-            engine_over_baseline: ratio(engine_rps.mean, rps.mean),
-            rows_per_s: rps,
-            ratio_per_repetition,
-            agreement,
-        }
-    });
+        });
+    let baseline = summaries.next();
+    let peers: Vec<BaselineSummary> = summaries.collect();
     let ceiling = ceiling.map(|c| {
         let rps = Stats::of(std::mem::take(&mut ceiling_values));
+        let scored = Stats::of(
+            engine_runs
+                .iter()
+                .map(|r| super::ceiling::scored_rows_per_s(&r.steps, &c.stage_name, r.wall_s))
+                .collect(),
+        );
         CeilingSummary {
             stage: c.stage_name.clone(),
             batch_size: c.batch_size,
             workers: c.workers,
             intra_op_threads: c.config.session.intra_op_threads,
-            calls: c.calls,
-            end_to_end_over_ceiling: ratio(engine_rps.mean, rps.mean),
+            calls: c.effort.min_calls,
+            min_seconds: c.effort.min_seconds,
+            end_to_end_over_ceiling: ratio(scored.mean, rps.mean),
+            end_to_end_scored_rows_per_s: scored,
             rows_per_s: rps,
         }
     });
@@ -992,6 +1082,7 @@ pub fn run_spec_with(
         steps: step_names,
         engine,
         baseline,
+        peers,
         ceiling,
         scaling,
         plots: Vec::new(),
@@ -1352,7 +1443,7 @@ struct CeilingSetup {
     config: ClipScoreConfig,
     workers: usize,
     batch_size: usize,
-    calls: usize,
+    effort: super::ceiling::Effort,
     captions: Vec<String>,
 }
 
@@ -1388,7 +1479,10 @@ fn prepare_ceiling(l: &LoadedBenchSpec, c: &CeilingSpec, plan: &Plan) -> Result<
         config,
         workers,
         batch_size,
-        calls: c.calls,
+        effort: super::ceiling::Effort {
+            min_calls: c.calls,
+            min_seconds: c.min_seconds,
+        },
         captions,
     })
 }
@@ -1397,7 +1491,7 @@ fn prepare_ceiling(l: &LoadedBenchSpec, c: &CeilingSpec, plan: &Plan) -> Result<
 /// pipeline's workers do. The stage is built here and dropped on return.
 fn ceiling_once(c: &CeilingSetup) -> Result<f64> {
     let stage = ClipScoreStage::new(c.stage_name.clone(), c.config.clone())?;
-    super::ceiling::models_rows_per_s(&stage, &c.captions, c.workers, c.calls)
+    super::ceiling::models_rows_per_s(&stage, &c.captions, c.workers, c.effort)
 }
 
 // ------------------------------------------------------------------------ baseline
@@ -1406,6 +1500,7 @@ struct BaselineSetup {
     python: PathBuf,
     script: PathBuf,
     pool: BaselinePool,
+    decoder: BaselineDecoder,
     mode: &'static str,
     /// Arguments besides --input and --out.
     args: Vec<String>,
@@ -1415,6 +1510,7 @@ struct BaselineSetup {
 fn prepare_baseline(
     l: &LoadedBenchSpec,
     b: &BaselineSpec,
+    decoder: BaselineDecoder,
     plan: &Plan,
     options: &HarnessOptions,
 ) -> Result<BaselineSetup> {
@@ -1513,7 +1609,12 @@ fn prepare_baseline(
         }
         _ => return Err(unsupported()),
     };
-    args.extend(["--mode".into(), mode.into()]);
+    args.extend([
+        "--mode".into(),
+        mode.into(),
+        "--decoder".into(),
+        decoder.name().into(),
+    ]);
     let python = options
         .python
         .clone()
@@ -1527,7 +1628,7 @@ fn prepare_baseline(
     if !script.is_file() {
         return Err(Error::input(&script, "baseline script not found"));
     }
-    check_baseline_python(&python).map_err(|m| {
+    check_baseline_python(&python, decoder).map_err(|m| {
         Error::Spec(SpecIssues(vec![l.issue(
             "baseline",
             format!(
@@ -1541,6 +1642,7 @@ fn prepare_baseline(
         python,
         script,
         pool: b.pool,
+        decoder,
         mode,
         args,
         value_columns,

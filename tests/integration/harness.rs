@@ -12,16 +12,16 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use trustflow::bench::harness::{
-    HarnessOptions, check_baseline_python, default_baseline_python, run_spec_with,
+    BaselineDecoder, HarnessOptions, check_baseline_python, default_baseline_python, run_spec_with,
 };
 
 fn clip_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model")
 }
 
-/// Whether the baseline can run here; prints why not.
-fn baseline_available() -> bool {
-    match check_baseline_python(&default_baseline_python()) {
+/// Whether the baseline can run here with `decoder`; prints why not.
+fn baseline_available(decoder: BaselineDecoder) -> bool {
+    match check_baseline_python(&default_baseline_python(), decoder) {
         Ok(()) => true,
         Err(why) => {
             eprintln!("Python baseline skipped: {why}");
@@ -38,7 +38,7 @@ fn options() -> HarnessOptions {
 }
 
 /// Writes the pipeline and the bench spec into `dir`; returns the spec's path.
-fn write_spec(dir: &Path, stage: &str, batch: usize, baseline: bool, ceiling: bool) -> PathBuf {
+fn write_spec(dir: &Path, stage: &str, batch: usize, baseline: &str, ceiling: bool) -> PathBuf {
     let pipeline = format!(
         "source:\n  paths: [\"unused/*.parquet\"]\nstages:\n{stage}sink:\n  path: unused-out\n  \
          compression: snappy\nruntime:\n  batch_size: {batch}\n  queue_depth: 2\n"
@@ -51,11 +51,13 @@ fn write_spec(dir: &Path, stage: &str, batch: usize, baseline: bool, ceiling: bo
          repetitions: 1\n\
          scaling:\n  shards: [1, 2]\n  rows_per_shard: 20\n  corpus_dir: scaling\n  seed: 3\n",
     );
-    if baseline {
-        spec.push_str("baseline:\n  pool: thread\n");
+    if !baseline.is_empty() {
+        spec.push_str(&format!(
+            "baseline:\n  pool: thread\n  decoders: {baseline}\n"
+        ));
     }
     if ceiling {
-        spec.push_str("ceiling:\n  calls: 1\n");
+        spec.push_str("ceiling:\n  calls: 1\n  min_seconds: 0\n");
     }
     let path = dir.join("bench.yaml");
     std::fs::write(&path, spec).unwrap();
@@ -247,12 +249,12 @@ fn check_report(out: &Path, stage: &str, baseline: bool) -> Value {
 #[test]
 fn decode_only_spec_gives_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
-    let baseline = baseline_available();
+    let baseline = baseline_available(BaselineDecoder::Pillow);
     let spec = write_spec(
         dir.path(),
         "  - type: decode\n    workers: 2\n",
         16,
-        baseline,
+        if baseline { "[pillow]" } else { "" },
         false,
     );
     let out = dir.path().join("out");
@@ -272,13 +274,19 @@ fn decode_only_spec_gives_a_complete_report() {
 #[test]
 fn tiny_clip_spec_gives_a_complete_report_with_the_ceiling() {
     let dir = tempfile::tempdir().unwrap();
-    let baseline = baseline_available();
+    let baseline = baseline_available(BaselineDecoder::Pillow);
+    let opencv = baseline && baseline_available(BaselineDecoder::Opencv);
     let stage = format!(
         "  - type: clip_score\n    model: \"{}\"\n    workers: 2\n    intra_op_threads: 1\n    \
          emit_embeddings: false\n",
         clip_model().display()
     );
-    let spec = write_spec(dir.path(), &stage, 8, baseline, true);
+    let decoders = match (baseline, opencv) {
+        (true, true) => "[pillow, opencv]",
+        (true, false) => "[pillow]",
+        _ => "",
+    };
+    let spec = write_spec(dir.path(), &stage, 8, decoders, true);
     let out = dir.path().join("out");
     let report = run_spec_with(&spec, &out, &options()).unwrap();
     let text = report.to_text();
@@ -295,9 +303,28 @@ fn tiny_clip_spec_gives_a_complete_report_with_the_ceiling() {
     assert_eq!(arr(&c["rows_per_s"], "values").len(), 1);
     assert!(f(&c["rows_per_s"], "mean") > 0.0);
     assert!(f(c, "end_to_end_over_ceiling") > 0.0);
+    // The ceiling bounds the rows the stage scored, never more than the rows read (the
+    // corpus plants corrupt images, which never reach the models).
+    let scored = f(&c["end_to_end_scored_rows_per_s"], "mean");
+    let all_rows = f(&r["engine"]["rows_per_s"], "mean");
+    assert!(scored > 0.0 && scored < all_rows, "{scored} vs {all_rows}");
+    assert!((f(c, "end_to_end_over_ceiling") - scored / f(&c["rows_per_s"], "mean")).abs() < 1e-9);
+    if opencv {
+        let peers = arr(&r, "peers");
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0]["decoder"], "opencv");
+        assert_eq!(arr(&peers[0], "runs").len(), 1);
+        assert!(f(&peers[0], "engine_over_baseline") > 0.0);
+        // Another decoder and resize: the same rows, not the same values.
+        assert!(u(&peers[0]["agreement"], "rows_compared") > 0);
+        assert!(out.join("baseline-opencv").is_dir());
+    } else {
+        assert!(arr(&r, "peers").is_empty());
+    }
     if baseline {
         let a = &r["baseline"]["agreement"];
         assert_eq!(r["baseline"]["mode"], "clip");
+        assert_eq!(r["baseline"]["decoder"], "pillow");
         assert_eq!(u(a, "only_engine"), 0, "{a}");
         assert_eq!(u(a, "only_baseline"), 0, "{a}");
         assert!(f(a, "max_abs_diff") < 1e-4, "{a}");
@@ -311,7 +338,7 @@ fn baseline_and_ceiling_refuse_pipelines_they_cannot_mirror() {
         dir.path(),
         "  - type: decode\n  - type: clean_caption\n",
         16,
-        true,
+        "[pillow]",
         false,
     );
     let err = run_spec_with(&spec, &dir.path().join("out"), &options())
@@ -322,7 +349,7 @@ fn baseline_and_ceiling_refuse_pipelines_they_cannot_mirror() {
         "{err}"
     );
 
-    let spec = write_spec(dir.path(), "  - type: decode\n", 16, false, true);
+    let spec = write_spec(dir.path(), "  - type: decode\n", 16, "", true);
     let err = run_spec_with(&spec, &dir.path().join("out"), &options())
         .unwrap_err()
         .to_string();

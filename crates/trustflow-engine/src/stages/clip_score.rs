@@ -112,6 +112,13 @@ pub struct ClipScoreConfig {
     pub image: ImageSettings,
 }
 
+/// A batch of model inputs made ahead of time ([`ClipScoreStage::premade_batch`]).
+pub struct PremadeBatch {
+    pub rows: usize,
+    pixels: Vec<f32>,
+    tokens: Vec<Vec<u32>>,
+}
+
 impl ClipScoreConfig {
     /// A configuration reading the export folder `model`, every other field default.
     pub fn for_model(model: impl Into<String>) -> Self {
@@ -532,15 +539,15 @@ impl ClipScoreStage {
         Ok(StageOutput { columns, rejected })
     }
 
-    /// The model-only ceiling: `calls` calls of both models on inputs made before the
-    /// clock starts (pixels already preprocessed, `captions` already tokenised), the
-    /// same calls `process` makes per batch of `captions.len()` rows. Returns the
-    /// seconds taken. Used by `trustflow bench ceiling`.
-    pub fn time_models_on_premade(&self, captions: &[String], calls: usize) -> Result<f64> {
-        let n = captions.len();
+    /// Inputs for the model-only ceiling: a batch of `captions.len()` rows made before
+    /// any clock starts (pixels already preprocessed, captions already tokenised), the
+    /// same inputs `process` gives the models per batch. Used by `trustflow bench
+    /// ceiling` and the harness, with [`Self::call_models`].
+    pub fn premade_batch(&self, captions: &[String]) -> Result<PremadeBatch> {
+        let rows = captions.len();
         let (h, w) = self.pixel_size;
         // Any finite values cost the same; a ramp avoids an all-zero special case.
-        let pixels: Vec<f32> = (0..n * 3 * h * w)
+        let pixels: Vec<f32> = (0..rows * 3 * h * w)
             .map(|i| (i % 255) as f32 / 127.5 - 1.0)
             .collect();
         let tokens = captions
@@ -548,11 +555,17 @@ impl ClipScoreStage {
             .map(|c| self.tokenizer.encode(c))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::stage(&self.name, e))?;
-        let started = std::time::Instant::now();
-        for _ in 0..calls {
-            self.embed(n, pixels.clone(), &tokens)?;
-        }
-        Ok(started.elapsed().as_secs_f64())
+        Ok(PremadeBatch {
+            rows,
+            pixels,
+            tokens,
+        })
+    }
+
+    /// One call of both models on a premade batch, as `process` makes per batch.
+    pub fn call_models(&self, batch: &PremadeBatch) -> Result<()> {
+        self.embed(batch.rows, batch.pixels.clone(), &batch.tokens)
+            .map(|_| ())
     }
 
     /// One ONNX call per model for `n` rows; returns the raw (not normalised) embeddings.

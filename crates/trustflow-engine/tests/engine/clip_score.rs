@@ -927,12 +927,18 @@ fn several_sessions_serve_concurrent_callers() {
     let two =
         ClipScoreStage::new("clip".to_string(), with_files(|c| c.session.sessions = 2)).unwrap();
     let captions: Vec<String> = (0..8).map(|i| format!("a photo of thing {i}")).collect();
+    let batch = two.premade_batch(&captions).unwrap();
+    assert_eq!(batch.rows, 8);
     std::thread::scope(|s| {
-        let a = s.spawn(|| two.time_models_on_premade(&captions, 3));
-        let b = s.spawn(|| two.time_models_on_premade(&captions, 3));
+        let calls = || (0..3).try_for_each(|_| two.call_models(&batch));
+        let a = s.spawn(calls);
+        let b = s.spawn(calls);
         assert!(a.join().unwrap().is_ok() && b.join().unwrap().is_ok());
     });
-    assert!(one.time_models_on_premade(&captions, 1).is_ok());
+    assert!(
+        one.call_models(&one.premade_batch(&captions).unwrap())
+            .is_ok()
+    );
     let problems = with_files(|c| c.session.sessions = 0).validate();
     assert!(
         problems.iter().any(|(f, _)| f == "sessions"),
