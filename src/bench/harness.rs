@@ -6,10 +6,12 @@
 //! the machine (other load, thermal state, page cache) hit every contender alike:
 //!
 //! 1. **the ceiling** (optional, `clip_score` pipelines): the stage's two ONNX models
-//!    alone on pre-made inputs, with the pipeline's batch size, `workers` concurrent
-//!    callers and `intra_op_threads` ([`ClipScoreStage::time_models_on_premade`], as
-//!    `trustflow bench ceiling` does). The stage is built for this and dropped before
-//!    the engine runs, so its sessions do not count in the engine's memory.
+//!    alone on pre-made inputs, with the pipeline's sessions, batch size, `workers`
+//!    concurrent callers and `intra_op_threads`, warmed up and for at least
+//!    `min_seconds` (`super::ceiling::models_rows_per_s`, as `trustflow bench
+//!    ceiling` does), against the rows the stage scored end to end. The stage is built
+//!    for this and dropped before the engine runs, so its sessions do not count in the
+//!    engine's memory.
 //! 2. **the engine**, in this process: per step rows/s and busy / blocked / starved
 //!    shares over time (sampled from the run's progress callback, about 4 times a
 //!    second, as rates over a trailing [`RATE_WINDOW_S`] window: busy time is booked
@@ -22,6 +24,9 @@
 //!    same batch size, workers and intra-op threads, in a child process whose memory
 //!    is sampled from `/proc/<pid>/status`. The report gives engine / baseline rows/s,
 //!    and after the last repetition compares the two outputs row by row (by `id`).
+//!    `baseline.decoders` runs it once per decoder in every repetition (`pillow`, the
+//!    reference; `opencv`, as img2dataset decodes); the first is the report's
+//!    `baseline`, the others its `peers`.
 //!
 //! Then **the scaling series** (optional): the same pipeline over generated corpora of
 //! growing shard counts with the same rows per shard, reporting wall time, rows/s and

@@ -681,8 +681,20 @@ impl ClipImageConfig {
         image: &RgbImage,
         out: &mut Vec<f32>,
     ) -> std::result::Result<(usize, usize), String> {
+        self.preprocess_sized_into(image, image.dimensions(), out)
+    }
+
+    /// [`Self::preprocess_into`] for an image decoded smaller than its header's
+    /// `(width, height)` (a JPEG draft): the resize and crop sizes are those of the
+    /// full-size image, so the output has the same geometry as the exact path's.
+    pub fn preprocess_sized_into(
+        &self,
+        image: &RgbImage,
+        (header_w, header_h): (u32, u32),
+        out: &mut Vec<f32>,
+    ) -> std::result::Result<(usize, usize), String> {
         let (w, h) = image.dimensions();
-        let (new_w, new_h) = self.resized_size(w, h);
+        let (new_w, new_h) = self.resized_size(header_w, header_h);
         if new_w == 0 || new_h == 0 {
             return Err(format!(
                 "image of {w}x{h} pixels would be resized to {new_w}x{new_h}; too thin to \

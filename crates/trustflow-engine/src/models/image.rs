@@ -10,7 +10,7 @@ mod libjpeg;
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, RgbImage};
+use image::{ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -302,9 +302,120 @@ pub fn decode_rgb(
     limits: &ImageLimits,
     allowed: &[ImageFormatName],
 ) -> Result<(ImageInfo, RgbImage), ImageError> {
+    decode_rgb_draft(bytes, limits, allowed, None)
+}
+
+/// A worker thread's reusable pixel buffer. Decoding allocates an output buffer of up
+/// to megabytes per image; taking it from here, and handing it back with [`recycle`]
+/// when the pixels are no longer needed, lets a worker reuse one block instead of
+/// asking the allocator for a new one per image, which fragments glibc's heaps over a
+/// long run (the peak RSS drift of the scaling benchmark).
+pub mod scratch {
+    use std::cell::Cell;
+
+    /// Buffers above this capacity are freed rather than kept: one huge image must not
+    /// pin its memory in a worker for the rest of the run.
+    pub const KEEP_BYTES: usize = 32 << 20;
+
+    thread_local! {
+        static BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// A zero-filled buffer of `len` bytes, reusing this thread's if it has one; `None`
+    /// when the memory cannot be had.
+    pub fn zeroed(len: usize) -> Option<Vec<u8>> {
+        let mut buffer = BUFFER.take();
+        buffer.clear();
+        buffer.try_reserve_exact(len).ok()?;
+        buffer.resize(len, 0);
+        Some(buffer)
+    }
+
+    /// Hand a buffer back for this thread's next image.
+    pub fn recycle(buffer: Vec<u8>) {
+        if buffer.capacity() <= KEEP_BYTES {
+            BUFFER.set(buffer);
+        }
+    }
+}
+
+/// Decode an image fully, as [`decode_rgb`] does, to prove it usable, without keeping
+/// the pixels: the output goes to this thread's scratch buffer, and PNG and WebP
+/// images are not converted to RGB. Accepts and refuses exactly the images
+/// `decode_rgb` does.
+pub fn decode_check(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    allowed: &[ImageFormatName],
+) -> Result<ImageInfo, ImageError> {
     let (info, layout) = probe_with_layout(bytes, limits, allowed)?;
     if let Some(layout) = layout {
-        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits)?;
+        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits, 1)?;
+        scratch::recycle(image.into_raw());
+        return Ok(info);
+    }
+    let pixels = guarded(info.format, || {
+        let mut reader =
+            ImageReader::with_format(Cursor::new(bytes), info.format.to_image_format());
+        reader.limits(decoder_limits(limits));
+        let decoder = reader.into_decoder()?;
+        let (width, height) = decoder.dimensions();
+        let len = usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX);
+        let Some(mut pixels) = scratch::zeroed(len) else {
+            return Err(image::ImageError::Limits(
+                image::error::LimitError::from_kind(
+                    image::error::LimitErrorKind::InsufficientMemory,
+                ),
+            ));
+        };
+        decoder.read_image(&mut pixels)?;
+        Ok(((width, height), pixels))
+    })?;
+    let ((width, height), pixels) = pixels;
+    scratch::recycle(pixels);
+    if (width, height) != (info.width, info.height) {
+        return Err(ImageError::Corrupt {
+            format: info.format,
+            message: format!(
+                "decoded size {width}x{height} differs from header {}x{}",
+                info.width, info.height
+            ),
+        });
+    }
+    Ok(info)
+}
+
+/// The size a caller will resize an image of (width, height) to.
+pub type TargetSize<'a> = &'a dyn Fn(u32, u32) -> (u32, u32);
+
+/// The DCT scale (1, 2, 4 or 8) Pillow's `draft("RGB", requested)` picks for a JPEG of
+/// `width` x `height`: the largest that keeps both sides at least the requested ones
+/// (`min(width // rw, height // rh)`, rounded down to a power of two up to 8).
+pub fn draft_scale((width, height): (u32, u32), (rw, rh): (u32, u32)) -> u32 {
+    if rw == 0 || rh == 0 {
+        return 1;
+    }
+    let fits = (width / rw).min(height / rh);
+    [8, 4, 2].into_iter().find(|&s| fits >= s).unwrap_or(1)
+}
+
+/// [`decode_rgb`], except that a JPEG is decoded at a reduced size when the size
+/// `target` gives for its header's allows it: libjpeg scales the IDCT by 1/2, 1/4 or
+/// 1/8 (the scale of [`draft_scale`]), which skips most of the decoding work for a
+/// large photo bound to be shrunk. The pixels are Pillow's after `draft("RGB", target)`,
+/// byte for byte, not those of a full decode. Other formats decode at full size. The
+/// returned info keeps the header's size; the image has the decoded one.
+pub fn decode_rgb_draft(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    allowed: &[ImageFormatName],
+    target: Option<TargetSize<'_>>,
+) -> Result<(ImageInfo, RgbImage), ImageError> {
+    let (info, layout) = probe_with_layout(bytes, limits, allowed)?;
+    if let Some(layout) = layout {
+        let header = (info.width, info.height);
+        let scale = target.map_or(1, |t| draft_scale(header, t(info.width, info.height)));
+        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits, scale)?;
         return Ok((info, image));
     }
     let image = guarded(info.format, || {
@@ -625,6 +736,20 @@ fn map_decoder_error(format: ImageFormatName, err: image::ImageError) -> ImageEr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn draft_scale_follows_pillow() {
+        // min(w // rw, h // rh), rounded down to 8, 4, 2 or 1.
+        assert_eq!(draft_scale((1024, 768), (298, 224)), 2);
+        assert_eq!(draft_scale((1024, 768), (53, 40)), 8);
+        assert_eq!(draft_scale((1024, 768), (512, 384)), 2);
+        assert_eq!(draft_scale((1023, 768), (512, 384)), 1);
+        assert_eq!(draft_scale((900, 900), (224, 224)), 4);
+        assert_eq!(draft_scale((100, 100), (224, 224)), 1);
+        assert_eq!(draft_scale((5000, 300), (746, 224)), 1);
+        assert_eq!(draft_scale((10, 10), (0, 5)), 1);
+    }
+
     use super::*;
     use image::{ExtendedColorType, ImageEncoder, Rgb};
     use proptest::prelude::*;
@@ -751,6 +876,64 @@ mod tests {
         let (info, rgb) = decode_rgb(&png, &ImageLimits::default(), ALL).unwrap();
         assert_eq!((info.width, info.height), (4, 4));
         assert_eq!(rgb.as_raw().len(), 4 * 4 * 3);
+    }
+
+    /// `decode_check` (the decode stage's path, into a reused buffer) accepts and
+    /// refuses exactly what `decode_rgb` does, and leaves this thread a buffer to reuse.
+    #[test]
+    fn decode_check_agrees_with_decode_rgb() {
+        let mut rgba16 = Vec::new();
+        let raw: Vec<u8> = (0..8u32 * 5 * 3).map(|i| (i * 37 % 256) as u8).collect();
+        image::codecs::png::PngEncoder::new(&mut rgba16)
+            .write_image(&raw, 5, 3, ExtendedColorType::Rgba16)
+            .unwrap();
+        let mut grey = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut grey)
+            .write_image(&[7u8; 6 * 4], 6, 4, ExtendedColorType::L8)
+            .unwrap();
+        let mut inputs = vec![
+            jpeg_bytes(64, 48),
+            png_bytes(33, 17),
+            webp_bytes(20, 10),
+            rgba16,
+            grey,
+            b"not an image".to_vec(),
+            with_png_dimensions(png_bytes(8, 8), 60_000, 60_000),
+        ];
+        // Every format cut short and with bytes flipped in the middle.
+        for whole in [jpeg_bytes(40, 30), png_bytes(40, 30), webp_bytes(40, 30)] {
+            inputs.push(whole[..whole.len() * 2 / 3].to_vec());
+            let mut flipped = whole.clone();
+            let mid = flipped.len() / 2;
+            for b in &mut flipped[mid..mid + 16] {
+                *b ^= 0x5A;
+            }
+            inputs.push(flipped);
+        }
+        let limits = ImageLimits::default();
+        let (mut accepted, mut refused) = (0, 0);
+        for (i, bytes) in inputs.iter().enumerate() {
+            let full = decode_rgb(bytes, &limits, ALL).map(|(info, _)| info);
+            let check = decode_check(bytes, &limits, ALL);
+            assert_eq!(check, full, "input {i}");
+            if full.is_ok() {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            accepted >= 5 && refused >= 5,
+            "{accepted} accepted, {refused} refused"
+        );
+        decode_check(&jpeg_bytes(64, 48), &limits, ALL).unwrap();
+        let reused = scratch::zeroed(10).unwrap();
+        assert!(
+            reused.capacity() >= 64 * 48 * 3,
+            "the decode's buffer is kept"
+        );
+        scratch::recycle(vec![0; scratch::KEEP_BYTES + 1]);
+        assert!(scratch::zeroed(1).unwrap().capacity() < scratch::KEEP_BYTES);
     }
 
     #[test]

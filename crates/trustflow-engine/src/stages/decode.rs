@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{Stage, StageConfig, StageOutput, require_column};
 use crate::columns::IMAGE;
 use crate::error::{Error, Result};
-use crate::models::image::{ImageSettings, decode_rgb};
+use crate::models::image::{ImageSettings, decode_check};
 
 /// Output column: image width in pixels.
 pub const WIDTH: &str = "width";
@@ -68,8 +68,7 @@ impl DecodeStage {
         for (row, image) in images.iter().enumerate() {
             let outcome = match image {
                 None => Err("image is null".to_string()),
-                Some(bytes) => decode_rgb(bytes, &limits, &self.config.image.formats)
-                    .map(|(info, _pixels)| info)
+                Some(bytes) => decode_check(bytes, &limits, &self.config.image.formats)
                     .map_err(|e| e.to_string()),
             };
             match outcome {

@@ -945,3 +945,45 @@ fn several_sessions_serve_concurrent_callers() {
         "{problems:?}"
     );
 }
+
+/// `jpeg_draft`: large JPEGs are decoded at a reduced scale, so their embeddings move a
+/// little; images it cannot shrink (a small JPEG, a PNG) are scored exactly as without it.
+#[test]
+fn jpeg_draft_changes_only_the_jpegs_it_shrinks_and_only_slightly() {
+    let mut config = ClipScoreConfig::for_model(model_dir().display().to_string());
+    config.jpeg_draft = true;
+    let draft = stage(config);
+    // 320x240 and 200x150 JPEGs (target 53x40: scales 4 and 2), a 33x21 JPEG and a PNG
+    // (scale 1).
+    let files = [
+        "05_flower_large.jpg",
+        "00_temple_landscape.jpg",
+        "02_pagoda_tiny.jpg",
+        "03_flower_square.png",
+    ];
+    let images: Vec<Option<Vec<u8>>> = files
+        .iter()
+        .map(|f| Some(std::fs::read(fixtures().join("images").join(f)).unwrap()))
+        .collect();
+    let captions = vec![Some("a photo".to_string()); files.len()];
+    let input = batch(images, captions);
+    let exact = default_stage().process(&input).unwrap();
+    let fast = draft.process(&input).unwrap();
+    assert!(exact.rejected.is_empty() && fast.rejected.is_empty());
+    let (exact, fast) = (
+        embedding_rows(&exact.columns[1]),
+        embedding_rows(&fast.columns[1]),
+    );
+    let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for (i, file) in files.iter().enumerate() {
+        let (e, f) = (exact[i].as_ref().unwrap(), fast[i].as_ref().unwrap());
+        let c = cosine(e, f);
+        eprintln!("{file}: cosine {c}");
+        if i < 2 {
+            assert_ne!(e, f, "{file} is decoded smaller");
+            assert!(c > 0.95, "{file}: cosine {c}");
+        } else {
+            assert_eq!(e, f, "{file} is not shrunk");
+        }
+    }
+}

@@ -87,6 +87,53 @@ fn generated_cases_match_pillow_byte_for_byte() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// `decode_rgb_draft` (the `jpeg_draft` fast path) gives Pillow's pixels after
+/// `draft("RGB", (w // s, h // s))` at scales 2, 4 and 8: same size, same bytes.
+#[test]
+fn draft_decodes_match_pillow_draft_byte_for_byte() {
+    use trustflow_engine::models::image::{decode_rgb_draft, draft_scale};
+    let dir = fixtures().join("jpeg");
+    let document: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    let mut checked = std::collections::BTreeMap::new();
+    for case in document["cases"].as_array().unwrap() {
+        let file = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        for draft in case["draft"].as_array().unwrap() {
+            let scale = draft["scale"].as_u64().unwrap() as u32;
+            let target = move |w: u32, h: u32| (w / scale, h / scale);
+            let (info, rgb) = decode_rgb_draft(
+                &bytes,
+                &ImageLimits::default(),
+                &ImageFormatName::ALL,
+                Some(&target),
+            )
+            .unwrap_or_else(|e| panic!("{file} at 1/{scale}: {e}"));
+            assert_eq!(
+                draft_scale((info.width, info.height), target(info.width, info.height)),
+                scale,
+                "{file}"
+            );
+            let size = (u64::from(rgb.width()), u64::from(rgb.height()));
+            let want = (
+                draft["width"].as_u64().unwrap(),
+                draft["height"].as_u64().unwrap(),
+            );
+            let digest: String = Sha256::digest(rgb.as_raw())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if size != want || digest != draft["rgb_sha256"].as_str().unwrap() {
+                failures.push(format!("{file} at 1/{scale}: {size:?}, Pillow {want:?}"));
+            }
+            *checked.entry(scale).or_insert(0) += 1;
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(checked.values().all(|&n| n >= 15), "{checked:?}");
+}
+
 #[test]
 fn clip_fixture_jpegs_match_pillow_byte_for_byte() {
     let dir = fixtures().join("clip");

@@ -89,13 +89,28 @@ pub(super) fn probe(
 }
 
 /// Decode a JPEG that `probe` accepted (at `width` x `height`) to 8-bit RGB, as Pillow's
-/// `Image.open(f).convert("RGB")` does.
+/// `Image.open(f).convert("RGB")` does; with `scale` 2, 4 or 8, at 1/`scale` of its
+/// size in each dimension (rounded up), the IDCT itself scaled, as Pillow's
+/// `draft("RGB", ...)` asks libjpeg to (scale 1: full size).
 pub(super) fn decode(
     bytes: &[u8],
     (width, height): (u32, u32),
     layout: &JpegLayout,
     limits: &ImageLimits,
+    scale: u32,
 ) -> Result<image::RgbImage, ImageError> {
+    let numerator = match scale {
+        1 => 8,
+        2 => 4,
+        4 => 2,
+        8 => 1,
+        other => {
+            return Err(ImageError::Unsupported {
+                format: FORMAT,
+                message: format!("a DCT scale of 1/{other} (1, 2, 4 or 8 are possible)"),
+            });
+        }
+    };
     run(|| {
         let mut decompress = Decompress::builder().from_mem(bytes).map_err(io_error)?;
         if (decompress.width(), decompress.height()) != (width as usize, height as usize) {
@@ -103,10 +118,16 @@ pub(super) fn decode(
         }
         decompress.dct_method(DctMethod::IntegerSlow);
         decompress.do_fancy_upsampling(true);
+        // numerator / 8 picks the same scaled IDCT as Pillow's 1 / scale.
+        decompress.scale(numerator);
         check_memory(decompress.components(), layout, (width, height), limits)?;
 
+        let (width, height) = (width.div_ceil(scale), height.div_ceil(scale));
         let (w, h) = (width as usize, height as usize);
-        let mut rgb = zeroed(w * h * 3)?;
+        let mut rgb = super::scratch::zeroed(w * h * 3).ok_or_else(|| ImageError::MemoryLimit {
+            format: FORMAT,
+            message: format!("could not allocate {} bytes", w * h * 3),
+        })?;
         match decompress.components().len() {
             1 | 3 => {
                 let mut started = decompress.rgb().map_err(io_error)?;
