@@ -788,6 +788,8 @@ pub struct ScalingPoint {
     pub rows_per_s: Stats,
     /// Largest over the runs.
     pub peak_rss_bytes: Option<u64>,
+    /// Largest over the runs of each run's median RSS (child processes only).
+    pub median_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -797,6 +799,13 @@ pub struct ScalingRun {
     pub rows_per_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub cpu_utilisation: Option<f64>,
+    /// RSS over time, sampled every 250 ms (child processes only; empty in process):
+    /// seconds since the start and `VmRSS`.
+    pub rss_t: Vec<f64>,
+    pub rss_bytes: Vec<u64>,
+    /// The median of `rss_bytes`: the level of the plateau, where the peak is its
+    /// highest spike.
+    pub median_rss_bytes: Option<u64>,
 }
 
 impl HarnessReport {
@@ -882,12 +891,13 @@ impl HarnessReport {
             for p in &sc.points {
                 let _ = writeln!(
                     s,
-                    "    {:>4} shards {:>7} rows  {:>8.2} s  {:>9.1} rows/s  peak RSS {}",
+                    "    {:>4} shards {:>7} rows  {:>8.2} s  {:>9.1} rows/s  peak RSS {}  median RSS {}",
                     p.shards,
                     p.rows,
                     p.wall_s.mean,
                     p.rows_per_s.mean,
-                    mib(p.peak_rss_bytes)
+                    mib(p.peak_rss_bytes),
+                    mib(p.median_rss_bytes)
                 );
             }
         }
@@ -1667,26 +1677,23 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Result<BaselineRun> {
-    // Stale outputs of an earlier run would be compared as this one's.
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    let mut cmd = Command::new(&b.python);
-    cmd.arg(&b.script)
-        .args(&b.args)
-        .arg("--input")
-        .arg(corpus)
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(pp) = baseline_pythonpath() {
-        cmd.env("PYTHONPATH", pp);
-    }
+/// A child process run to its end, with its resident memory sampled while it ran.
+struct SampledChild {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+    wall_s: f64,
+    /// Seconds since the start, and `VmRSS` then, every [`CHILD_SAMPLE_EVERY`].
+    rss_t: Vec<f64>,
+    rss_bytes: Vec<u64>,
+}
+
+/// Run `cmd` (`what` names it in errors) with piped output, sampling its RSS.
+fn run_sampled(cmd: &mut Command, program: &Path, what: &str) -> Result<SampledChild> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| Error::Program {
-        program: b.python.clone(),
+        program: program.to_path_buf(),
         message: format!("cannot start: {e}"),
     })?;
     // Pipes are drained on their own threads so a chatty child never blocks on them.
@@ -1725,15 +1732,45 @@ fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Res
             }
             Err(e) => {
                 return Err(Error::Program {
-                    program: b.python.clone(),
-                    message: format!("waiting for the Python baseline: {e}"),
+                    program: program.to_path_buf(),
+                    message: format!("waiting for {what}: {e}"),
                 });
             }
         }
     };
-    let process_wall_s = started.elapsed().as_secs_f64();
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
+    Ok(SampledChild {
+        status,
+        wall_s: started.elapsed().as_secs_f64(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        rss_t,
+        rss_bytes,
+    })
+}
+
+fn baseline_run(b: &BaselineSetup, corpus: &Path, out: &Path, rep: usize) -> Result<BaselineRun> {
+    // Stale outputs of an earlier run would be compared as this one's.
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    let mut cmd = Command::new(&b.python);
+    cmd.arg(&b.script)
+        .args(&b.args)
+        .arg("--input")
+        .arg(corpus)
+        .arg("--out")
+        .arg(out);
+    if let Some(pp) = baseline_pythonpath() {
+        cmd.env("PYTHONPATH", pp);
+    }
+    let SampledChild {
+        status,
+        stdout,
+        stderr,
+        wall_s: process_wall_s,
+        rss_t,
+        rss_bytes,
+    } = run_sampled(&mut cmd, &b.python, "the Python baseline")?;
     if !status.success() {
         return Err(Error::Program {
             program: b.python.clone(),
@@ -1939,10 +1976,12 @@ fn run_scaling(
                 None => scaling_run_in_process(pipeline, &dir, &run_out)?,
             };
             options.say(&format!(
-                "scaling {shards} shard(s), run {rep}: {:.2} s, {:.1} rows/s, peak RSS {} MiB",
+                "scaling {shards} shard(s), run {rep}: {:.2} s, {:.1} rows/s, peak RSS {} MiB, \
+                 median RSS {} MiB",
                 run.wall_s,
                 run.rows_per_s,
-                run.peak_rss_bytes.map_or(0, |b| b >> 20)
+                run.peak_rss_bytes.map_or(0, |b| b >> 20),
+                run.median_rss_bytes.map_or(0, |b| b >> 20)
             ));
             runs.push(run);
         }
@@ -1953,6 +1992,7 @@ fn run_scaling(
             wall_s: Stats::of(runs.iter().map(|r| r.wall_s).collect()),
             rows_per_s: Stats::of(runs.iter().map(|r| r.rows_per_s).collect()),
             peak_rss_bytes: runs.iter().filter_map(|r| r.peak_rss_bytes).max(),
+            median_rss_bytes: runs.iter().filter_map(|r| r.median_rss_bytes).max(),
             runs,
         });
     }
@@ -1980,8 +2020,8 @@ fn scaling_run_process(
 ) -> Result<ScalingRun> {
     let report_path = out.join("_report.json");
     let _ = std::fs::remove_file(&report_path);
-    let output = Command::new(exe)
-        .arg("run")
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
         .arg(pipeline)
         .args(["--quiet", "--force", "--input"])
         .arg(corpus)
@@ -1989,20 +2029,16 @@ fn scaling_run_process(
         .arg(out)
         .arg("--report")
         .arg(&report_path)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::Program {
-            program: exe.to_path_buf(),
-            message: format!("cannot start: {e}"),
-        })?;
-    if !output.status.success() {
+        .stdin(Stdio::null());
+    let child = run_sampled(&mut cmd, exe, "the scaling run")?;
+    if !child.status.success() {
         return Err(Error::Program {
             program: exe.to_path_buf(),
             message: format!(
                 "run {} failed ({}): {}",
                 pipeline.display(),
-                output.status,
-                tail(&String::from_utf8_lossy(&output.stderr), 15)
+                child.status,
+                tail(&child.stderr, 15)
             ),
         });
     }
@@ -2015,7 +2051,17 @@ fn scaling_run_process(
         rows_per_s: v.get("rows_per_s").and_then(Value::as_f64).unwrap_or(0.0),
         peak_rss_bytes: v.get("peak_rss_bytes").and_then(Value::as_u64),
         cpu_utilisation: v.get("cpu_utilisation").and_then(Value::as_f64),
+        median_rss_bytes: median(&child.rss_bytes),
+        rss_t: child.rss_t,
+        rss_bytes: child.rss_bytes,
     })
+}
+
+/// The middle value (the upper one of an even count); `None` when empty.
+fn median(values: &[u64]) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied()
 }
 
 fn scaling_run_in_process(pipeline: &Path, corpus: &Path, out: &Path) -> Result<ScalingRun> {
@@ -2040,6 +2086,9 @@ fn scaling_run_in_process(pipeline: &Path, corpus: &Path, out: &Path) -> Result<
         rows_per_s: report.rows_per_s,
         peak_rss_bytes: report.peak_rss_bytes,
         cpu_utilisation: report.cpu_utilisation,
+        rss_t: Vec::new(),
+        rss_bytes: Vec::new(),
+        median_rss_bytes: None,
     })
 }
 

@@ -204,6 +204,13 @@ fn check_report(out: &Path, stage: &str, baseline: bool) -> Value {
         assert!(u(&runs[0], "peak_rss_bytes") > 0);
         assert!(f(&runs[0], "wall_s") > 0.0);
         assert!(u(p, "peak_rss_bytes") > 0);
+        // RSS over time of each child run: pairs of (seconds, bytes), and its median.
+        let samples = arr(&runs[0], "rss_bytes");
+        assert_eq!(arr(&runs[0], "rss_t").len(), samples.len());
+        if let Some(first) = samples.first() {
+            assert!(first.as_u64().unwrap() > 0);
+            assert!(u(&runs[0], "median_rss_bytes") > 0);
+        }
     }
     assert!(f(sc, "peak_rss_spread") >= 1.0);
 
