@@ -218,6 +218,12 @@ mod passes {
     /// Bytes per lane group of the horizontal dot product.
     const LANES: usize = 24;
 
+    /// Coefficients per output pixel in the horizontal pass's table: `ksize` taps x 3
+    /// channels, rounded up to whole lane groups.
+    fn k3_stride(ksize: usize) -> usize {
+        (ksize * 3).div_ceil(LANES) * LANES
+    }
+
     #[inline(always)]
     fn vertical_body(
         pixels: &[u8],
@@ -261,25 +267,34 @@ mod passes {
         out: &mut [u8],
     ) {
         let new_width = coeffs.bounds.len();
-        let stride = coeffs.ksize * 3;
+        let stride = k3_stride(coeffs.ksize);
         for (y, out_line) in out.chunks_exact_mut(new_width * 3).enumerate() {
             let line = &pixels[(first_row + y) * width * 3..(first_row + y + 1) * width * 3];
             for (xx, out_px) in out_line.chunks_exact_mut(3).enumerate() {
                 let (xmin, taps) = coeffs.bounds[xx];
-                let run = &line[xmin * 3..(xmin + taps) * 3];
-                let k = &k3[xx * stride..xx * stride + taps * 3];
+                let groups = (taps * 3).div_ceil(LANES);
+                let k = &k3[xx * stride..xx * stride + groups * LANES];
+                let (k_groups, _) = k.as_chunks::<LANES>();
                 let mut acc = [0i32; LANES];
-                let (run_groups, run_rest) = run.as_chunks::<LANES>();
-                let (k_groups, k_rest) = k.as_chunks::<LANES>();
-                for (b, c) in run_groups.iter().zip(k_groups) {
-                    lanes(&mut acc, b, c);
+                if let Some(run) = line.get(xmin * 3..xmin * 3 + groups * LANES) {
+                    // Whole groups read past the taps: their coefficients are zero.
+                    let (run_groups, _) = run.as_chunks::<LANES>();
+                    for (b, c) in run_groups.iter().zip(k_groups) {
+                        lanes(&mut acc, b, c);
+                    }
+                } else {
+                    // Near the line's end: the last group is copied and zero-padded.
+                    let run = &line[xmin * 3..(xmin + taps) * 3];
+                    let (run_groups, run_rest) = run.as_chunks::<LANES>();
+                    for (b, c) in run_groups.iter().zip(k_groups) {
+                        lanes(&mut acc, b, c);
+                    }
+                    if !run_rest.is_empty() {
+                        let mut b = [0u8; LANES];
+                        b[..run_rest.len()].copy_from_slice(run_rest);
+                        lanes(&mut acc, &b, &k_groups[run_groups.len()]);
+                    }
                 }
-                // The last partial group, zero-padded (zero coefficients add nothing).
-                let mut b = [0u8; LANES];
-                let mut c = [0i32; LANES];
-                b[..run_rest.len()].copy_from_slice(run_rest);
-                c[..k_rest.len()].copy_from_slice(k_rest);
-                lanes(&mut acc, &b, &c);
                 for (ch, o) in out_px.iter_mut().enumerate() {
                     let mut ss: i32 = 1 << (PRECISION_BITS - 1);
                     for a in acc[ch..].iter().step_by(3) {
@@ -355,8 +370,18 @@ mod passes {
         coeffs: &Coefficients,
         portable: bool,
     ) -> Vec<u8> {
-        // Each output pixel's coefficients, repeated for the three channels.
-        let k3: Vec<i32> = coeffs.fixed.iter().flat_map(|&c| [c; 3]).collect();
+        // Each output pixel's coefficients, repeated for the three channels and padded
+        // with zeros to whole lane groups.
+        let stride = k3_stride(coeffs.ksize);
+        let mut k3 = vec![0i32; coeffs.bounds.len() * stride];
+        for (row, k) in k3
+            .chunks_exact_mut(stride)
+            .zip(coeffs.fixed.chunks_exact(coeffs.ksize))
+        {
+            for (slot, &c) in row.chunks_exact_mut(3).zip(k) {
+                slot.fill(c);
+            }
+        }
         let mut out = vec![0u8; coeffs.bounds.len() * rows * 3];
         #[cfg(target_arch = "x86_64")]
         if !portable && avx2() {
