@@ -438,12 +438,20 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
     rows_done = 0
     last_line = 0.0
 
-    def on_term(signum, frame):
+    # A signal is also remembered, not only raised: Ray can swallow the
+    # KeyboardInterrupt raised inside its own calls (a SIGINT during ray.wait was lost
+    # that way, and the job ran to completion).
+    signals: List[int] = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while pending:
+        while pending or signals:
+            if signals:
+                raise KeyboardInterrupt
             ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in ready:
                 part = refs[ref]
@@ -475,7 +483,8 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
         time.sleep(2.0)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     wall_s = time.monotonic() - t0
     attempts = _tell(tracker.snapshot.remote(), wait=True, timeout=30.0) or {}
