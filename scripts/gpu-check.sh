@@ -472,8 +472,43 @@ torch_python() {
     return 1
 }
 
+# One run of scripts/gpu/clip-vitb32-cuda.yaml for check NAME (started at T0) into DIR,
+# with `tf32` and `jpeg_draft` as given, nvidia-smi sampled while it runs. Appends the
+# run's figures to the caller's `kv`; on failure records NAME as failed and returns 1.
+vit_run() {
+    local name="$1" t0="$2" dir="$3" corpus="$4" model="$5" tf32="$6" draft="$7"
+    local rc smi_pid=""
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
+            >"$dir/smi.csv" 2>/dev/null &
+        smi_pid=$!
+    fi
+    log "$name: trustflow run on $VIT_EP ($NPROC workers, batch $VIT_BATCH, $VIT_SESSIONS sessions, tf32 $tf32, jpeg_draft $draft)"
+    TF_GPU_CORPUS="$corpus" TF_GPU_MODEL="$model" TF_GPU_OUT="$dir/out" TF_GPU_EP="$VIT_EP" \
+        TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" TF_GPU_BATCH="$VIT_BATCH" \
+        TF_GPU_TF32="$tf32" TF_GPU_JPEG_DRAFT="$draft" \
+        TRUSTFLOW_LOG="warn,trustflow_engine=info" \
+        run_logged "$dir/run.log" 300 "$BIN" run scripts/gpu/clip-vitb32-cuda.yaml --force --quiet
+    rc=$?
+    if [ -n "$smi_pid" ]; then
+        kill "$smi_pid" 2>/dev/null
+        wait "$smi_pid" 2>/dev/null
+        # Sampled every 0.5 s over the run (model loading included).
+        mapfile -t -O "${#kv[@]}" kv < <(awk -F', *' 'NF >= 2 { n++; u += $1; if ($1 > umax) umax = $1; if ($2 > m) m = $2 }
+            END { if (n) printf "gpu_util_mean_pct=%.1f\ngpu_util_max_pct=%d\ngpu_mem_max_mib=%d\n", u / n, umax, m }' \
+            "$dir/smi.csv")
+    fi
+    if [ "$rc" -ne 0 ]; then
+        record "$name" fail "$t0" --reason "the $VIT_EP run failed (exit $rc): $(tail_of "$dir/run.log")" "${kv[@]}"
+        return 1
+    fi
+    mapfile -t -O "${#kv[@]}" kv < <("${RECORD[@]}" report "$dir/out/_report.json" "run_" \
+        rows_in rows_out rows_quarantined wall_s rows_per_s cpu_utilisation peak_rss_bytes bottleneck steps)
+    kv+=("execution_provider=$VIT_EP" "models_on_cuda=$(providers_loaded "$dir/run.log" cuda)")
+}
+
 check_clip_vitb32() {
-    local t0 model corpus dir py rc smi_pid=""
+    local t0 model corpus dir py
     t0="$(now)"
     model="${TRUSTFLOW_VITB32_DIR:-$WORK/models/clip-vitb32-random}"
     # Absolute: the pipeline resolves a relative model path against its own folder.
@@ -510,32 +545,7 @@ check_clip_vitb32() {
         kv+=("gen_s=$(since "$tg")")
     fi
     kv+=("corpus_bytes=$(du -sb "$corpus" | cut -f1)")
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
-            >"$dir/smi.csv" 2>/dev/null &
-        smi_pid=$!
-    fi
-    log "clip_vitb32: trustflow run on $VIT_EP ($NPROC workers, batch $VIT_BATCH, $VIT_SESSIONS sessions)"
-    TF_GPU_CORPUS="$corpus" TF_GPU_MODEL="$model" TF_GPU_OUT="$dir/out" TF_GPU_EP="$VIT_EP" \
-        TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" TF_GPU_BATCH="$VIT_BATCH" \
-        TRUSTFLOW_LOG="warn,trustflow_engine=info" \
-        run_logged "$dir/run.log" 300 "$BIN" run scripts/gpu/clip-vitb32-cuda.yaml --force --quiet
-    rc=$?
-    if [ -n "$smi_pid" ]; then
-        kill "$smi_pid" 2>/dev/null
-        wait "$smi_pid" 2>/dev/null
-        # Sampled every 0.5 s over the run (model loading included).
-        mapfile -t -O "${#kv[@]}" kv < <(awk -F', *' 'NF >= 2 { n++; u += $1; if ($1 > umax) umax = $1; if ($2 > m) m = $2 }
-            END { if (n) printf "gpu_util_mean_pct=%.1f\ngpu_util_max_pct=%d\ngpu_mem_max_mib=%d\n", u / n, umax, m }' \
-            "$dir/smi.csv")
-    fi
-    if [ "$rc" -ne 0 ]; then
-        record clip_vitb32 fail "$t0" --reason "the $VIT_EP run failed (exit $rc): $(tail_of "$dir/run.log")" "${kv[@]}"
-        return
-    fi
-    mapfile -t -O "${#kv[@]}" kv < <("${RECORD[@]}" report "$dir/out/_report.json" "run_" \
-        rows_in rows_out rows_quarantined wall_s rows_per_s cpu_utilisation peak_rss_bytes bottleneck steps)
-    kv+=("execution_provider=$VIT_EP" "models_on_cuda=$(providers_loaded "$dir/run.log" cuda)")
+    vit_run clip_vitb32 "$t0" "$dir" "$corpus" "$model" false false || return 0
     record clip_vitb32 pass "$t0" "${kv[@]}"
     VIT_READY=("$corpus" "$model")
 }
@@ -579,7 +589,7 @@ EOF
 
 # The clip_vitb32 run again on its corpus and model, with TF32 and the JPEG draft decode.
 check_clip_vitb32_fast() {
-    local t0 dir rc
+    local t0 dir
     t0="$(now)"
     if [ "${#VIT_READY[@]}" -ne 2 ]; then
         record clip_vitb32_fast skip "$t0" --reason "clip_vitb32 did not pass"
@@ -589,19 +599,7 @@ check_clip_vitb32_fast() {
     rm -rf "$dir" && mkdir -p "$dir"
     local kv=("rows=$VIT_ROWS" "batch_size=$VIT_BATCH" "sessions=$VIT_SESSIONS" "workers=$NPROC"
         "tf32=true" "jpeg_draft=true")
-    log "clip_vitb32_fast: trustflow run on $VIT_EP with tf32 and jpeg_draft"
-    TF_GPU_CORPUS="${VIT_READY[0]}" TF_GPU_MODEL="${VIT_READY[1]}" TF_GPU_OUT="$dir/out" \
-        TF_GPU_EP="$VIT_EP" TF_GPU_WORKERS="$NPROC" TF_GPU_SESSIONS="$VIT_SESSIONS" \
-        TF_GPU_BATCH="$VIT_BATCH" TF_GPU_TF32=true TF_GPU_JPEG_DRAFT=true \
-        TRUSTFLOW_LOG="warn,trustflow_engine=info" \
-        run_logged "$dir/run.log" 300 "$BIN" run scripts/gpu/clip-vitb32-cuda.yaml --force --quiet
-    rc=$?
-    if [ "$rc" -ne 0 ]; then
-        record clip_vitb32_fast fail "$t0" --reason "the $VIT_EP run failed (exit $rc): $(tail_of "$dir/run.log")" "${kv[@]}"
-        return
-    fi
-    mapfile -t -O "${#kv[@]}" kv < <("${RECORD[@]}" report "$dir/out/_report.json" "run_" \
-        rows_in rows_out rows_quarantined wall_s rows_per_s cpu_utilisation peak_rss_bytes bottleneck steps)
+    vit_run clip_vitb32_fast "$t0" "$dir" "${VIT_READY[0]}" "${VIT_READY[1]}" true true || return 0
     record clip_vitb32_fast pass "$t0" "${kv[@]}"
 }
 
