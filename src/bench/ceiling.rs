@@ -181,14 +181,18 @@ pub(crate) fn models_rows_per_s(
     rates.into_iter().sum()
 }
 
+/// Rows the step `stage` passed on (0 when the run has no such step).
+fn scored_rows(steps: &[StepReport], stage: &str) -> u64 {
+    steps
+        .iter()
+        .find(|s| s.name == stage)
+        .map_or(0, |s| s.rows_out)
+}
+
 /// Rows the step `stage` passed on per second of the run's wall time: the end-to-end
 /// figure a model-only ceiling bounds.
 pub(crate) fn scored_rows_per_s(steps: &[StepReport], stage: &str, wall_s: f64) -> f64 {
-    let scored = steps
-        .iter()
-        .find(|s| s.name == stage)
-        .map_or(0, |s| s.rows_out);
-    scored as f64 / wall_s.max(1e-9)
+    scored_rows(steps, stage) as f64 / wall_s.max(1e-9)
 }
 
 pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
@@ -252,12 +256,9 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
         last = Some(report);
     }
     let (mc, me) = (mean(&ceiling), mean(&end_to_end));
-    let scored_rows = last.as_ref().map_or(0, |r| {
-        r.steps
-            .iter()
-            .find(|s| s.name == stage_name)
-            .map_or(0, |s| s.rows_out)
-    });
+    let last_scored = last
+        .as_ref()
+        .map_or(0, |r| scored_rows(&r.steps, &stage_name));
     Ok(CeilingReport {
         pipeline: opts.pipeline.clone(),
         stage: stage_name,
@@ -269,7 +270,7 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
         end_to_end_rows_per_s: end_to_end,
         end_to_end_input_rows_per_s: end_to_end_input,
         end_to_end_rows: last.as_ref().map_or(0, |r| r.rows_in),
-        end_to_end_scored_rows: scored_rows,
+        end_to_end_scored_rows: last_scored,
         min_calls: opts.calls,
         min_seconds: opts.min_seconds,
         mean_ceiling_rows_per_s: mc,
