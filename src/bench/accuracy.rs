@@ -323,6 +323,7 @@ pub fn enrich_domain(
                 opts.data.join(domain).join("train").display().to_string(),
             ]),
             out_dir: Some(out_dir.clone()),
+            ..Overrides::default()
         },
     )?;
     let report = execute(plan, RunOptions::default())?;

@@ -199,6 +199,7 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
     let overrides = Overrides {
         inputs: None,
         out_dir: Some(opts.scratch.clone()),
+        ..Overrides::default()
     };
     let probe = plan::load_and_plan(&opts.pipeline, &overrides)?;
     let base = probe.pipeline.base_dir().to_path_buf();

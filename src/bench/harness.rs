@@ -947,6 +947,7 @@ pub fn run_spec_with(
         &Overrides {
             inputs: Some(inputs.clone()),
             out_dir: Some(engine_out.clone()),
+            ..Overrides::default()
         },
     )?;
     let step_names = step_names(&probe);
@@ -1395,6 +1396,7 @@ fn engine_run(pipeline: &Path, inputs: &[String], out: &Path, rep: usize) -> Res
         &Overrides {
             inputs: Some(inputs.to_vec()),
             out_dir: Some(out.to_path_buf()),
+            ..Overrides::default()
         },
     )?;
     let startup_s = t0.elapsed().as_secs_f64();
@@ -2070,6 +2072,7 @@ fn scaling_run_in_process(pipeline: &Path, corpus: &Path, out: &Path) -> Result<
         &Overrides {
             inputs: Some(vec![corpus.to_string_lossy().into_owned()]),
             out_dir: Some(out.to_path_buf()),
+            ..Overrides::default()
         },
     )?;
     reset_peak_rss();

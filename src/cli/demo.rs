@@ -65,6 +65,7 @@ fn engine_demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
     let overrides = Overrides {
         inputs: Some(vec![corpus.to_string_lossy().into_owned()]),
         out_dir: Some(enriched.clone()),
+        ..Overrides::default()
     };
     let plan = plan::build(pipeline, &overrides)?;
     let report = run_with_progress(plan, true, None, None, false)?;

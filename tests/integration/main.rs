@@ -18,5 +18,6 @@ mod losses;
 mod metrics;
 mod report;
 mod s3;
+mod s3_scale;
 mod train;
 mod untrusted;

@@ -91,6 +91,15 @@ impl Fingerprint {
         }
     }
 
+    /// The ETag of an object's fingerprint (None for a local file, or a store that
+    /// gave none).
+    pub fn etag(&self) -> Option<String> {
+        self.tail_sha256
+            .strip_prefix("etag:")
+            .filter(|tag| !tag.is_empty())
+            .map(str::to_string)
+    }
+
     /// [`Fingerprint::of`] plus a SHA-256 of the whole file, in one sequential read: the
     /// tail hash comes from the last 64 KiB of that same read, so the file is not read
     /// twice (its values are those of `of`, which manifests compare against).

@@ -147,6 +147,12 @@ pub enum Error {
         source: datafusion::error::DataFusionError,
     },
 
+    /// A part's shard list (`--shards`) was planned for another pipeline, or names
+    /// shards that are not the part's: retrying cannot help, the job must be planned
+    /// again (exit code 2, which the cluster runner does not retry).
+    #[error("{path}: {message}")]
+    StalePlan { path: PathBuf, message: String },
+
     /// A broken invariant of the engine itself (a bug, not a user error).
     #[error("internal error (please report it): {0}")]
     Internal(String),
@@ -154,11 +160,13 @@ pub enum Error {
 
 impl Error {
     /// The process exit code this error ends a command with: 130 cancelled by a signal,
-    /// 3 finished with unreadable input shards skipped, 1 anything else.
+    /// 3 finished with unreadable input shards skipped, 2 a stale shard list (plan
+    /// again), 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Cancelled => 130,
             Error::Incomplete { .. } => 3,
+            Error::StalePlan { .. } => 2,
             _ => 1,
         }
     }

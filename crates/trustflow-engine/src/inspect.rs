@@ -140,13 +140,33 @@ pub(crate) struct Listing {
     pub reports: Vec<String>,
 }
 
+/// The files under `dir`, by `/`-joined path relative to `root`, at every depth but in
+/// folders named `.*` or `_*` (outputs keep the subfolders their inputs were found in).
+fn relative_files(root: &Path, dir: &Path, names: &mut Vec<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if !name.starts_with('.') && !name.starts_with('_') {
+                relative_files(root, &entry.path(), names)?;
+            }
+        } else if let Ok(relative) = entry.path().strip_prefix(root) {
+            let parts: Vec<String> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            names.push(parts.join("/"));
+        }
+    }
+    Ok(())
+}
+
 /// List a local output folder.
 pub(crate) fn list(out_dir: &Path) -> Result<Listing> {
-    let entries = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let mut names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names = Vec::new();
+    relative_files(out_dir, out_dir, &mut names)?;
     names.sort();
     let mut listing = Listing {
         finished: Vec::new(),
@@ -161,7 +181,8 @@ pub(crate) fn list(out_dir: &Path) -> Result<Listing> {
         let Some(stem) = name.strip_suffix(".parquet") else {
             continue;
         };
-        if name.starts_with('.') || name.ends_with(crate::columns::QUARANTINE_SUFFIX) {
+        let file_name = name.rsplit('/').next().unwrap_or(&name);
+        if file_name.starts_with('.') || name.ends_with(crate::columns::QUARANTINE_SUFFIX) {
             continue;
         }
         match Manifest::read(&Manifest::path_for(out_dir, stem)) {

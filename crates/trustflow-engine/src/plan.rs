@@ -26,6 +26,14 @@ pub struct Overrides {
     /// Replace `sink.path`.
     #[cfg_attr(feature = "cli", arg(long = "out", value_name = "DIR"))]
     pub out_dir: Option<PathBuf>,
+    /// Process exactly the shards a driver planned for this part (a JSON file: the
+    /// plan's pipeline hash, `part: [I, N]` and the shards); nothing is listed and only
+    /// their footers are read. Instead of `--input` and `--part`.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "shards", value_name = "FILE", conflicts_with = "inputs")
+    )]
+    pub shards: Option<PathBuf>,
 }
 
 /// A pipeline ready to run.
@@ -41,6 +49,9 @@ pub struct Plan {
     /// Hash of everything in the spec that can change output values (not paths,
     /// workers or queue depths); part of every manifest.
     pub pipeline_hash: String,
+    /// `Some((I, N))` when the shards came from a driver's list for part I of N
+    /// (`--shards`): the run processes them all, as that part.
+    pub listed_part: Option<(usize, usize)>,
 }
 
 /// Parse, check and plan `file`.
@@ -51,7 +62,17 @@ pub fn load_and_plan(file: &std::path::Path, overrides: &Overrides) -> Result<Pl
 }
 
 pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
-    let source = source::plan(&pipeline, overrides.inputs.as_deref())?;
+    let list = overrides
+        .shards
+        .as_deref()
+        .map(source::ShardList::read)
+        .transpose()?;
+    let choice = match (&list, &overrides.inputs) {
+        (Some(list), _) => source::ShardChoice::Listed(list),
+        (None, Some(paths)) => source::ShardChoice::Paths(paths),
+        (None, None) => source::ShardChoice::Spec,
+    };
+    let source = source::plan(&pipeline, choice)?;
     let spec = &pipeline.spec;
 
     let mut issues = Vec::new();
@@ -148,7 +169,11 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
         .filter_map(|slot| slot.stage.content_digest())
         .collect();
     let pipeline_hash = pipeline_hash(spec, &digests);
+    if let (Some(list), Some(file)) = (&list, &overrides.shards) {
+        list.check_hash(file, &pipeline_hash)?;
+    }
     Ok(Plan {
+        listed_part: list.as_ref().map(|l| l.part),
         source,
         stages,
         sink_schema: Arc::new(Schema::new(kept)),

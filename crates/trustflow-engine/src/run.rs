@@ -143,30 +143,105 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
 
 /// Run `plan` to completion. On error or cancellation, shards already finished keep
 /// their outputs and manifests; the others leave nothing under a final name.
-pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
-    let out_dir = plan.out_dir.clone();
-    let folder = OutputFolder::new(&out_dir, plan.source.storage.clone())?;
+pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
+    // A driver's list names the part and holds only its shards.
+    let filter_part = options.part.filter(|_| plan.listed_part.is_none());
+    options.part = options.part.or(plan.listed_part);
+    let folder = OutputFolder::new(&plan.out_dir, plan.source.storage.clone())?;
     folder.prepare()?;
     // Held until the run returns: a second writer is refused before it can touch
     // this run's temporary files.
     let _lock = sink::lock::lock_folder(&folder, options.part)?;
     let cpu_start = runtime::metrics::process_cpu_seconds();
 
-    let mut todo = Vec::new();
-    let mut reports: Vec<(usize, ShardReport)> = Vec::new();
-    // What the manifests of the shards run now will record (with the whole-file hash
-    // under `resume.verify: full`).
-    let mut fingerprints: std::collections::HashMap<usize, Fingerprint> = Default::default();
+    let resume = decide_resume(&plan, &folder, options.force, filter_part)?;
+    let skipped = resume.done.len();
+    let processed = resume.todo.len();
+    tracing::info!("{processed} shard(s) to process, {skipped} already done");
+    let mut sink = parquet_sink(&plan, folder.clone(), resume.fingerprints);
+    let topology = Topology {
+        source: Box::new(plan.source.clone()),
+        shards: resume.todo,
+        stages: plan.stages,
+        queue_depth: plan.pipeline.spec.runtime.queue_depth,
+    };
+    let stats = runtime::run(
+        topology,
+        &mut sink,
+        options.cancel.clone(),
+        Duration::from_millis(250),
+        options.on_progress.as_deref(),
+    )?;
+    let mut reports = resume.done;
+    for (index, manifest) in sink.take_finished() {
+        if let Some(shard) = plan.source.shards.get(index) {
+            reports.push((
+                index,
+                shard_report(&shard.stem, &shard.path, ShardStatus::Done, &manifest),
+            ));
+        }
+    }
+    reports.sort_by_key(|(i, _)| *i);
+    let ran = Ran {
+        shards: reports.into_iter().map(|(_, r)| r).collect(),
+        skipped,
+        processed,
+        stats,
+        cpu_start,
+    };
+    let report_path = match &options.report_path {
+        Some(path) => path.clone(),
+        None => folder.display(&report_name(options.part)),
+    };
+    let report = build_report(
+        &plan.pipeline,
+        &plan.pipeline_hash,
+        &plan.source,
+        &plan.out_dir,
+        report_path,
+        ran,
+    );
+    let text =
+        serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report.report, e))?;
+    match &options.report_path {
+        Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
+        None => folder.put_small(&report_name(options.part), text.as_bytes())?,
+    }
+    folder.finish();
+    Ok(report)
+}
+
+/// What resume decided: shards already done (with their reports), shards to process,
+/// and the fingerprints their manifests will record.
+struct Resume {
+    done: Vec<(usize, ShardReport)>,
+    todo: Vec<usize>,
+    fingerprints: std::collections::HashMap<usize, Fingerprint>,
+}
+
+/// For each shard of this run (`part`: I of N, shards with index % N == I), skip it if
+/// its manifest matches, else clear what an earlier run left of it and schedule it.
+fn decide_resume(
+    plan: &Plan,
+    folder: &OutputFolder,
+    force: bool,
+    part: Option<(usize, usize)>,
+) -> Result<Resume> {
+    let mut resume = Resume {
+        done: Vec::new(),
+        todo: Vec::new(),
+        fingerprints: Default::default(),
+    };
     for shard in &plan.source.shards {
-        if let Some((part, count)) = options.part
-            && shard.index % count != part
+        if let Some((part, count)) = part
+            && shard.index_in_job % count != part
         {
             continue;
         }
-        let manifest = Manifest::read_from(&folder, &shard.stem);
-        let may_skip = manifest.as_ref().is_some_and(|m| {
-            !options.force && m.input_fingerprint.still_matches(&shard.fingerprint)
-        });
+        let manifest = Manifest::read_from(folder, &shard.stem);
+        let may_skip = manifest
+            .as_ref()
+            .is_some_and(|m| !force && m.input_fingerprint.still_matches(&shard.fingerprint));
         let fingerprint = match plan.pipeline.spec.resume.verify {
             ResumeVerify::Quick => shard.fingerprint.clone(),
             // Verifying a finished shard takes reading it whole; a shard to process is
@@ -177,8 +252,8 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             ResumeVerify::Full => shard.fingerprint.clone(),
         };
         match manifest {
-            Some(m) if !options.force && m.matches(&folder, &plan.pipeline_hash, &fingerprint) => {
-                reports.push((
+            Some(m) if !force && m.matches(folder, &plan.pipeline_hash, &fingerprint) => {
+                resume.done.push((
                     shard.index,
                     shard_report(&shard.stem, &shard.path, ShardStatus::Skipped, &m),
                 ));
@@ -187,70 +262,68 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
                 // Whatever a previous run left for this shard is stale now.
                 folder.clean_up_after(&shard.stem);
                 folder.remove(&crate::columns::manifest_name(&shard.stem));
-                todo.push(shard.index);
-                fingerprints.insert(shard.index, fingerprint);
+                resume.todo.push(shard.index);
+                resume.fingerprints.insert(shard.index, fingerprint);
             }
         }
     }
-    let skipped = reports.len();
-    tracing::info!("{} shard(s) to process, {skipped} already done", todo.len());
+    Ok(resume)
+}
 
-    let sink = ParquetSink::new(
+/// The sink of `plan`'s shards, each manifest to record `fingerprints` where given.
+fn parquet_sink(
+    plan: &Plan,
+    folder: OutputFolder,
+    mut fingerprints: std::collections::HashMap<usize, Fingerprint>,
+) -> ParquetSink {
+    let targets = plan
+        .source
+        .shards
+        .iter()
+        .map(|s| sink::ShardTarget {
+            stem: s.stem.clone(),
+            input: s.path.clone(),
+            fingerprint: fingerprints
+                .remove(&s.index)
+                .unwrap_or_else(|| s.fingerprint.clone()),
+            quarantine_schema: s.quarantine_schema(),
+            image_column: s.mapping.image_bytes_column().map(str::to_string),
+            source_columns: s
+                .mapping
+                .columns
+                .iter()
+                .map(|(logical, physical)| (logical.to_string(), physical.clone()))
+                .collect(),
+        })
+        .collect();
+    ParquetSink::new(
         &plan.pipeline.spec.sink,
-        folder.clone(),
+        folder,
         plan.sink_schema.clone(),
         plan.pipeline_hash.clone(),
-        plan.source
-            .shards
-            .iter()
-            .map(|s| sink::ShardTarget {
-                stem: s.stem.clone(),
-                input: s.path.clone(),
-                fingerprint: fingerprints
-                    .remove(&s.index)
-                    .unwrap_or_else(|| s.fingerprint.clone()),
-                quarantine_schema: s.quarantine_schema(),
-                image_column: s.mapping.image_bytes_column().map(str::to_string),
-                source_columns: s
-                    .mapping
-                    .columns
-                    .iter()
-                    .map(|(logical, physical)| (logical.to_string(), physical.clone()))
-                    .collect(),
-            })
-            .collect(),
-    );
-    let finished = sink.finished.clone();
-    let processed = todo.len();
-    let mut source = plan.source.clone();
-    source.hash_inputs = plan.pipeline.spec.resume.verify == ResumeVerify::Full;
-    let topology = Topology {
-        source: Box::new(source),
-        shards: todo,
-        stages: plan.stages,
-        queue_depth: plan.pipeline.spec.runtime.queue_depth,
-    };
-    let stats = runtime::run(
-        topology,
-        Box::new(sink),
-        options.cancel.clone(),
-        Duration::from_millis(250),
-        options.on_progress.as_deref(),
-    )?;
+        targets,
+    )
+}
 
-    if let Ok(done) = finished.lock() {
-        for (index, manifest) in done.iter() {
-            if let Some(shard) = plan.source.shards.get(*index) {
-                reports.push((
-                    *index,
-                    shard_report(&shard.stem, &shard.path, ShardStatus::Done, manifest),
-                ));
-            }
-        }
-    }
-    reports.sort_by_key(|(i, _)| *i);
-    let shards: Vec<ShardReport> = reports.into_iter().map(|(_, r)| r).collect();
+/// What a run did, for its report.
+struct Ran {
+    /// Every shard of the run, done now or skipped, in index order.
+    shards: Vec<ShardReport>,
+    skipped: usize,
+    processed: usize,
+    stats: runtime::RunStats,
+    cpu_start: Option<f64>,
+}
 
+fn build_report(
+    pipeline: &crate::spec::LoadedPipeline,
+    pipeline_hash: &str,
+    source: &crate::source::SourcePlan,
+    out_dir: &Path,
+    report: PathBuf,
+    ran: Ran,
+) -> RunReport {
+    let shards = ran.shards;
     let mut totals = ShardCounts::default();
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for s in &shards {
@@ -261,14 +334,50 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             *reasons.entry(k.clone()).or_default() += v;
         }
     }
-    let snap = stats.snapshot;
-    let processed_rows: u64 = stats.shards.iter().map(|(_, c)| c.rows_in).sum();
-    let cpu_seconds = match (cpu_start, runtime::metrics::process_cpu_seconds()) {
+    let snap = ran.stats.snapshot;
+    let processed_rows: u64 = ran.stats.shards.iter().map(|(_, c)| c.rows_in).sum();
+    let cpu_seconds = match (ran.cpu_start, runtime::metrics::process_cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let mut unreadable: Vec<UnreadableShard> = plan
-        .source
+    let unreadable = unreadable_inputs(source, &ran.stats.unreadable, &shards);
+    RunReport {
+        pipeline: pipeline.name(),
+        pipeline_file: pipeline.file.clone(),
+        pipeline_hash: pipeline_hash.to_string(),
+        out_dir: out_dir.to_path_buf(),
+        report,
+        wall_s: snap.elapsed_s,
+        rows_in: totals.rows_in,
+        rows_out: totals.rows_out,
+        rows_quarantined: totals.rows_quarantined,
+        invariant_holds: shards.iter().all(|s| s.invariant_holds),
+        shards_processed: ran.processed - ran.stats.unreadable.len(),
+        shards_skipped: ran.skipped,
+        unreadable,
+        rows_per_s: processed_rows as f64 / snap.elapsed_s.max(1e-9),
+        cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),
+        cpu_seconds,
+        peak_rss_bytes: runtime::metrics::peak_rss_bytes(),
+        storage: Some(source.storage.stats()).filter(|s| s.requests > 0),
+        peak_rows_in_flight: snap.peak_rows_in_flight,
+        peak_bytes_in_flight: snap.peak_bytes_in_flight,
+        bottleneck: snap.bottleneck.clone(),
+        steps: snap.steps,
+        quarantine_reasons: reasons,
+        shards,
+        queue_samples: ran.stats.queue_samples,
+    }
+}
+
+/// Inputs the run could not read: those found unreadable at planning, those skipped
+/// while read, and the parts of finished shards (now or earlier) that were skipped.
+fn unreadable_inputs(
+    source: &crate::source::SourcePlan,
+    skipped_while_read: &[runtime::Unreadable],
+    shards: &[ShardReport],
+) -> Vec<UnreadableShard> {
+    let mut unreadable: Vec<UnreadableShard> = source
         .unreadable
         .iter()
         .map(|(input, reason)| UnreadableShard {
@@ -277,8 +386,8 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             reason: reason.clone(),
         })
         .collect();
-    for (index, reason) in &stats.unreadable {
-        if let Some(shard) = plan.source.shards.get(*index) {
+    for (index, reason) in skipped_while_read {
+        if let Some(shard) = source.shards.get(*index) {
             unreadable.push(UnreadableShard {
                 input: shard.path.clone(),
                 row_group: None,
@@ -286,8 +395,8 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             });
         }
     }
-    // Shards done but not whole (now or by an earlier run): the outputs lack rows.
-    for shard in &shards {
+    // Shards done but not whole: the outputs lack rows.
+    for shard in shards {
         for part in &shard.skipped {
             unreadable.push(UnreadableShard {
                 input: shard.input.clone(),
@@ -296,44 +405,7 @@ pub fn execute(plan: Plan, options: RunOptions) -> Result<RunReport> {
             });
         }
     }
-    let report = RunReport {
-        pipeline: plan.pipeline.name(),
-        pipeline_file: plan.pipeline.file.clone(),
-        pipeline_hash: plan.pipeline_hash.clone(),
-        out_dir: out_dir.clone(),
-        report: match &options.report_path {
-            Some(path) => path.clone(),
-            None => folder.display(&report_name(options.part)),
-        },
-        wall_s: snap.elapsed_s,
-        rows_in: totals.rows_in,
-        rows_out: totals.rows_out,
-        rows_quarantined: totals.rows_quarantined,
-        invariant_holds: shards.iter().all(|s| s.invariant_holds),
-        shards_processed: processed - stats.unreadable.len(),
-        shards_skipped: skipped,
-        unreadable,
-        rows_per_s: processed_rows as f64 / snap.elapsed_s.max(1e-9),
-        cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),
-        cpu_seconds,
-        peak_rss_bytes: runtime::metrics::peak_rss_bytes(),
-        storage: Some(plan.source.storage.stats()).filter(|s| s.requests > 0),
-        peak_rows_in_flight: snap.peak_rows_in_flight,
-        peak_bytes_in_flight: snap.peak_bytes_in_flight,
-        bottleneck: snap.bottleneck.clone(),
-        steps: snap.steps,
-        quarantine_reasons: reasons,
-        shards,
-        queue_samples: stats.queue_samples,
-    };
-    let text =
-        serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report.report, e))?;
-    match &options.report_path {
-        Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
-        None => folder.put_small(&report_name(options.part), text.as_bytes())?,
-    }
-    folder.finish();
-    Ok(report)
+    unreadable
 }
 
 impl std::fmt::Display for RunReport {

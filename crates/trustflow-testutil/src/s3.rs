@@ -213,6 +213,154 @@ impl S3Server {
     }
 }
 
+/// `key` as a URL path: each `/`-separated segment percent-encoded (every byte but
+/// the unreserved ones), so that any key can be put and fetched behind the engine's
+/// back.
+pub fn url_key(key: &str) -> String {
+    key.split('/')
+        .map(|segment| {
+            segment
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// How the latency stand-in in front of a server behaves (scripts/s3_proxy.py).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Added to every request, paid concurrently by concurrent requests.
+    pub delay_ms: u64,
+    /// Share of requests (0..1) failed before they reach the server.
+    pub fail_share: f64,
+    /// `slowdown` (503 SlowDown), `reset` (connection reset), or both, comma-separated.
+    pub fail_kinds: String,
+    pub seed: u64,
+}
+
+/// scripts/s3_proxy.py in front of an [`S3Server`]: every request pays a latency, and
+/// a share of them can fail the way S3 fails. Stopped when dropped.
+pub struct S3Proxy {
+    child: Child,
+    pub endpoint: String,
+    stats_file: PathBuf,
+    _dir: tempfile_dir::Dir,
+}
+
+mod tempfile_dir {
+    /// A folder removed on drop (the proxy's stats file lives in it).
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl S3Server {
+    /// Start the latency and fault stand-in in front of this server.
+    pub fn behind_proxy(&self, options: &ProxyOptions) -> S3Proxy {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!(
+            "trustflow-s3proxy-{}-{}",
+            std::process::id(),
+            self.port
+        ));
+        std::fs::create_dir_all(&dir).expect("proxy folder");
+        let stats_file = dir.join(format!("stats-{}.json", options.seed));
+        let script = crate::repo_root().join("scripts/s3_proxy.py");
+        let mut command = Command::new("python3");
+        command
+            .arg(&script)
+            .args(["--upstream", &self.endpoint()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--delay-ms", &options.delay_ms.to_string()])
+            .args(["--fail-share", &options.fail_share.to_string()])
+            .args(["--seed", &options.seed.to_string()])
+            .arg("--stats-file")
+            .arg(&stats_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if !options.fail_kinds.is_empty() {
+            command.args(["--fail-kinds", &options.fail_kinds]);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("start scripts/s3_proxy.py");
+        let stdout = child.stdout.take().expect("proxy stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the proxy's first line");
+        let endpoint = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("the proxy said {line:?}, expected `listening URL`"))
+            .to_string();
+        S3Proxy {
+            child,
+            endpoint,
+            stats_file,
+            _dir: tempfile_dir::Dir(dir),
+        }
+    }
+}
+
+impl S3Proxy {
+    /// The environment a trustflow process needs to reach the server through the proxy.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+        ]
+    }
+
+    /// Apply [`Self::env`] to a command, clearing any AWS setting of the caller's.
+    pub fn configure<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(self.env())
+    }
+
+    /// Stop the proxy (SIGTERM: it writes its final counts) and return its counts
+    /// (`requests`, `forwarded`, `failed_slowdown`, `failed_reset`, ...).
+    pub fn stop(&mut self) -> serde_json::Value {
+        // SAFETY: a plain signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.stats_file).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for S3Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -145,6 +145,11 @@ pub trait BatchSource: Send + Sync {
     fn skip_unreadable(&self) -> bool {
         false
     }
+    /// The shards will be opened in this order: a source may start fetching them
+    /// (bounded) so that opening finds them ready.
+    fn read_ahead(&self, _order: &[usize]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One shard being read.
@@ -185,6 +190,11 @@ pub trait Sink: Send {
     fn discard_shard(&mut self, shard: usize);
     /// The run is stopping: discard every shard not finished.
     fn abort(&mut self);
+    /// Every shard is finished or discarded: complete what is still pending (such as
+    /// uploads going on in the background) and report its first failure.
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A built stage with its parallelism.
@@ -255,7 +265,7 @@ impl Shared {
 /// is called about every `progress_every` from a monitor thread.
 pub fn run(
     topology: Topology,
-    sink: Box<dyn Sink>,
+    sink: &mut dyn Sink,
     cancel: CancelToken,
     progress_every: Duration,
     on_progress: Option<&(dyn Fn(&RunSnapshot) + Sync)>,
@@ -513,6 +523,7 @@ fn read_all(
     metrics: &StepMetrics,
     shared: &Shared,
 ) -> Result<()> {
+    source.read_ahead(shards)?;
     for &index in shards {
         match read_shard(source, index, tx, metrics, shared) {
             Ok(true) => {}
@@ -757,7 +768,7 @@ struct ShardProgress {
 }
 
 fn sink_worker(
-    mut sink: Box<dyn Sink>,
+    sink: &mut dyn Sink,
     rx: &Inlet<'_>,
     source: &dyn BatchSource,
     metrics: &StepMetrics,
@@ -846,6 +857,11 @@ fn sink_worker(
                 finished.push((shard_index, counts));
                 shared.shards_done.fetch_add(1, Relaxed);
             }
+            StepMetrics::add(&metrics.busy_ns, t0.elapsed());
+        }
+        if open.is_empty() && !shared.cancel.is_cancelled() {
+            let t0 = Instant::now();
+            sink.close()?;
             StepMetrics::add(&metrics.busy_ns, t0.elapsed());
         }
         Ok(())

@@ -129,16 +129,23 @@ impl OutputFolder {
                     .map(|()| size)
                     .map_err(|e| Error::io(&target, e))
             }
-            Some((uri, storage)) => self.upload(storage, &uri, tmp, size).map(|()| size),
+            Some((uri, storage)) => self.upload(storage, &uri, name, tmp, size).map(|()| size),
         });
         let _ = std::fs::remove_file(tmp);
         committed
     }
 
-    fn upload(&self, storage: &Storage, uri: &ObjectUri, file: &Path, size: u64) -> Result<()> {
+    fn upload(
+        &self,
+        storage: &Storage,
+        uri: &ObjectUri,
+        name: &str,
+        file: &Path,
+        size: u64,
+    ) -> Result<()> {
         let part_bytes = storage.spec().part_bytes.max(storage::MIN_PART_BYTES);
         let store = storage.store(uri)?;
-        let path = uri.object_path();
+        let path = uri.object_path()?;
         let read_error = |e: std::io::Error| Error::io(file, e);
         let mut reader = std::fs::File::open(file).map_err(read_error)?;
         if size <= part_bytes as u64 {
@@ -155,7 +162,8 @@ impl OutputFolder {
         let id = storage
             .block_on(store.create_multipart(&path))?
             .map_err(|e| storage.error(uri, "cannot start a multipart upload", e))?;
-        let marker = self.upload_marker(uri.name());
+        // Named by the output's own relative name: `a/part-0` and `b/part-0` differ.
+        let marker = self.upload_marker(name);
         let record = PendingUpload {
             key: uri.key.clone(),
             upload_id: id.clone(),
@@ -211,10 +219,11 @@ impl OutputFolder {
                             key: pending.key,
                         };
                         tracing::info!("aborting the unfinished upload of {target}");
-                        if let Ok(store) = storage.store(&target) {
-                            let _ = storage.block_on(
-                                store.abort_multipart(&target.object_path(), &pending.upload_id),
-                            );
+                        if let (Ok(store), Ok(path)) =
+                            (storage.store(&target), target.object_path())
+                        {
+                            let _ =
+                                storage.block_on(store.abort_multipart(&path, &pending.upload_id));
                         }
                     }
                     self.remove(&marker);
@@ -229,10 +238,11 @@ impl OutputFolder {
             None => write_atomically(&self.display(name), bytes),
             Some((uri, storage)) => {
                 let store = storage.store(&uri)?;
+                let path = uri.object_path()?;
                 let payload = PutPayload::from(bytes.to_vec());
                 storage.block_on(async {
                     store
-                        .put(&uri.object_path(), payload)
+                        .put(&path, payload)
                         .await
                         .map(|_| ())
                         .map_err(|e| storage.error(&uri, "cannot write", e))
@@ -264,7 +274,7 @@ impl OutputFolder {
                 use object_store::{ObjectStore, PutMode, PutOptions};
                 let store = storage.store(&uri)?;
                 let put = storage.block_on(store.put_opts(
-                    &uri.object_path(),
+                    &uri.object_path()?,
                     PutPayload::from(bytes.to_vec()),
                     PutOptions::from(PutMode::Create),
                 ))?;
@@ -284,9 +294,10 @@ impl OutputFolder {
             None => std::fs::read(self.display(name)).ok(),
             Some((uri, storage)) => {
                 let store = storage.store(&uri).ok()?;
+                let path = uri.object_path().ok()?;
                 storage
                     .block_on(async {
-                        let got = store.get(&uri.object_path()).await.ok()?;
+                        let got = store.get(&path).await.ok()?;
                         got.bytes().await.ok()
                     })
                     .ok()
@@ -315,8 +326,8 @@ impl OutputFolder {
                 let _ = std::fs::remove_file(self.display(name));
             }
             Some((uri, storage)) => {
-                if let Ok(store) = storage.store(&uri) {
-                    let _ = storage.block_on(store.delete(&uri.object_path()));
+                if let (Ok(store), Ok(path)) = (storage.store(&uri), uri.object_path()) {
+                    let _ = storage.block_on(store.delete(&path));
                 }
             }
         }
@@ -375,6 +386,9 @@ fn fill(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
 /// Write `bytes` to `path` through a synced temporary file and a rename; a failure
 /// (a full disk) leaves nothing behind.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     let tmp = super::tmp_path(path);
     let written = std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())

@@ -40,9 +40,14 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
-/// Remove temporary files a killed run left for `stem` (any process id).
+/// Remove temporary files a killed run left for `stem` (any process id). A stem may
+/// name a subfolder (`year=2024/part-0`): its files are in that folder.
 pub fn remove_stale_tmp(out_dir: &Path, stem: &str) {
-    let Ok(entries) = std::fs::read_dir(out_dir) else {
+    let (folder, stem) = match stem.rsplit_once('/') {
+        Some((folder, last)) => (out_dir.join(folder), last),
+        None => (out_dir.to_path_buf(), stem),
+    };
+    let Ok(entries) = std::fs::read_dir(&folder) else {
         return;
     };
     let prefixes = crate::columns::output_names(stem).map(|name| format!(".{name}."));
@@ -77,6 +82,23 @@ pub struct ShardTarget {
     pub source_columns: BTreeMap<String, String>,
 }
 
+/// A shard whose files are written and closed, waiting to be committed.
+struct ClosedShard {
+    target: ShardTarget,
+    out_tmp: PathBuf,
+    quarantine_tmp: PathBuf,
+    reasons: BTreeMap<String, u64>,
+    counts: ShardCounts,
+    ending: ShardEnding,
+}
+
+/// Commits going on in the background (to a store: uploads while the next shards are
+/// processed), at most `limit` at once.
+struct Commits {
+    limit: usize,
+    running: std::collections::VecDeque<std::thread::JoinHandle<Result<(usize, Manifest)>>>,
+}
+
 /// The Parquet [`Sink`].
 pub struct ParquetSink {
     /// The source's shards, by index.
@@ -87,8 +109,10 @@ pub struct ParquetSink {
     row_group_bytes: usize,
     pipeline_hash: String,
     open: HashMap<usize, OpenShard>,
+    /// For a store: uploads in the background. None: commit in place (a rename).
+    commits: Option<Commits>,
     /// Manifests of the shards finished by this run, by shard index.
-    pub finished: std::sync::Arc<std::sync::Mutex<Vec<(usize, Manifest)>>>,
+    finished: Vec<(usize, Manifest)>,
 }
 
 impl ParquetSink {
@@ -109,6 +133,13 @@ impl ParquetSink {
             .set_max_row_group_row_count(Some(spec.row_group_rows.max(1)))
             .set_created_by(format!("trustflow {}", env!("CARGO_PKG_VERSION")))
             .build();
+        let commits = match &folder {
+            OutputFolder::Local(_) => None,
+            OutputFolder::Remote { storage, .. } => Some(Commits {
+                limit: storage.spec().uploads_in_flight.max(1),
+                running: Default::default(),
+            }),
+        };
         ParquetSink {
             shards,
             folder,
@@ -117,11 +148,16 @@ impl ParquetSink {
             row_group_bytes: spec.row_group_bytes,
             pipeline_hash,
             open: HashMap::new(),
+            commits,
             finished: Default::default(),
         }
     }
 
     fn writer(&self, path: &Path, schema: &SchemaRef) -> Result<ArrowWriter<File>> {
+        // A shard found in a subfolder keeps it under the output folder.
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
         ArrowWriter::try_new(file, schema.clone(), Some(self.props.clone()))
             .map_err(|e| Error::output(path, e))
@@ -213,63 +249,49 @@ impl Sink for ParquetSink {
     ) -> Result<()> {
         // A shard whose every batch was empty still gets (empty) outputs.
         self.open_shard(index)?;
-        let shard = self.target(index)?;
+        let target = self.target(index)?;
         let Some(open) = self.open.remove(&index) else {
             return Err(Error::Internal("shard writer vanished".into()));
         };
-        let (out_name, quarantine_name) = (output_name(&shard.stem), quarantine_name(&shard.stem));
-        let (out_tmp, quarantine_tmp) = (open.out_tmp.clone(), open.quarantine_tmp.clone());
-        let closed =
-            close(open.out, &out_tmp).and_then(|()| close(open.quarantine, &quarantine_tmp));
-        let committed = closed.and_then(|()| {
-            let out_bytes = self.folder.commit_file(&out_tmp, &out_name)?;
-            let quarantine_bytes = self.folder.commit_file(&quarantine_tmp, &quarantine_name)?;
-            Ok((out_bytes, quarantine_bytes))
-        });
-        let (out_bytes, quarantine_bytes) = match committed {
-            Ok(sizes) => sizes,
-            Err(e) => {
-                // The writer is out of `open` now, so `abort` would not see its files; a
-                // full disk must not leave them (or a lone output without its manifest).
-                for tmp in [&out_tmp, &quarantine_tmp] {
-                    let _ = std::fs::remove_file(tmp);
-                }
-                self.folder.remove(&out_name);
-                self.folder.remove(&quarantine_name);
-                return Err(e);
-            }
+        let closed = ClosedShard {
+            target,
+            out_tmp: open.out_tmp.clone(),
+            quarantine_tmp: open.quarantine_tmp.clone(),
+            reasons: open.reasons,
+            counts,
+            ending: ending.clone(),
         };
-        let manifest = Manifest {
-            trustflow_version: env!("CARGO_PKG_VERSION").into(),
-            pipeline_hash: self.pipeline_hash.clone(),
-            input: shard.input.clone(),
-            input_fingerprint: Fingerprint {
-                // The hash of the bytes this run processed, when its read took one.
-                content_sha256: ending
-                    .content_sha256
-                    .clone()
-                    .or_else(|| shard.fingerprint.content_sha256.clone()),
-                ..shard.fingerprint.clone()
-            },
-            rows_in: counts.rows_in,
-            rows_out: counts.rows_out,
-            rows_quarantined: counts.rows_quarantined,
-            output: manifest::FileEntry {
-                file: out_name,
-                bytes: out_bytes,
-            },
-            quarantine: manifest::FileEntry {
-                file: quarantine_name,
-                bytes: quarantine_bytes,
-            },
-            quarantine_reasons: open.reasons,
-            skipped: ending.skipped.clone(),
-            source_columns: shard.source_columns.clone(),
+        if let Err(e) = close(open.out, &closed.out_tmp)
+            .and_then(|()| close(open.quarantine, &closed.quarantine_tmp))
+        {
+            // The writer is out of `open` now, so `abort` would not see its files.
+            let _ = std::fs::remove_file(&closed.out_tmp);
+            let _ = std::fs::remove_file(&closed.quarantine_tmp);
+            return Err(e);
+        }
+        let (folder, hash) = (self.folder.clone(), self.pipeline_hash.clone());
+        let Some(commits) = self.commits.as_mut() else {
+            let manifest = commit(&folder, &hash, closed)?;
+            self.record(index, manifest);
+            return Ok(());
         };
-        manifest.write_to(&self.folder, &shard.stem)?;
-        self.folder.sync();
-        if let Ok(mut finished) = self.finished.lock() {
-            finished.push((index, manifest));
+        // A store: upload while the next shards are processed, at most `limit` at once.
+        if commits.running.len() >= commits.limit {
+            self.wait_for_oldest_commit()?;
+        }
+        let upload = std::thread::Builder::new()
+            .name("trustflow-upload".into())
+            .spawn(move || commit(&folder, &hash, closed).map(|m| (index, m)))
+            .map_err(|e| Error::Internal(format!("cannot start an upload thread: {e}")))?;
+        if let Some(commits) = self.commits.as_mut() {
+            commits.running.push_back(upload);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        while self.commits.as_ref().is_some_and(|c| !c.running.is_empty()) {
+            self.wait_for_oldest_commit()?;
         }
         Ok(())
     }
@@ -288,7 +310,100 @@ impl Sink for ParquetSink {
         for shard in open {
             self.discard_shard(shard);
         }
+        // Shards already handed to an upload are finished: let them commit, so that a
+        // stopped run keeps every shard it finished.
+        while self.commits.as_ref().is_some_and(|c| !c.running.is_empty()) {
+            if let Err(e) = self.wait_for_oldest_commit() {
+                tracing::warn!("while stopping: {e}");
+            }
+        }
     }
+}
+
+impl ParquetSink {
+    fn record(&mut self, index: usize, manifest: Manifest) {
+        self.finished.push((index, manifest));
+    }
+
+    /// The manifests of the shards this run finished (committed), by shard index;
+    /// taken once the run is over.
+    pub fn take_finished(&mut self) -> Vec<(usize, Manifest)> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Wait for the oldest background commit; its failure is the run's.
+    fn wait_for_oldest_commit(&mut self) -> Result<()> {
+        let Some(oldest) = self.commits.as_mut().and_then(|c| c.running.pop_front()) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let joined = oldest.join();
+        if let OutputFolder::Remote { storage, .. } = &self.folder {
+            storage.note_wait(crate::storage::Waiter::Sink, started.elapsed());
+        }
+        let (index, manifest) =
+            joined.map_err(|_| Error::Internal("an upload thread panicked".into()))??;
+        self.record(index, manifest);
+        Ok(())
+    }
+}
+
+/// Make a closed shard's files visible under their final names, then write its
+/// manifest (the commit point). On failure nothing of the shard is left under a final
+/// name, and its temporary files are gone.
+fn commit(folder: &OutputFolder, pipeline_hash: &str, closed: ClosedShard) -> Result<Manifest> {
+    let shard = &closed.target;
+    let (out_name, quarantine_name) = (output_name(&shard.stem), quarantine_name(&shard.stem));
+    let committed = folder
+        .commit_file(&closed.out_tmp, &out_name)
+        .and_then(|out| {
+            Ok((
+                out,
+                folder.commit_file(&closed.quarantine_tmp, &quarantine_name)?,
+            ))
+        });
+    let (out_bytes, quarantine_bytes) = match committed {
+        Ok(sizes) => sizes,
+        Err(e) => {
+            for tmp in [&closed.out_tmp, &closed.quarantine_tmp] {
+                let _ = std::fs::remove_file(tmp);
+            }
+            folder.remove(&out_name);
+            folder.remove(&quarantine_name);
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        trustflow_version: env!("CARGO_PKG_VERSION").into(),
+        pipeline_hash: pipeline_hash.to_string(),
+        input: shard.input.clone(),
+        input_fingerprint: Fingerprint {
+            // The hash of the bytes this run processed, when its read took one.
+            content_sha256: closed
+                .ending
+                .content_sha256
+                .clone()
+                .or_else(|| shard.fingerprint.content_sha256.clone()),
+            ..shard.fingerprint.clone()
+        },
+        rows_in: closed.counts.rows_in,
+        rows_out: closed.counts.rows_out,
+        rows_quarantined: closed.counts.rows_quarantined,
+        output: manifest::FileEntry {
+            file: out_name,
+            bytes: out_bytes,
+        },
+        quarantine: manifest::FileEntry {
+            file: quarantine_name,
+            bytes: quarantine_bytes,
+        },
+        quarantine_reasons: closed.reasons,
+        skipped: closed.ending.skipped,
+        source_columns: shard.source_columns.clone(),
+    };
+    manifest.write_to(folder, &shard.stem)?;
+    folder.sync();
+    Ok(manifest)
 }
 
 impl Drop for ParquetSink {

@@ -2,8 +2,13 @@
 //! resolves its column mapping (so bad names, types or footers stop the run before any
 //! work); reading streams one shard at a time through DataFusion, in file order.
 
+pub mod list;
 pub mod mapping;
+mod read_ahead;
 pub mod shards;
+
+pub use list::ShardList;
+pub use read_ahead::ReadAhead;
 
 use crate::runtime::THREAD_STACK_BYTES;
 use std::path::{Path, PathBuf};
@@ -28,8 +33,14 @@ pub use mapping::{Converter, Mapping, SOURCE_STAGE};
 /// One input shard, as planned.
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
+    /// Its place in this plan's shards (how the runtime names it).
     pub index: usize,
+    /// Its place in the whole job's plan: `index`, except for a part given its shards
+    /// by a driver (`--shards`), where it is the driver's index.
+    pub index_in_job: usize,
     pub path: PathBuf,
+    /// Where its outputs go, relative to the output folder, without an extension
+    /// (`part-0`, or `year=2024/part-0` for a shard found in a subfolder).
     pub stem: String,
     pub fingerprint: Fingerprint,
     /// Rows in the file (before any filter), from its footer.
@@ -69,8 +80,11 @@ pub struct SourcePlan {
     /// The object stores of `s3://` shards.
     pub storage: Arc<Storage>,
     /// Hash each local input whole with the read that processes it
-    /// (`resume.verify: full`; set by the run).
+    /// (`resume.verify: full`).
     pub hash_inputs: bool,
+    /// Upcoming `s3://` shards being fetched (started by the runtime's
+    /// [`BatchSource::read_ahead`]).
+    pub read_ahead: ReadAhead,
 }
 
 /// What planning reads of a shard: its footer and identity.
@@ -97,64 +111,80 @@ impl Footer {
 }
 
 /// Read a shard's footer: `Ok(Err(reason))` when the file is there but is not
-/// readable Parquet (the shard is skipped or fails the run, per `on_unreadable`),
-/// `Err` when the store or disk cannot be reached at all.
-fn read_footer(storage: &Storage, path: &Path) -> Result<std::result::Result<Footer, String>> {
-    if !storage::is_remote(path) {
-        let opened = std::fs::File::open(path)
-            .map_err(|e| format!("cannot open: {e}"))
-            .and_then(|file| {
-                ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| format!("not a readable Parquet file: {e}"))
-            });
-        return Ok(match opened {
-            Ok(builder) => Ok(Footer {
-                fingerprint: Fingerprint::of(path)?,
-                ..Footer::of(builder.metadata(), builder.schema())
-            }),
-            Err(reason) => Err(reason),
-        });
+/// readable Parquet, or is a key the store cannot address (the shard is skipped or
+/// fails the run, per `on_unreadable`), `Err` when the store or disk cannot be reached.
+async fn read_footer(
+    storage: &Storage,
+    path: &Path,
+) -> Result<std::result::Result<Footer, String>> {
+    if storage::is_remote(path) {
+        return remote_footer(storage, &ObjectUri::of_path(path)?).await;
     }
-    let uri = ObjectUri::of_path(path)?;
-    storage.block_on(async {
-        let meta = storage.head(&uri).await?;
-        let fingerprint = Fingerprint::of_object(&meta);
-        Ok(remote_footer(storage, &uri, meta.size)
-            .await?
-            .map(|footer| Footer {
-                fingerprint,
-                ..footer
-            }))
-    })?
+    let opened = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open: {e}"))
+        .and_then(|file| {
+            ParquetRecordBatchReaderBuilder::try_new(file)
+                .map_err(|e| format!("not a readable Parquet file: {e}"))
+        });
+    Ok(match opened {
+        Ok(builder) => Ok(Footer {
+            fingerprint: Fingerprint::of(path)?,
+            ..Footer::of(builder.metadata(), builder.schema())
+        }),
+        Err(reason) => Err(reason),
+    })
 }
 
-/// The footer of a Parquet object, in one ranged GET of its last 64 KiB (a second
-/// one only when the metadata is larger): planning never downloads the data.
+/// Every shard's footer, in the order of `paths`. Remote footers are read
+/// `storage.footer_reads_in_flight` at a time: a store's latency is paid once per
+/// batch of requests, not once per shard.
+fn read_footers(
+    storage: &Storage,
+    paths: &[PathBuf],
+) -> Result<Vec<std::result::Result<Footer, String>>> {
+    let in_flight = match paths.iter().any(|p| storage::is_remote(p)) {
+        true => storage.spec().footer_reads_in_flight.max(1),
+        false => 1,
+    };
+    storage
+        .block_on(
+            futures::stream::iter(paths.iter().map(|path| read_footer(storage, path)))
+                .buffered(in_flight)
+                .collect::<Vec<_>>(),
+        )?
+        .into_iter()
+        .collect()
+}
+
+/// The footer of a Parquet object and its fingerprint, in one GET of the object's last
+/// 64 KiB (the answer's headers give its size, ETag and modification time; a second
+/// GET only when the metadata is larger): planning never downloads the data.
 async fn remote_footer(
     storage: &Storage,
     uri: &ObjectUri,
-    size: u64,
 ) -> Result<std::result::Result<Footer, String>> {
-    use object_store::ObjectStoreExt;
+    use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
     const TAIL: u64 = 64 << 10;
-    if size < 12 {
+    let path = match uri.object_path() {
+        Ok(path) => path,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let store = storage.store(uri)?;
+    let read_error = |e| storage.error(uri, "cannot read the footer", e);
+    let options = GetOptions {
+        range: Some(GetRange::Suffix(TAIL)),
+        ..GetOptions::default()
+    };
+    let got = store.get_opts(&path, options).await.map_err(read_error)?;
+    let fingerprint = Fingerprint::of_object(&got.meta);
+    let size = got.meta.size;
+    let tail = got.bytes().await.map_err(read_error)?;
+    let n = tail.len();
+    if size < 12 || n < 12 {
         return Ok(Err(format!(
             "not a readable Parquet file: {size} bytes is too small"
         )));
     }
-    let store = storage.store(uri)?;
-    let path = uri.object_path();
-    let get = |range: std::ops::Range<u64>| {
-        let (store, path) = (store.clone(), path.clone());
-        async move {
-            store
-                .get_range(&path, range)
-                .await
-                .map_err(|e| storage.error(uri, "cannot read the footer", e))
-        }
-    };
-    let tail = get(size.saturating_sub(TAIL)..size).await?;
-    let n = tail.len();
     if &tail[n - 4..] != b"PAR1" {
         return Ok(Err(
             "not a readable Parquet file: no PAR1 magic at the end".into()
@@ -173,7 +203,10 @@ async fn remote_footer(
     }
     let metadata_bytes = match (footer_len + 8) as usize <= n {
         true => tail.slice(n - 8 - footer_len as usize..n - 8),
-        false => get(size - 8 - footer_len..size - 8).await?,
+        false => store
+            .get_range(&path, size - 8 - footer_len..size - 8)
+            .await
+            .map_err(read_error)?,
     };
     let decoded = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&metadata_bytes)
         .and_then(|metadata| {
@@ -181,7 +214,12 @@ async fn remote_footer(
             parquet::arrow::parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata())
                 .map(|schema| Footer::of(&metadata, &Arc::new(schema)))
         });
-    Ok(decoded.map_err(|e| format!("not a readable Parquet file: {e}")))
+    Ok(decoded
+        .map(|footer| Footer {
+            fingerprint,
+            ..footer
+        })
+        .map_err(|e| format!("not a readable Parquet file: {e}")))
 }
 
 /// The folder `pattern` searches, if it searches one: a folder named as an input, or
@@ -222,21 +260,61 @@ fn search_root(base: &std::path::Path, pattern: &str) -> Option<PathBuf> {
     Some(root)
 }
 
-/// Resolve shards and their mappings. `paths_override` replaces `source.paths`
-/// (resolved against the current directory instead of the pipeline file).
-pub fn plan(p: &LoadedPipeline, paths_override: Option<&[String]>) -> Result<SourcePlan> {
-    plan_section(
-        p,
-        &p.spec.source,
-        "source",
-        p.spec.runtime.batch_size,
-        paths_override,
-        Storage::new(p.spec.storage.clone()),
-    )
+/// Which shards a run reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum ShardChoice<'a> {
+    /// `source.paths` of the pipeline file.
+    #[default]
+    Spec,
+    /// Paths from the command line (`--input`), resolved against the current directory.
+    Paths(&'a [String]),
+    /// Exactly these shards, as a driver planned them (`--shards FILE`): nothing is
+    /// listed, and only their footers are read.
+    Listed(&'a ShardList),
+}
+
+/// Resolve shards and their mappings.
+pub fn plan(p: &LoadedPipeline, choice: ShardChoice<'_>) -> Result<SourcePlan> {
+    let mut plan = plan_choice(p, choice)?;
+    // Under `resume.verify: full` a local shard is hashed by the read that processes it.
+    plan.hash_inputs = p.spec.resume.verify == crate::spec::ResumeVerify::Full;
+    Ok(plan)
+}
+
+fn plan_choice(p: &LoadedPipeline, choice: ShardChoice<'_>) -> Result<SourcePlan> {
+    let storage = Storage::new(p.spec.storage.clone());
+    let spec = &p.spec.source;
+    let batch_size = p.spec.runtime.batch_size;
+    match choice {
+        ShardChoice::Spec => plan_section(p, spec, "source", batch_size, None, storage),
+        ShardChoice::Paths(paths) => {
+            plan_section(p, spec, "source", batch_size, Some(paths), storage)
+        }
+        ShardChoice::Listed(list) => {
+            let found = list.found();
+            shards::check_unique_names(&found)?;
+            let mut plan = plan_found(p, spec, "source", batch_size, found, storage)?;
+            // Unreadable listed shards are not in `plan.shards`: match by path.
+            let listed: std::collections::HashMap<&Path, usize> = list
+                .shards
+                .iter()
+                .map(|s| (s.input.as_path(), s.index))
+                .collect();
+            for shard in &mut plan.shards {
+                shard.index_in_job = listed
+                    .get(shard.path.as_path())
+                    .copied()
+                    .unwrap_or(shard.index);
+            }
+            Ok(plan)
+        }
+    }
 }
 
 /// [`plan`] for any section of a spec file that has a [`SourceSpec`]'s shape (the
 /// trainer's `source`, `target` and `eval`); errors are located at `section.*`.
+/// `paths_override` replaces the section's paths (resolved against the current
+/// directory instead of the pipeline file).
 pub fn plan_section(
     p: &dyn SpecOrigin,
     spec: &SourceSpec,
@@ -245,113 +323,86 @@ pub fn plan_section(
     paths_override: Option<&[String]>,
     storage: Arc<Storage>,
 ) -> Result<SourcePlan> {
-    // mapping::resolve names fields as `source.*`
-    let field_in_section = |field: &str| match field.strip_prefix("source") {
-        Some(rest) => format!("{section}{rest}"),
-        None => field.to_string(),
-    };
     let (base, patterns) = match paths_override {
         Some(paths) => (std::path::Path::new("."), paths),
         None => (p.base_dir(), spec.paths.as_slice()),
     };
-    let mut files = Vec::new();
+    let found = discover_section(
+        p,
+        section,
+        &storage,
+        base,
+        patterns,
+        paths_override.is_some(),
+    )?;
+    let mut plan = plan_found(p, spec, section, batch_size, found, storage)?;
+    plan.search_roots = patterns
+        .iter()
+        .filter_map(|p| search_root(base, p))
+        .collect();
+    Ok(plan)
+}
+
+/// Every shard `patterns` name, each pattern's problems located in the spec file
+/// (command-line patterns are not in it).
+fn discover_section(
+    p: &dyn SpecOrigin,
+    section: &str,
+    storage: &Storage,
+    base: &Path,
+    patterns: &[String],
+    from_command_line: bool,
+) -> Result<Vec<shards::FoundShard>> {
+    let mut found = Vec::new();
     let mut issues = Vec::new();
     for (i, pattern) in patterns.iter().enumerate() {
-        match shards::discover(&storage, base, std::slice::from_ref(pattern)) {
-            Ok(found) => files.extend(found),
-            // Patterns from the file are located in it; command-line ones are not.
-            Err(e) if paths_override.is_none() => {
-                issues.push(p.issue_at(&format!("{section}.paths[{i}]"), e.to_string()))
-            }
-            Err(e) => return Err(e),
+        match shards::find(storage, base, std::slice::from_ref(pattern)) {
+            Ok(shards) => found.extend(shards),
+            Err(e) if from_command_line => return Err(e),
+            Err(e) => issues.push(p.issue_at(&format!("{section}.paths[{i}]"), e.to_string())),
         }
     }
     if !issues.is_empty() {
         return Err(Error::Spec(SpecIssues(issues)));
     }
-    files.sort();
-    files.dedup();
-    shards::check_unique_stems(&files)?;
+    // Patterns may overlap: one file is one shard.
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|f| seen.insert(f.path.clone()));
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    shards::check_unique_names(&found)?;
+    Ok(found)
+}
 
-    let mut planned: Vec<ShardPlan> = Vec::with_capacity(files.len());
+/// Read the footers of `found` (concurrently for a store), resolve each shard's
+/// mapping and check the shards agree; unreadable ones are skipped or fail the run,
+/// per `on_unreadable`.
+fn plan_found(
+    p: &dyn SpecOrigin,
+    spec: &SourceSpec,
+    section: &str,
+    batch_size: usize,
+    found: Vec<shards::FoundShard>,
+    storage: Arc<Storage>,
+) -> Result<SourcePlan> {
+    let paths: Vec<PathBuf> = found.iter().map(|f| f.path.clone()).collect();
+    let footers = read_footers(&storage, &paths)?;
+    let mut planned: Vec<ShardPlan> = Vec::with_capacity(found.len());
     let mut unreadable: Vec<(PathBuf, String)> = Vec::new();
-    for path in files {
-        let footer = match read_footer(&storage, &path)? {
+    for (shard, footer) in found.into_iter().zip(footers) {
+        let footer = match footer {
             Ok(footer) => footer,
             Err(reason) if spec.on_unreadable == OnUnreadable::Quarantine => {
-                tracing::warn!("{}: skipped, {reason}", path.display());
-                unreadable.push((path, reason));
+                tracing::warn!("{}: skipped, {reason}", shard.path.display());
+                unreadable.push((shard.path, reason));
                 continue;
             }
-            Err(reason) => return Err(Error::input(&path, reason)),
+            Err(reason) => return Err(Error::input(&shard.path, reason)),
         };
-        let index = planned.len();
-        let mapping = mapping::resolve(spec, &footer.schema).map_err(|issues| {
-            Error::Spec(SpecIssues(
-                issues
-                    .into_iter()
-                    .map(|(field, m)| {
-                        p.issue_at(
-                            &field_in_section(&field),
-                            format!("{}: {m}", path.display()),
-                        )
-                    })
-                    .collect(),
-            ))
-        })?;
-        if let Some(first) = planned.first()
-            && first.mapping.logical_columns() != mapping.logical_columns()
-        {
-            return Err(Error::input(
-                &path,
-                format!(
-                    "provides columns {:?} but {} provides {:?}; all shards of a run must map \
-                     the same columns (set source.columns explicitly)",
-                    mapping.logical_columns(),
-                    first.path.display(),
-                    first.mapping.logical_columns()
-                ),
-            ));
-        }
-        // The engine carries each row's own columns under this name.
-        if footer.schema.index_of(columns::SOURCE_ROW).is_ok() {
-            return Err(Error::input(
-                &path,
-                format!(
-                    "has a column named `{}`, a name trustflow reserves; rename it",
-                    columns::SOURCE_ROW
-                ),
-            ));
-        }
-        // The first shard's types are the output's: another type would be cast
-        // silently (or fail mid-run).
+        let next = plan_shard(p, spec, section, planned.len(), shard, footer)?;
         if let Some(first) = planned.first() {
-            for (kept, theirs) in mapping.kept.iter().zip(&first.mapping.kept) {
-                if kept.data_type() != theirs.data_type() {
-                    return Err(Error::input(
-                        &path,
-                        format!(
-                            "keep_columns: column `{}` has type {} here but {} in {}; every \
-                             shard of a run must store a kept column with one type",
-                            kept.name(),
-                            kept.data_type(),
-                            theirs.data_type(),
-                            first.path.display()
-                        ),
-                    ));
-                }
-            }
+            check_agrees(first, &next)?;
         }
-        planned.push(ShardPlan {
-            index,
-            stem: shards::stem_of(&path),
-            fingerprint: footer.fingerprint,
-            file_rows: footer.file_rows,
-            row_group_rows: footer.row_group_rows,
-            file_schema: footer.schema,
-            mapping,
-            path,
-        });
+        planned.push(next);
     }
     let Some(first) = planned.first() else {
         return Err(match unreadable.first() {
@@ -384,13 +435,92 @@ pub fn plan_section(
         null_labels: spec.null_labels,
         on_unreadable: spec.on_unreadable,
         unreadable,
-        search_roots: patterns
-            .iter()
-            .filter_map(|p| search_root(base, p))
-            .collect(),
+        search_roots: Vec::new(),
         storage,
         hash_inputs: false,
+        read_ahead: ReadAhead::default(),
     })
+}
+
+/// One readable shard, planned: its column mapping resolved against its own schema.
+fn plan_shard(
+    p: &dyn SpecOrigin,
+    spec: &SourceSpec,
+    section: &str,
+    index: usize,
+    shard: shards::FoundShard,
+    footer: Footer,
+) -> Result<ShardPlan> {
+    let path = shard.path;
+    let mapping = mapping::resolve(spec, &footer.schema).map_err(|issues| {
+        Error::Spec(SpecIssues(
+            issues
+                .into_iter()
+                .map(|(field, m)| {
+                    // mapping::resolve names fields as `source.*`.
+                    let field = match field.strip_prefix("source") {
+                        Some(rest) => format!("{section}{rest}"),
+                        None => field,
+                    };
+                    p.issue_at(&field, format!("{}: {m}", path.display()))
+                })
+                .collect(),
+        ))
+    })?;
+    // The engine carries each row's own columns under this name.
+    if footer.schema.index_of(columns::SOURCE_ROW).is_ok() {
+        return Err(Error::input(
+            &path,
+            format!(
+                "has a column named `{}`, a name trustflow reserves; rename it",
+                columns::SOURCE_ROW
+            ),
+        ));
+    }
+    Ok(ShardPlan {
+        index,
+        index_in_job: index,
+        stem: shard.name,
+        fingerprint: footer.fingerprint,
+        file_rows: footer.file_rows,
+        row_group_rows: footer.row_group_rows,
+        file_schema: footer.schema,
+        mapping,
+        path,
+    })
+}
+
+/// Every shard of a run maps the same columns, and stores each kept column with the
+/// first shard's type (another type would be cast silently, or fail mid-run).
+fn check_agrees(first: &ShardPlan, shard: &ShardPlan) -> Result<()> {
+    if first.mapping.logical_columns() != shard.mapping.logical_columns() {
+        return Err(Error::input(
+            &shard.path,
+            format!(
+                "provides columns {:?} but {} provides {:?}; all shards of a run must map \
+                 the same columns (set source.columns explicitly)",
+                shard.mapping.logical_columns(),
+                first.path.display(),
+                first.mapping.logical_columns()
+            ),
+        ));
+    }
+    for (kept, theirs) in shard.mapping.kept.iter().zip(&first.mapping.kept) {
+        if kept.data_type() != theirs.data_type() {
+            return Err(Error::input(
+                &shard.path,
+                format!(
+                    "keep_columns: column `{}` has type {} here but {} in {}; every shard of \
+                     a run must store a kept column with one type",
+                    kept.name(),
+                    kept.data_type(),
+                    theirs.data_type(),
+                    first.path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn session(batch_size: usize, storage: &Storage) -> Result<SessionContext> {
@@ -418,10 +548,61 @@ async fn dataframe(
 ) -> datafusion::error::Result<datafusion::prelude::DataFrame> {
     let ext = extension_of(shard);
     let options = ParquetReadOptions::default().file_extension(&ext);
-    let df = ctx
-        .read_parquet(shard.to_string_lossy().as_ref(), options)
-        .await?;
+    let df = ctx.read_parquet(table_url(shard), options).await?;
     filtered(df, filter)
+}
+
+/// How DataFusion is to be told where `shard` is: as a URL whose path is
+/// percent-encoded segment by segment (DataFusion decodes it back), so that any file
+/// name or key is read as it is: spaces, non-ASCII, `%`, `#`, `?`, and `*` or `[` that
+/// DataFusion would otherwise take for a glob. Other URLs (`memory:///`) pass as they are.
+fn table_url(shard: &Path) -> String {
+    let text = shard.to_string_lossy();
+    let url = match ObjectUri::parse(&text) {
+        Ok(uri) => url::Url::parse(&format!("{}{}", storage::S3_SCHEME, uri.bucket))
+            .ok()
+            .map(|mut url| {
+                if let Ok(mut segments) = url.path_segments_mut() {
+                    segments.extend(uri.key.split('/'));
+                }
+                url
+            }),
+        Err(_) if text.contains("://") => None,
+        Err(_) => std::path::absolute(shard)
+            .ok()
+            .and_then(|path| url::Url::from_file_path(path).ok()),
+    };
+    match url {
+        Some(url) => url
+            .as_str()
+            .replace('*', "%2A")
+            .replace('[', "%5B")
+            .replace(']', "%5D"),
+        None => text.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod table_url_tests {
+    use super::*;
+    use datafusion::datasource::listing::ListingTableUrl;
+
+    /// DataFusion reads back exactly the key or file name, whatever its characters.
+    #[test]
+    fn any_key_or_file_name_reaches_datafusion_as_it_is() {
+        let odd = "raw/année 2024/a+b=c 100% #1 why? star*[1].parquet";
+        let url =
+            ListingTableUrl::parse(table_url(Path::new(&format!("s3://bucket/{odd}")))).unwrap();
+        assert_eq!(url.prefix().as_ref(), odd);
+        assert!(!url.is_collection());
+        let local = format!("/tmp/{odd}");
+        let url = ListingTableUrl::parse(table_url(Path::new(&local))).unwrap();
+        assert_eq!(format!("/{}", url.prefix().as_ref()), local);
+        assert_eq!(
+            table_url(Path::new("memory:///shard.parquet")),
+            "memory:///shard.parquet"
+        );
+    }
 }
 
 /// `df` with `source.filter` applied, if there is one.
@@ -548,7 +729,7 @@ impl SourcePlan {
         let store = storage.store(&uri)?;
         storage.block_on(async {
             let read_error = |e| storage.error(&uri, "cannot read", e);
-            let got = store.get(&uri.object_path()).await.map_err(read_error)?;
+            let got = store.get(&uri.object_path()?).await.map_err(read_error)?;
             let mut print = Fingerprint::of_object(&got.meta);
             let mut hasher = Sha256::new();
             let mut chunks = got.into_stream();
@@ -606,6 +787,53 @@ struct ParquetShardReader {
     salvage: Option<Salvage>,
     /// SHA-256 of the whole file, when the read hashed it.
     content_sha256: Option<String>,
+    /// The shard's bytes when it is read from memory (kept until the reader is
+    /// dropped: its read-ahead budget is released then).
+    _whole: Option<WholeShard>,
+}
+
+/// A shard read whole into memory before it is processed.
+struct WholeShard {
+    fetched: read_ahead::Fetched,
+    /// SHA-256 of those bytes (`resume.verify: full` on a local shard).
+    content_sha256: Option<String>,
+}
+
+impl SourcePlan {
+    /// The shard's bytes when it is processed from memory: an `s3://` shard always
+    /// (fetched ahead by the read-ahead, or now), and a local one under
+    /// `resume.verify: full`, read once into memory, hashed, and processed from that
+    /// copy (the manifest's hash is of the very bytes processed; no second pass).
+    fn whole_shard(&self, index: usize, shard: &ShardPlan) -> Result<Option<WholeShard>> {
+        if storage::is_remote(&shard.path) {
+            let started = std::time::Instant::now();
+            let fetched = match self.read_ahead.take(index) {
+                Some(pending) => self.storage.block_on(pending)?.map_err(|_| {
+                    Error::Internal("the read-ahead stopped before the shard came".into())
+                })??,
+                None => {
+                    let uri = ObjectUri::of_path(&shard.path)?;
+                    let fetch =
+                        read_ahead::fetch_now(&self.storage, &uri, shard.fingerprint.etag());
+                    self.storage.block_on(fetch)??
+                }
+            };
+            self.storage
+                .note_wait(storage::Waiter::Reader, started.elapsed());
+            return Ok(Some(WholeShard {
+                fetched,
+                content_sha256: None,
+            }));
+        }
+        if !(self.hash_inputs && hashes_in_memory(shard)) {
+            return Ok(None);
+        }
+        let (bytes, hash) = read_hashing(&shard.path)?;
+        Ok(Some(WholeShard {
+            fetched: read_ahead::Fetched::unbudgeted(bytes),
+            content_sha256: Some(hash),
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -869,28 +1097,20 @@ impl BatchSource for SourcePlan {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the reader's runtime: {e}")))?;
         let converter = self.converter(shard)?;
-        // Under `resume.verify: full`, a local shard is read once into memory, hashed,
-        // and processed from that copy in memory: the manifest's hash is of the very
-        // bytes processed, and no second pass reads the file.
-        let whole = match self.hash_inputs && hashes_in_memory(shard) {
-            true => Some(read_hashing(&shard.path).map_err(|e| Error::Unreadable {
-                path: shard.path.clone(),
-                reason: e.to_string(),
-            })?),
-            false => None,
-        };
-        let content_sha256 = whole.as_ref().map(|(_, hash)| hash.clone());
-        let opened = match whole {
-            Some((bytes, _)) => rt.block_on(self.open_bytes(shard, bytes)),
-            None => rt.block_on(self.open(shard)),
-        };
-        let stream = opened.map_err(|e| Error::Unreadable {
+        let unreadable_shard = |e: Error| Error::Unreadable {
             path: shard.path.clone(),
             reason: match e {
                 Error::Input { message, .. } => message,
                 other => other.to_string(),
             },
-        })?;
+        };
+        let whole = self.whole_shard(index, shard).map_err(unreadable_shard)?;
+        let content_sha256 = whole.as_ref().and_then(|w| w.content_sha256.clone());
+        let opened = match &whole {
+            Some(w) => rt.block_on(self.open_bytes(shard, w.fetched.bytes.clone())),
+            None => rt.block_on(self.open(shard)),
+        };
+        let stream = opened.map_err(unreadable_shard)?;
         // Salvage reads a local file's row groups one by one once a read fails.
         let salvage = (self.on_unreadable == OnUnreadable::Quarantine
             && !storage::is_remote(&shard.path))
@@ -908,7 +1128,28 @@ impl BatchSource for SourcePlan {
             salvage_plan: salvage,
             salvage: None,
             content_sha256,
+            _whole: whole,
         }))
+    }
+
+    fn read_ahead(&self, order: &[usize]) -> Result<()> {
+        let wanted: Vec<read_ahead::Wanted> = order
+            .iter()
+            .filter_map(|&index| {
+                let shard = self.shards.get(index)?;
+                let uri = ObjectUri::of_path(&shard.path).ok()?;
+                Some(read_ahead::Wanted {
+                    index,
+                    uri,
+                    size: shard.fingerprint.size,
+                    etag: shard.fingerprint.etag(),
+                })
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        self.read_ahead.start(self.storage.clone(), wanted)
     }
 
     fn skip_unreadable(&self) -> bool {

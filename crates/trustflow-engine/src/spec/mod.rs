@@ -81,9 +81,12 @@ pub struct SourceSpec {
     /// Source kind (only `parquet` for now).
     #[serde(rename = "type", default)]
     pub kind: SourceType,
-    /// Shard files or glob patterns (`data/*.parquet`), relative to the pipeline file.
-    /// Each matching file is one shard; shards are processed in sorted path order.
-    /// A single string is a list of one.
+    /// Shard files, folders or glob patterns (`data/*.parquet`), relative to the
+    /// pipeline file, or `s3://` URIs. A folder is searched at every depth (Hive-style
+    /// `key=value/` folders included; folders named `.*` or `_*` are passed over), and
+    /// each output keeps the shard's path relative to it. Each matching file is one
+    /// shard; shards are processed in sorted path order. A single string is a list of
+    /// one.
     #[schemars(with = "PathsSchema")]
     pub paths: Vec<String>,
     /// Optional SQL predicate over the shard's own column names, e.g.

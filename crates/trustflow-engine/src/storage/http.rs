@@ -13,7 +13,7 @@ use object_store::client::{
 use serde::{Deserialize, Serialize};
 
 /// Requests to the object store during a run, as the report shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StorageStats {
     /// Every HTTP request sent, retries included.
     pub requests: u64,
@@ -28,6 +28,21 @@ pub struct StorageStats {
     /// Requests that failed in a way object_store retries (throttling, 5xx, a broken
     /// connection): each was followed by a retry unless the retry budget was spent.
     pub retried_failures: u64,
+    /// Seconds spent waiting for answers, summed over requests (concurrent requests
+    /// each count: compare with the run's wall time to see how much was overlapped).
+    #[serde(default)]
+    pub request_s: f64,
+    /// Seconds the reader waited for a shard's bytes (what read-ahead did not hide).
+    #[serde(default)]
+    pub reader_wait_s: f64,
+    /// Seconds the sink waited for uploads: for a free upload slot, and for the last
+    /// uploads at the end of the run (what background uploads did not hide).
+    #[serde(default)]
+    pub sink_wait_s: f64,
+    /// Most bytes of shards fetched ahead and not yet dropped by the reader at once
+    /// (part of the run's memory, beside `peak_bytes_in_flight`).
+    #[serde(default)]
+    pub read_ahead_peak_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +53,10 @@ pub(crate) struct Counters {
     ranged_gets: AtomicU64,
     writes: AtomicU64,
     retried_failures: AtomicU64,
+    request_ns: AtomicU64,
+    pub(crate) reader_wait_ns: AtomicU64,
+    pub(crate) sink_wait_ns: AtomicU64,
+    pub(crate) read_ahead_peak: AtomicU64,
 }
 
 impl Counters {
@@ -49,6 +68,10 @@ impl Counters {
             ranged_gets: self.ranged_gets.load(Relaxed),
             writes: self.writes.load(Relaxed),
             retried_failures: self.retried_failures.load(Relaxed),
+            request_s: self.request_ns.load(Relaxed) as f64 * 1e-9,
+            reader_wait_s: self.reader_wait_ns.load(Relaxed) as f64 * 1e-9,
+            sink_wait_s: self.sink_wait_ns.load(Relaxed) as f64 * 1e-9,
+            read_ahead_peak_bytes: self.read_ahead_peak.load(Relaxed),
         }
     }
 }
@@ -103,7 +126,10 @@ impl HttpService for CountingService {
             }
             _ => {}
         }
+        let started = std::time::Instant::now();
         let response = self.inner.execute(req).await;
+        c.request_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         let retryable = match &response {
             Ok(r) => r.status().is_server_error() || r.status().as_u16() == 429,
             Err(_) => true,

@@ -145,7 +145,7 @@ fn a_slow_stage_holds_the_reader_back() {
         }],
         queue_depth: 1,
     };
-    let sink = CountingSink::default();
+    let mut sink = CountingSink::default();
     let written = sink.rows.clone();
     // The largest gap, at any sample, between rows the reader produced and rows the
     // sink has taken.
@@ -158,7 +158,7 @@ fn a_slow_stage_holds_the_reader_back() {
     };
     let stats = runtime::run(
         topology,
-        Box::new(sink),
+        &mut sink,
         CancelToken::new(),
         Duration::from_millis(20),
         Some(&on_progress),
