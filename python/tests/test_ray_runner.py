@@ -127,16 +127,36 @@ def alive_after(pid: int, seconds: float) -> bool:
     return alive(pid)
 
 
+def part_of(argv):
+    """(part, N, the shard indexes it was given or None) of a part's command line:
+    `--shards FILE` (what the runner passes; FILE lives while the part runs) or
+    `--part I/N`; None when it is neither or FILE is gone."""
+    if "--shards" in argv:
+        try:
+            with open(argv[argv.index("--shards") + 1]) as f:
+                body = json.load(f)
+        except (OSError, ValueError, IndexError):
+            return None
+        part, n = body["part"]
+        return part, n, [s["index"] for s in body["shards"]]
+    if "--part" in argv:
+        part, n = (int(x) for x in argv[argv.index("--part") + 1].split("/"))
+        return part, n, None
+    return None
+
+
 def part_children(out: str):
-    """(pid, part) of every `trustflow run ... --part I/N` writing into `out`."""
+    """(pid, part) of every part's `trustflow run ... --shards FILE` (or `--part I/N`)
+    writing into `out`."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         argv = cmdline(int(name))
-        if len(argv) > 2 and argv[1] == "run" and "--part" in argv and out in argv:
-            part = int(argv[argv.index("--part") + 1].split("/")[0])
-            found.append((int(name), part))
+        if len(argv) > 2 and argv[1] == "run" and out in argv:
+            which = part_of(argv)
+            if which is not None:
+                found.append((int(name), which[0]))
     return found
 
 
@@ -304,8 +324,32 @@ class Base(unittest.TestCase):
         with open(path) as f:
             return json.load(f)
 
+    def wrapper(self, name, on_part_run):
+        """A binary that runs the shell lines `on_part_run` before a part's `trustflow
+        run` (with $shards the path after `--shards`, empty without), then `exec`s the
+        real binary (so the parent-death signal still reaches it)."""
+        path = os.path.join(self.work, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n"
+                    "if [ \"$1\" = run ] && [ \"$2\" != --help ]; then\n"
+                    "  shards=; prev=\n"
+                    "  for a in \"$@\"; do\n"
+                    "    if [ \"$prev\" = --shards ]; then shards=$a; fi\n"
+                    "    prev=$a\n"
+                    "  done\n"
+                    f"{on_part_run}\n"
+                    "fi\n"
+                    f"exec {BIN} \"$@\"\n")
+        os.chmod(path, 0o755)
+        return path
+
+    def plan(self, *overrides):
+        p = subprocess.run([BIN, "plan", self.pipeline, *overrides], check=True,
+                           capture_output=True, text=True)
+        return json.loads(p.stdout)
+
     def kill_when_mid_run(self, out: str, pick, what, timeout=60.0):
-        """Wait for a `--part` child writing into `out` that `pick(pid)` accepts and that
+        """Wait for a part's child writing into `out` that `pick(pid)` accepts and that
         has committed at least one shard (a manifest of its part), then call
         `what(child_pid)`. Returns (child pid, part, whether a manifest was seen)."""
         deadline = time.monotonic() + timeout
@@ -315,12 +359,13 @@ class Base(unittest.TestCase):
                 if not pick(pid):
                     continue
                 first_seen.setdefault(pid, time.monotonic())
-                argv = cmdline(pid)
-                if "--part" not in argv:
+                which = part_of(cmdline(pid))
+                if which is None:
                     continue
-                n = int(argv[argv.index("--part") + 1].split("/")[1])
+                _, n, given = which
                 stems = [s["stem"] for s in self.reference_report["shards"]]
-                mine = [stems[i] for i in range(len(stems)) if i % n == part]
+                mine = ([stems[i] for i in given] if given is not None
+                        else [stems[i] for i in range(len(stems)) if i % n == part])
                 done = [s for s in mine
                         if os.path.exists(os.path.join(out, f"{s}.manifest.json"))]
                 late = time.monotonic() - first_seen[pid] > 3.0
@@ -361,6 +406,90 @@ class ClusterTest(Base):
         self.assertEqual(again["shards_processed"], 0)
         self.assertEqual(again["rows_in"], ROWS)
         self.assert_same_outputs(out)
+
+    def test_parts_are_given_their_own_shard_lists(self):
+        # The driver plans once; each part gets the plan's shards with index % N == I
+        # in a file (`--shards`), and lists nothing itself.
+        calls = os.path.join(self.work, "calls")
+        os.makedirs(calls)
+        binary = self.wrapper("trustflow-recording",
+                              f"  printf '%s\\n' \"$@\" > {calls}/run-$$.argv\n"
+                              f"  if [ -n \"$shards\" ]; then cp \"$shards\" "
+                              f"{calls}/run-$$.shards.json; fi")
+        out = os.path.join(self.work, "out")
+        code, text = self.run_driver("--input", self.corpus, "--out", out, "--num-cpus", "1",
+                                     "--parts", "5", "--quiet", binary=binary)
+        self.assertEqual(code, 0, text)
+        self.assert_same_outputs(out)
+        report = self.read_report(os.path.join(out, "_report.json"))
+        self.assert_report_matches(report)
+        self.assertEqual(report["retries"], 0)
+        plan = self.plan("--input", self.corpus, "--out", out)
+        planned = {s["index"]: s for s in plan["shards"]}
+        self.assertEqual(len(planned), SHARDS)
+
+        runs = sorted(n[:-len(".argv")] for n in os.listdir(calls) if n.endswith(".argv"))
+        self.assertEqual(len(runs), 5, runs)  # one per part: nothing was retried
+        given = {}
+        for run in runs:
+            with open(os.path.join(calls, run + ".argv")) as f:
+                argv = f.read().splitlines()
+            self.assertEqual(argv[:2], ["run", self.pipeline])
+            self.assertIn("--shards", argv)
+            self.assertNotIn("--part", argv)
+            self.assertNotIn("--input", argv)  # the inputs are the list
+            self.assertEqual(argv[argv.index("--out") + 1], out)
+            self.assertIn("--quiet", argv)
+            self.assertIn("--report", argv)
+            with open(os.path.join(calls, run + ".shards.json")) as f:
+                body = json.load(f)
+            self.assertEqual(body["pipeline_hash"], plan["pipeline_hash"])
+            part, n = body["part"]
+            self.assertEqual(n, 5)
+            self.assertNotIn(part, given, "two parts with one number")
+            indexes = [s["index"] for s in body["shards"]]
+            self.assertEqual(indexes, sorted(i for i in planned if i % 5 == part))
+            for s in body["shards"]:
+                self.assertEqual(s["input"], planned[s["index"]]["input"])
+                self.assertEqual(s["stem"], planned[s["index"]]["stem"])
+            given[part] = indexes
+        # Together the lists are the plan, each shard in one part.
+        self.assertEqual(sorted(given), list(range(5)))
+        self.assertEqual(sorted(i for lst in given.values() for i in lst), sorted(planned))
+        # And each part reported exactly the shards it was given.
+        for summary in report["part_reports"]:
+            part = summary["part"]
+            self.assertEqual(summary["shards_given"], len(given[part]))
+            self.assertEqual(summary["shards_processed"] + summary["shards_skipped"],
+                             len(given[part]), summary)
+            self.assertEqual(sorted(s["stem"] for s in report["shards"] if s["part"] == part),
+                             sorted(planned[i]["stem"] for i in given[part]))
+
+    def test_a_part_planned_for_another_pipeline_is_refused_not_retried(self):
+        # As if the pipeline file changed between the plan and the parts: the engine
+        # refuses the list (exit code 2), and retrying cannot help.
+        other = "0" * 64
+        binary = self.wrapper(
+            "trustflow-stale",
+            f"  sed -i 's/\"pipeline_hash\": *\"[0-9a-f]*\"/\"pipeline_hash\": \"{other}\"/' "
+            "\"$shards\"")
+        out = os.path.join(self.work, "out")
+        code, text = self.run_driver("--input", self.corpus, "--out", out, "--num-cpus", "1",
+                                     "--parts", "2", "--max-retries", "2", "--quiet",
+                                     binary=binary)
+        self.assertEqual(code, 1, text)
+        plan_hash = self.plan("--input", self.corpus, "--out", out)["pipeline_hash"]
+        self.assertIn("PartRefused", text)
+        self.assertIn("shards.json", text)
+        self.assertIn(plan_hash, text)
+        self.assertIn(other, text)
+        report = self.read_report(os.path.join(out, "_report.json"))
+        self.assertFalse(report["complete"])
+        self.assertEqual([p["part"] for p in report["parts_failed"]], [0, 1])
+        self.assertEqual(report["retries"], 0)
+        self.assertEqual([a["outcome"] for a in report["attempts"]], ["failed", "failed"])
+        self.assertFalse([n for n in os.listdir(out)
+                          if n.endswith(".parquet") or n.endswith(".manifest.json")])
 
     def start_moto(self):
         moto_dir = os.environ.get("TRUSTFLOW_MOTO_DIR")

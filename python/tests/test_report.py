@@ -59,6 +59,23 @@ class MergeTest(unittest.TestCase):
         self.assertEqual(m["parts_failed"], [{"part": 1, "error": "PartFailed: boom"}])
         self.assertEqual(m["problems"], [])
 
+    def test_unreadable_at_planning_comes_from_the_plan(self):
+        # Parts given their own shard lists list nothing: only the plan knows the
+        # shards of the whole source it could not read.
+        p = dict(plan(2), unreadable=["/in/broken.parquet"])
+        bad = {"input": "/in/s1.parquet", "reason": "footer: bad magic"}
+        results = {0: {"report": part_report(["s0"])},
+                   1: {"report": dict(part_report([]), unreadable=[bad])}}
+        m = r.merge(p, 2, results, {}, {}, wall_s=1.0)
+        self.assertEqual(m["unreadable"], [bad, {"input": "/in/broken.parquet",
+                                                 "reason": r.PLANNED_UNREADABLE}])
+        self.assertEqual(m["problems"], [])  # s1 is unreadable, not missing
+        # A part that also names it (as `--part I/N` does) is not counted twice.
+        old_style = {"input": "/in/broken.parquet", "reason": "not Parquet"}
+        results[0]["report"]["unreadable"] = [old_style]
+        m = r.merge(p, 2, results, {}, {}, wall_s=1.0)
+        self.assertEqual(m["unreadable"], [old_style, bad])
+
 
 if __name__ == "__main__":
     unittest.main()

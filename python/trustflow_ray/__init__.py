@@ -3,7 +3,8 @@
     python -m trustflow_ray run PIPELINE.yaml --input URI --out URI [--parts N]
 
 See docs/ray.md. The driver lists the shards once (`trustflow plan`), runs one Ray task
-per part (`trustflow run --part I/N`), and merges the parts' reports into one.
+per part (`trustflow run --shards FILE`, FILE holding that part's shards), and merges
+the parts' reports into one.
 """
 
 __version__ = "0.1.0"

@@ -25,6 +25,10 @@ import time
 from typing import Optional, Sequence
 
 PR_SET_PDEATHSIG = 1
+# How long a child has to stop cleanly after SIGTERM before it gets SIGKILL.
+KILL_GRACE_S = 5.0
+# How long a wait for the child blocks before Python looks for an interrupt.
+WAIT_SLICE_S = 0.5
 
 try:
     _LIBC: Optional[ctypes.CDLL] = ctypes.CDLL(None, use_errno=True)
@@ -46,7 +50,7 @@ def _die_with_parent(parent_pid: int):
     return preexec
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def kill_group(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM the child's process group, then SIGKILL it after `grace_s`."""
     if proc.poll() is not None:
         return
@@ -89,7 +93,15 @@ def run_tied(
     try:
         if on_start is not None:
             on_start(proc.pid)
-        return proc.wait()
+        while True:
+            # Waited in slices, not in one blocking waitpid: Ray cancels a task by
+            # raising KeyboardInterrupt in it (`_thread.interrupt_main`), which Python
+            # only delivers between bytecodes, so a single wait would hold the
+            # cancellation until the child ended by itself.
+            try:
+                return proc.wait(timeout=WAIT_SLICE_S)
+            except subprocess.TimeoutExpired:
+                continue
     finally:
         kill_group(proc)
 

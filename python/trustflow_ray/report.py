@@ -3,7 +3,9 @@
 Pure functions over JSON-like dicts (no Ray), so they can be tested alone. The inputs:
 
 * the plan (`trustflow plan`): the shards in index order, which fix which part owns a
-  shard (index % N);
+  shard (index % N; the runner gives each part exactly those with `--shards`), and
+  the shards found unreadable when planning (a part lists no shard but its own, so
+  only the plan knows those of the whole source);
 * one result per part: the report its last, successful attempt wrote (`RunReport` in
   crates/trustflow-engine/src/run.rs), with where it ran;
 * the attempts the tracker saw (a retried part has several).
@@ -22,6 +24,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 STEP_SUMS = ("rows_in", "rows_out", "rows_quarantined", "batches", "busy_s")
 STEP_WEIGHTED = ("busy_fraction", "blocked_fraction", "starved_fraction", "queue_fill_mean")
+# The reason given for a shard the plan found unreadable (`trustflow plan` lists their
+# paths only) when no part's report names it.
+PLANNED_UNREADABLE = "unreadable when the job was planned (`trustflow plan`)"
 
 
 def part_of(index: int, parts: int) -> int:
@@ -137,6 +142,7 @@ def merge(
                 "node_ip": result.get("node_ip"),
                 "attempt": result.get("attempt"),
                 "exit_code": result.get("exit_code"),
+                "shards_given": result.get("shards_given"),
                 "task_wall_s": result.get("task_wall_s"),
                 "wall_s": report.get("wall_s"),
                 "rows_in": report.get("rows_in"),
@@ -150,10 +156,13 @@ def merge(
             }
         )
     shards.sort(key=lambda s: (s["index"] is None, s["index"] or 0))
+    for u in plan.get("unreadable") or []:
+        entry = dict(u) if isinstance(u, dict) else {"input": u, "reason": PLANNED_UNREADABLE}
+        if entry.get("input") not in unreadable_seen:
+            unreadable_seen.add(entry.get("input"))
+            unreadable.append(entry)
 
-    unreadable_inputs = {str(u.get("input")) for u in unreadable} | {
-        str(p) for p in plan.get("unreadable") or []
-    }
+    unreadable_inputs = {str(u.get("input")) for u in unreadable}
     missing = [
         s["stem"]
         for s in planned

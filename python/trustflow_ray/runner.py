@@ -1,11 +1,13 @@
 """The driver and the Ray tasks: plan once, run N parts, merge their reports.
 
-The engine does the hard part: `trustflow run --part I/N` processes the shards with
-index % N == I, and per-shard manifests in the output folder make every shard's
-outputs appear exactly once, however often a part is started. This module only
-schedules the parts on Ray (one task per part, with the pipeline's thread budget as
-its CPUs), retries them, keeps their `trustflow` child from outliving them, and
-merges what they report.
+The engine does the hard part: `trustflow run --shards FILE` processes the shards FILE
+lists (those of one part), and per-shard manifests in the output folder make every
+shard's outputs appear exactly once, however often a part is started. This module only
+plans the job once (`trustflow plan`), gives each Ray task its part's shards (index %
+N == I, as `--part I/N` would pick them, but without listing the source again),
+schedules the parts (one task per part, with the pipeline's thread budget as its
+CPUs), retries them, keeps their `trustflow` child from outliving them, and merges
+what they report.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import child as childproc
 from . import report as reportlib
@@ -43,9 +46,47 @@ DEFAULT_FORWARD = (
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
+# `trustflow run`'s exit codes.
+EXIT_OK = 0
+EXIT_REFUSED = 2  # a command line it refuses: a usage error, or a shard list planned
+#                   for another pipeline (hashes differ); running it again cannot help
+EXIT_INCOMPLETE = 3  # done, but some input shards were unreadable
+EXIT_CANNOT_START = 127  # the shell's "command not found" (or a missing library)
+EXIT_INTERRUPTED = 130
+
+# Default parts per task slot (see choose_parts).
+PARTS_PER_SLOT = 3
+# How long the preflight waits for all nodes, and one `trustflow` probe on a node.
+PREFLIGHT_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 60.0
+# Tracker calls: the usual wait, and the short one where the driver must not hang
+# (a progress line, a failing task, an interrupt).
+TRACKER_TIMEOUT_S = 30.0
+TRACKER_QUICK_S = 5.0
+# The driver's wait loop wakes this often to see a signal, and prints a progress line
+# at least this often.
+WAIT_POLL_S = 1.0
+PROGRESS_EVERY_S = 2.0
+# After an interrupt, how long the driver gives the cancelled parts to stop their
+# child cleanly (SIGTERM, then SIGKILL after the child's grace) before it disconnects.
+CANCEL_GRACE_S = childproc.KILL_GRACE_S + 2.0
+CANCEL_POLL_S = 0.1
+# How much of an error text is kept: a child's stderr in a task error, a loader error,
+# an error in the tracker, a failed part in the driver's log, `plan`'s output.
+STDERR_TAIL_CHARS = 2000
+LOADER_TAIL_CHARS = 1500
+TRACKER_ERROR_CHARS = 2000
+LOGGED_ERROR_CHARS = 3000
+PLAN_OUTPUT_CHARS = 500
+
 
 class PartFailed(Exception):
     """A part's trustflow exited with an error; Ray retries the task."""
+
+
+class PartRefused(Exception):
+    """trustflow refused the part's command line (exit code 2): the pipeline changed
+    since the plan, or the binary is older than `--shards`; not retried."""
 
 
 class NodeSetupError(Exception):
@@ -98,6 +139,33 @@ def where(ctx: Dict[str, Any]) -> str:
     return f"node {ctx['node_ip']} ({ctx['host']}, id {str(ctx['node_id'])[:12]})"
 
 
+def part_shards(shards: Sequence[Dict[str, Any]], parts: int) -> List[List[Dict[str, Any]]]:
+    """The shard list of each part: the plan's shards with index % parts == part (the
+    assignment `--part I/N` makes, which report.py checks), in the plan's order, as
+    the plan gives them (`index`, `input`, `stem`, `rows`). The lists share the plan's
+    entries: the driver holds each shard once, however many parts."""
+    lists: List[List[Dict[str, Any]]] = [[] for _ in range(parts)]
+    for s in shards:
+        lists[reportlib.part_of(int(s["index"]), parts)].append(s)
+    return lists
+
+
+def part_overrides(overrides: Sequence[str]) -> List[str]:
+    """The plan's overrides a part repeats: `--out` (its inputs are its shard list;
+    `trustflow run` takes `--input` or `--shards`, not both)."""
+    kept: List[str] = []
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        if flag != "--input":
+            kept += [flag, value]
+    return kept
+
+
+def shard_list(pipeline_hash: str, part: int, parts: int,
+               shards: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The JSON `trustflow run --shards FILE` reads."""
+    return {"pipeline_hash": pipeline_hash, "part": [part, parts], "shards": shards}
+
+
 # ---------------------------------------------------------------- in the cluster
 
 
@@ -136,7 +204,7 @@ class Tracker:
         return ray.get_runtime_context().get_node_id()
 
 
-def _tell(call, wait: bool = False, timeout: float = 30.0):
+def _tell(call, wait: bool = False, timeout: float = TRACKER_TIMEOUT_S):
     """Tracker calls are best effort: a lost tracker must not fail a part."""
     import ray
 
@@ -148,19 +216,27 @@ def _tell(call, wait: bool = False, timeout: float = 30.0):
         return None
 
 
-def run_part(spec: Dict[str, Any], part: int, tracker) -> Dict[str, Any]:
-    """One Ray task: `trustflow run ... --part part/N --quiet --report LOCAL`, its report
-    returned to the driver (so nothing but outputs and manifests lands in the output
-    folder, and an s3:// output needs no client here)."""
+def part_argv(spec: Dict[str, Any], shards_path: str, report_path: str) -> List[str]:
+    """What a part runs: the pipeline, `--out` if the job has one, the part's shard
+    list."""
+    return [spec["binary"], "run", spec["pipeline"], *spec["overrides"],
+            "--shards", shards_path, "--quiet", "--report", report_path]
+
+
+def run_part(spec: Dict[str, Any], part: int, shards: List[Dict[str, Any]],
+             tracker) -> Dict[str, Any]:
+    """One Ray task: `trustflow run ... --shards LIST --quiet --report LOCAL`, where
+    LIST holds `shards` (this part's, from the driver's plan) and the report comes
+    back to the driver as the return value (so nothing but outputs and manifests
+    lands in the output folder, and an s3:// output needs no client here)."""
     ctx = node_context()
     n = spec["parts"]
     attempt = _tell(tracker.started.remote(part, ctx), wait=True) if tracker else None
     tmp = tempfile.mkdtemp(prefix=f"trustflow-ray-part-{part}-of-{n}-")
     report_path = os.path.join(tmp, "report.json")
+    shards_path = os.path.join(tmp, "shards.json")
     stdout_path = os.path.join(tmp, "stdout.txt")
     stderr_path = os.path.join(tmp, "stderr.txt")
-    argv = [spec["binary"], "run", spec["pipeline"], *spec["overrides"],
-            "--part", f"{part}/{n}", "--quiet", "--report", report_path]
     started = time.monotonic()
 
     def on_start(pid):
@@ -168,53 +244,86 @@ def run_part(spec: Dict[str, Any], part: int, tracker) -> Dict[str, Any]:
             _tell(tracker.child.remote(part, attempt, pid))
 
     try:
+        with open(shards_path, "w", encoding="utf-8") as f:
+            json.dump(shard_list(spec["pipeline_hash"], part, n, shards), f)
         try:
-            code = childproc.run_tied(argv, stdout_path, stderr_path, on_start=on_start)
+            code = childproc.run_tied(part_argv(spec, shards_path, report_path),
+                                      stdout_path, stderr_path, on_start=on_start)
         except (FileNotFoundError, PermissionError) as e:
             raise NodeSetupError(
                 f"{where(ctx)}: cannot start the trustflow binary {spec['binary']!r}: {e}. "
                 "Install it at the same path on every node or pass --binary (docs/ray.md)."
             ) from None
-        err = childproc.tail(stderr_path)
-        if code in (0, 3):
-            try:
-                with open(report_path, encoding="utf-8") as f:
-                    text = f.read()
-                report = json.loads(text)
-            except (OSError, ValueError) as e:
-                raise PartFailed(
-                    f"part {part}/{n} on {where(ctx)}: trustflow exited with "
-                    f"{describe_exit(code)} but its report {report_path} is unreadable: {e}"
-                ) from None
-            result = dict(ctx, part=part, attempt=attempt, exit_code=code,
-                          task_wall_s=time.monotonic() - started, report=report)
-            if tracker is not None and attempt is not None:
-                _tell(tracker.finished.remote(part, attempt, "ok", None, report.get("rows_in", 0)),
-                      wait=True)
-            return result
-        if code == 127 or "error while loading shared libraries" in err:
-            raise NodeSetupError(
-                f"{where(ctx)}: the trustflow binary {spec['binary']!r} cannot start "
-                f"({describe_exit(code)}): {err.strip()[-1500:]} -- the native libraries "
-                "are missing on this node (docs/ray.md, 'Getting the binary to the nodes')."
-            )
-        raise PartFailed(
-            f"part {part}/{n} on {where(ctx)}: trustflow exited with {describe_exit(code)}: "
-            f"{err.strip()[-2000:]}"
-        )
+        if code not in (EXIT_OK, EXIT_INCOMPLETE):
+            raise part_error(spec, part, ctx, code, childproc.tail(stderr_path))
+        report = _read_part_report(report_path, part, n, ctx, code)
+        if tracker is not None and attempt is not None:
+            _tell(tracker.finished.remote(part, attempt, "ok", None, report.get("rows_in", 0)),
+                  wait=True)
+        return dict(ctx, part=part, attempt=attempt, exit_code=code, shards_given=len(shards),
+                    task_wall_s=time.monotonic() - started, report=report)
     except BaseException as e:
         if tracker is not None and attempt is not None:
             _tell(tracker.finished.remote(part, attempt, "failed",
-                                          f"{type(e).__name__}: {str(e)[:2000]}"), wait=True,
-                  timeout=5.0)
+                                          f"{type(e).__name__}: {str(e)[:TRACKER_ERROR_CHARS]}"),
+                  wait=True, timeout=TRACKER_QUICK_S)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read_part_report(path: str, part: int, n: int, ctx: Dict[str, Any],
+                      code: int) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise PartFailed(
+            f"part {part}/{n} on {where(ctx)}: trustflow exited with {describe_exit(code)} "
+            f"but its report {path} is unreadable: {e}"
+        ) from None
+
+
+def part_error(spec: Dict[str, Any], part: int, ctx: Dict[str, Any], code: int,
+               err: str) -> Exception:
+    """The exception a failed part raises: its type says whether Ray retries it."""
+    n = spec["parts"]
+    if code == EXIT_CANNOT_START or "error while loading shared libraries" in err:
+        return NodeSetupError(
+            f"{where(ctx)}: the trustflow binary {spec['binary']!r} cannot start "
+            f"({describe_exit(code)}): {err.strip()[-LOADER_TAIL_CHARS:]} -- the native "
+            "libraries are missing on this node (docs/ray.md, 'Getting the binary to the "
+            "nodes')."
+        )
+    if code == EXIT_REFUSED:
+        return PartRefused(
+            f"part {part}/{n} on {where(ctx)}: trustflow refused the part "
+            f"({describe_exit(code)}, not retried): {err.strip()[-STDERR_TAIL_CHARS:]} -- "
+            "the pipeline (or a model) changed since the plan, or the binary on this node "
+            "is older than `run --shards` (docs/ray.md)."
+        )
+    return PartFailed(
+        f"part {part}/{n} on {where(ctx)}: trustflow exited with {describe_exit(code)}: "
+        f"{err.strip()[-STDERR_TAIL_CHARS:]}"
+    )
+
+
+def _probe(argv: List[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(stdout, None) when `argv` exits 0, else (None, what went wrong)."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"`{' '.join(argv)}` failed: {e}"
+    if p.returncode != 0:
+        return None, (f"`{' '.join(argv)}` failed ({describe_exit(p.returncode)}): "
+                      f"{(p.stderr or p.stdout).strip()[-LOADER_TAIL_CHARS:]}")
+    return p.stdout, None
+
+
 def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
-    """What a node lacks to run parts: the binary, its shared libraries (libtorch for
-    the full binary), ONNX Runtime at ORT_DYLIB_PATH, the pipeline file."""
+    """What a node lacks to run parts: the binary (one that takes `run --shards`), its
+    shared libraries (libtorch for the full binary), ONNX Runtime at ORT_DYLIB_PATH,
+    the pipeline file."""
     ctx = node_context()
     problems: List[str] = []
     warnings: List[str] = []
@@ -226,15 +335,15 @@ def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
     elif not os.access(found, os.X_OK):
         problems.append(f"trustflow binary {found} is not executable")
     else:
-        try:
-            p = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
-            if p.returncode == 0:
-                version = p.stdout.strip()
-            else:
-                problems.append(f"`{found} --version` failed ({describe_exit(p.returncode)}): "
-                                f"{(p.stderr or p.stdout).strip()[-1500:]}")
-        except (OSError, subprocess.TimeoutExpired) as e:
-            problems.append(f"`{found} --version` failed: {e}")
+        out, problem = _probe([found, "--version"])
+        if out is not None:
+            version = out.strip()
+            out, problem = _probe([found, "run", "--help"])
+            if out is not None and "--shards" not in out:
+                problem = (f"trustflow binary {found} ({version}) has no `run --shards` "
+                           "(older than this runner: install the same build on every node)")
+        if problem:
+            problems.append(problem)
     ort = os.environ.get("ORT_DYLIB_PATH")
     if ort:
         if not os.path.isfile(ort):
@@ -274,7 +383,8 @@ def plan_job(binary: str, pipeline: str, overrides: Sequence[str]) -> Dict[str, 
         return json.loads(p.stdout)
     except ValueError:
         raise JobError(f"`trustflow plan` printed no JSON (is {local} older than the "
-                       f"`plan` verb?):\n{p.stdout[:500]}{p.stderr[:500]}") from None
+                       f"`plan` verb?):\n{p.stdout[:PLAN_OUTPUT_CHARS]}"
+                       f"{p.stderr[:PLAN_OUTPUT_CHARS]}") from None
 
 
 def alive_nodes() -> List[Dict[str, Any]]:
@@ -284,7 +394,7 @@ def alive_nodes() -> List[Dict[str, Any]]:
 
 
 def choose_parts(shards: int, nodes: List[Dict[str, Any]], num_cpus: float,
-                 factor: int = 3) -> int:
+                 factor: int = PARTS_PER_SLOT) -> int:
     """A few parts per task slot (so a slow or retried part does not leave the others
     idle at the end), never more than the shards."""
     slots = 0
@@ -295,7 +405,7 @@ def choose_parts(shards: int, nodes: List[Dict[str, Any]], num_cpus: float,
 
 
 def run_preflight(binary: str, pipeline: str, nodes: List[Dict[str, Any]],
-                  timeout_s: float = 120.0) -> List[Dict[str, Any]]:
+                  timeout_s: float = PREFLIGHT_TIMEOUT_S) -> List[Dict[str, Any]]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -313,7 +423,7 @@ def run_preflight(binary: str, pipeline: str, nodes: List[Dict[str, Any]],
         except Exception as e:  # the node went away, or did not answer in time
             results.append({"node_id": node_id, "node_ip": "?", "host": "?", "version": None,
                             "problems": [f"preflight did not complete: {type(e).__name__}: "
-                                         f"{str(e)[:500]}"], "warnings": []})
+                                         f"{str(e)[:PLAN_OUTPUT_CHARS]}"], "warnings": []})
     return results
 
 
@@ -324,11 +434,98 @@ def _progress(done: int, parts: int, running: int, rows_done: int, rows_total: i
             f"{rate:.0f} rows/s, {retries} retr{'y' if retries == 1 else 'ies'}, {elapsed:.1f} s")
 
 
+@dataclass
+class Job:
+    """What every step of a job needs: the command line, the plan and how a part runs."""
+
+    args: Any  # the parsed command line (trustflow_ray.__main__.parser)
+    plan: Dict[str, Any]  # `trustflow plan`'s JSON
+    binary: str
+    pipeline: str  # absolute, or a URI
+    overrides: List[str]  # `--input`/`--out`, as given to `trustflow plan` (flag, value)
+    rows_total: int
+    t0: float  # time.monotonic() when the driver started
+
+    @property
+    def shards(self) -> List[Dict[str, Any]]:
+        return self.plan.get("shards") or []
+
+    def say(self, message: str) -> None:
+        """A progress line, unless --quiet."""
+        if not self.args.quiet:
+            log(message)
+
+
+@dataclass
+class Sizing:
+    """How many parts, and what each asks of Ray."""
+
+    parts: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass
+class PartOutcome:
+    """How a part ended, once Ray has no more retries for it: its task's return value,
+    or the root error (with `node_setup` when a node cannot run trustflow)."""
+
+    part: int
+    result: Optional[Dict[str, Any]] = None
+    error: Optional[str] = None
+    node_setup: bool = False
+
+    @classmethod
+    def of(cls, part: int, ref) -> "PartOutcome":
+        import ray
+
+        try:
+            return cls(part, result=ray.get(ref))
+        except Exception as e:  # retries exhausted, or not retryable
+            return cls.failed(part, e)
+
+    @classmethod
+    def failed(cls, part: int, e: BaseException) -> "PartOutcome":
+        cause = root_cause(e)
+        return cls(part, error=f"{type(cause).__name__}: {cause}",
+                   node_setup=isinstance(cause, NodeSetupError))
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a task raised, out of the RayTaskError that carries it (other Ray
+    errors, a lost worker or node, are their own cause)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(e, RayTaskError) and e.cause is not None and e.cause is not e:
+        return e.cause
+    return e
+
+
+@dataclass
+class Outcomes:
+    """The parts that ended so far."""
+
+    results: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    failures: Dict[int, str] = field(default_factory=dict)
+    node_setup_failed: bool = False
+    rows_done: int = 0
+
+    def add(self, outcome: PartOutcome) -> None:
+        if outcome.result is not None:
+            self.results[outcome.part] = outcome.result
+            self.rows_done += int(outcome.result["report"].get("rows_in") or 0)
+        else:
+            self.failures[outcome.part] = outcome.error or "?"
+            self.node_setup_failed |= outcome.node_setup
+
+    def __len__(self) -> int:
+        return len(self.results) + len(self.failures)
+
+
 def run_job(args) -> int:
     import ray
 
     t0 = time.monotonic()
-    quiet = args.quiet
     binary = resolve_binary(args.binary)
     pipeline = absolute(args.pipeline)
     overrides: List[str] = []
@@ -339,11 +536,12 @@ def run_job(args) -> int:
 
     plan = plan_job(binary, pipeline, overrides)
     shards = plan.get("shards") or []
-    rows_total = sum(int(s.get("rows") or 0) for s in shards)
-    if not quiet:
-        log(f"plan: {len(shards)} shard(s), {rows_total} rows, {len(plan.get('unreadable') or [])}"
-            f" unreadable, threads {plan.get('threads')}, cuda {plan.get('uses_cuda')}, out "
-            f"{plan.get('out_dir')} ({time.monotonic() - t0:.1f} s)")
+    job = Job(args, plan, binary, pipeline, overrides,
+              rows_total=sum(int(s.get("rows") or 0) for s in shards), t0=t0)
+    job.say(f"plan: {len(shards)} shard(s), {job.rows_total} rows, "
+            f"{len(plan.get('unreadable') or [])} unreadable, threads {plan.get('threads')}, "
+            f"cuda {plan.get('uses_cuda')}, out {plan.get('out_dir')} "
+            f"({time.monotonic() - t0:.1f} s)")
 
     env_vars = {}
     for name in list(DEFAULT_FORWARD) + list(args.env or []):
@@ -358,62 +556,82 @@ def run_job(args) -> int:
         init_kwargs["address"] = args.address
     ray.init(**init_kwargs)
     try:
-        return _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0)
+        return _run_on_cluster(job)
     finally:
         ray.shutdown()
 
 
-def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> int:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _run_on_cluster(job: Job) -> int:
+    nodes = cluster_nodes(job)
+    if not job.args.no_preflight:
+        check_nodes(job, nodes)
+    sizing = size_parts(job, nodes)
+    tracker = start_tracker()
+    t_submit = time.monotonic()
+    refs = submit_parts(job, sizing, tracker)
+    outcomes = wait_for_parts(job, sizing, refs, tracker, t_submit)
+    if outcomes is None:
+        return EXIT_INTERRUPTED
+    merged, report_path = write_job_report(job, sizing, len(nodes), outcomes, tracker,
+                                           t_submit)
+    return job_exit_code(job, sizing, outcomes, merged, report_path)
 
-    quiet = args.quiet
-    shards = plan.get("shards") or []
+
+def cluster_nodes(job: Job) -> List[Dict[str, Any]]:
+    """The alive nodes with CPUs (where parts can run)."""
     nodes = [n for n in alive_nodes() if n.get("Resources", {}).get("CPU", 0) > 0]
     if not nodes:
         raise JobError("the Ray cluster has no node with CPUs")
-    if not quiet:
-        log(f"cluster: {len(nodes)} node(s), "
+    job.say(f"cluster: {len(nodes)} node(s), "
             f"{sum(n['Resources'].get('CPU', 0) for n in nodes):g} CPU(s), "
             f"{sum(n['Resources'].get('GPU', 0) for n in nodes):g} GPU(s)")
+    return nodes
 
-    if not args.no_preflight:
-        checks = run_preflight(binary, pipeline, nodes)
-        bad = [c for c in checks if c["problems"]]
-        versions = {c["version"] for c in checks if c.get("version")}
-        for c in checks:
-            for w in c.get("warnings") or []:
-                if not quiet:
-                    log(f"warning: {where(c)}: {w}")
-        if len(versions) > 1:
-            log(f"warning: nodes run different trustflow versions: {sorted(versions)}")
-        if bad:
-            lines = [f"  {where(c)}: " + "; ".join(c["problems"]) for c in bad]
-            raise JobError(f"{len(bad)} of {len(checks)} node(s) cannot run trustflow:\n"
-                           + "\n".join(lines))
-        if not quiet:
-            log(f"preflight: {len(checks)} node(s) ok ({', '.join(sorted(versions)) or '?'})")
 
+def check_nodes(job: Job, nodes: List[Dict[str, Any]]) -> None:
+    """The preflight: stop before any part runs when a node cannot run trustflow."""
+    checks = run_preflight(job.binary, job.pipeline, nodes)
+    bad = [c for c in checks if c["problems"]]
+    versions = {c["version"] for c in checks if c.get("version")}
+    for c in checks:
+        for w in c.get("warnings") or []:
+            job.say(f"warning: {where(c)}: {w}")
+    if len(versions) > 1:
+        log(f"warning: nodes run different trustflow versions: {sorted(versions)}")
+    if bad:
+        lines = [f"  {where(c)}: " + "; ".join(c["problems"]) for c in bad]
+        raise JobError(f"{len(bad)} of {len(checks)} node(s) cannot run trustflow:\n"
+                       + "\n".join(lines))
+    job.say(f"preflight: {len(checks)} node(s) ok ({', '.join(sorted(versions)) or '?'})")
+
+
+def size_parts(job: Job, nodes: List[Dict[str, Any]]) -> Sizing:
+    """N, and the CPUs and GPUs a part asks for (never more CPUs than a node has)."""
+    args, shards = job.args, job.shards
     max_node_cpus = max(n["Resources"].get("CPU", 0) for n in nodes)
-    num_cpus = args.num_cpus if args.num_cpus is not None else float(plan.get("threads") or 1)
+    num_cpus = args.num_cpus if args.num_cpus is not None else float(job.plan.get("threads") or 1)
     if num_cpus > max_node_cpus:
-        if not quiet:
-            log(f"a part wants {num_cpus:g} CPUs but the largest node has {max_node_cpus:g}: "
+        job.say(f"a part wants {num_cpus:g} CPUs but the largest node has {max_node_cpus:g}: "
                 f"asking for {max_node_cpus:g}")
         num_cpus = max_node_cpus
-    num_gpus = args.num_gpus if args.num_gpus is not None else (1 if plan.get("uses_cuda") else 0)
+    num_gpus = args.num_gpus if args.num_gpus is not None else (
+        1 if job.plan.get("uses_cuda") else 0)
     parts = args.parts or choose_parts(len(shards), nodes, num_cpus)
     if shards and parts > len(shards):
-        if not quiet:
-            log(f"--parts {parts} > {len(shards)} shards: using {len(shards)}")
+        job.say(f"--parts {parts} > {len(shards)} shards: using {len(shards)}")
         parts = len(shards)
     parts = max(1, parts)
-    if not quiet:
-        log(f"{parts} part(s), each {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s), "
+    job.say(f"{parts} part(s), each {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s), "
             f"max_retries {args.max_retries}")
+    return Sizing(parts, num_cpus, num_gpus)
 
-    # The tracker lives on the head node (losing the head loses the cluster anyway),
-    # else on the driver's.
+
+def start_tracker():
+    """The attempts tracker, on the head node (losing the head loses the cluster
+    anyway), else on the driver's."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     heads = [n["NodeID"] for n in alive_nodes()
              if "node:__internal_head__" in n.get("Resources", {})]
     tracker_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
@@ -422,22 +640,36 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=tracker_node,
                                                            soft=not heads),
     ).remote()
-    task = ray.remote(run_part).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=args.max_retries,
-        retry_exceptions=[PartFailed],
-    )
     if os.environ.get("TRUSTFLOW_RAY_DEBUG"):
         log(f"tracker on node {_tell(tracker.node.remote(), wait=True)} (asked {tracker_node})")
-    spec = {"binary": binary, "pipeline": pipeline, "overrides": overrides, "parts": parts}
-    t_submit = time.monotonic()
-    refs = {task.remote(spec, i, tracker): i for i in range(parts)}
-    pending = list(refs)
-    results: Dict[int, Dict[str, Any]] = {}
-    failures: Dict[int, str] = {}
-    setup_errors: List[str] = []
-    rows_done = 0
-    last_line = 0.0
+    return tracker
 
+
+def submit_parts(job: Job, sizing: Sizing, tracker) -> Dict[Any, int]:
+    """One task per part, each given only its own shard list (Ray keeps a task's
+    arguments for its retries: the driver holds every shard once, not N times)."""
+    import ray
+
+    task = ray.remote(run_part).options(
+        num_cpus=sizing.num_cpus, num_gpus=sizing.num_gpus, max_retries=job.args.max_retries,
+        retry_exceptions=[PartFailed],
+    )
+    spec = {"binary": job.binary, "pipeline": job.pipeline,
+            "overrides": part_overrides(job.overrides), "parts": sizing.parts,
+            "pipeline_hash": job.plan.get("pipeline_hash")}
+    return {task.remote(spec, i, shards, tracker): i
+            for i, shards in enumerate(part_shards(job.shards, sizing.parts))}
+
+
+def wait_for_parts(job: Job, sizing: Sizing, refs: Dict[Any, int], tracker,
+                   t_submit: float) -> Optional[Outcomes]:
+    """Every part's outcome, with a progress line on each and every few seconds; None
+    when SIGINT or SIGTERM interrupted the job (the parts are cancelled)."""
+    import ray
+
+    pending = list(refs)
+    outcomes = Outcomes()
+    last_line = 0.0
     # A signal is also remembered, not only raised: Ray can swallow the
     # KeyboardInterrupt raised inside its own calls (a SIGINT during ray.wait was lost
     # that way, and the job ran to completion).
@@ -452,58 +684,81 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
         while pending or signals:
             if signals:
                 raise KeyboardInterrupt
-            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=WAIT_POLL_S)
             for ref in ready:
-                part = refs[ref]
-                try:
-                    result = ray.get(ref)
-                    results[part] = result
-                    rows_done += int(result["report"].get("rows_in") or 0)
-                except Exception as e:  # retries exhausted, or not retryable
-                    text = _error_text(e)
-                    failures[part] = text
-                    if "NodeSetupError" in text:
-                        setup_errors.append(text)
-                    log(f"part {part}/{parts} failed: {text[:3000]}")
+                outcome = PartOutcome.of(refs[ref], ref)
+                outcomes.add(outcome)
+                if outcome.error is not None:
+                    log(f"part {outcome.part}/{sizing.parts} failed: "
+                        f"{outcome.error[:LOGGED_ERROR_CHARS]}")
             now = time.monotonic()
-            if not quiet and (ready or now - last_line >= 2.0):
-                snap = _tell(tracker.snapshot.remote(), wait=True, timeout=5.0) or {}
+            if not job.args.quiet and (ready or now - last_line >= PROGRESS_EVERY_S):
+                snap = _tell(tracker.snapshot.remote(), wait=True, timeout=TRACKER_QUICK_S) or {}
                 running = sum(1 for a in snap.values() if a and a[-1]["outcome"] == "running")
                 retries = sum(max(0, len(a) - 1) for a in snap.values())
-                log(_progress(len(results) + len(failures), parts, running, rows_done,
-                              rows_total, retries, now - t_submit))
+                log(_progress(len(outcomes), sizing.parts, running, outcomes.rows_done,
+                              job.rows_total, retries, now - t_submit))
                 last_line = now
     except KeyboardInterrupt:
         log("interrupted: cancelling the parts (finished shards are kept; a rerun resumes)")
-        for ref in pending:
-            try:
-                ray.cancel(ref)
-            except Exception:
-                pass
-        time.sleep(2.0)
-        return 130
+        cancel_parts(pending, [refs[r] for r in pending], tracker)
+        return None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    return outcomes
 
-    wall_s = time.monotonic() - t0
-    attempts = _tell(tracker.snapshot.remote(), wait=True, timeout=30.0) or {}
+
+def cancel_parts(pending: List[Any], parts: List[int], tracker) -> None:
+    """Cancel the running parts and give them time to stop their child cleanly.
+
+    ray.cancel raises KeyboardInterrupt in a running task, whose child then gets
+    SIGTERM and stops cleanly (finished shards kept, temporary files and its part
+    lock released). Without the wait, ray.shutdown right after would end the workers
+    first and their children would die by the parent-death SIGKILL instead (on S3
+    with `conditional_writes`, leaving the part lock behind). The wait ends as soon
+    as the tracker has seen every cancelled attempt end."""
+    import ray
+
+    for ref in pending:
+        try:
+            ray.cancel(ref)
+        except Exception:
+            pass
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while time.monotonic() < deadline:
+        snap = _tell(tracker.snapshot.remote(), wait=True, timeout=TRACKER_QUICK_S)
+        if snap is not None:
+            last = {int(p): a[-1]["outcome"] for p, a in snap.items() if a}
+            if not any(last.get(p) == "running" for p in parts):
+                return
+        time.sleep(CANCEL_POLL_S)
+
+
+def write_job_report(job: Job, sizing: Sizing, nodes: int, outcomes: Outcomes, tracker,
+                     t_submit: float) -> Tuple[Dict[str, Any], str]:
+    """The parts' reports merged (report.py), written next to the outputs (local) or
+    to --report; returns it and its path."""
+    wall_s = time.monotonic() - job.t0
+    attempts = _tell(tracker.snapshot.remote(), wait=True) or {}
     attempts = {int(k): v for k, v in attempts.items()}
     for part, entries in attempts.items():
         for e in entries:
-            if e["outcome"] == "running" and part in results:
+            if e["outcome"] == "running" and part in outcomes.results:
                 e["outcome"] = "lost"
                 e["error"] = "no result: its worker or node died (Ray retried the task)"
-    report_path = args.report or (
-        os.path.join(plan["out_dir"], "_report.json") if not is_remote(str(plan["out_dir"]))
+    out_dir = str(job.plan["out_dir"])
+    report_path = job.args.report or (
+        os.path.join(out_dir, "_report.json") if not is_remote(out_dir)
         else os.path.abspath("trustflow-ray-report.json"))
     merged = reportlib.merge(
-        plan, parts, results, failures, attempts, wall_s, report_path,
+        job.plan, sizing.parts, outcomes.results, outcomes.failures, attempts, wall_s,
+        report_path,
         extra={
             "submit_to_done_s": time.monotonic() - t_submit,
-            "resources_per_part": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-            "max_retries": args.max_retries,
-            "nodes": len(nodes),
+            "resources_per_part": {"num_cpus": sizing.num_cpus, "num_gpus": sizing.num_gpus},
+            "max_retries": job.args.max_retries,
+            "nodes": nodes,
         },
     )
     os.makedirs(os.path.dirname(report_path) or ".", exist_ok=True)
@@ -512,26 +767,24 @@ def _run_on_cluster(args, plan, binary, pipeline, overrides, rows_total, t0) -> 
         json.dump(merged, f, indent=2)
         f.write("\n")
     os.replace(tmp, report_path)
+    return merged, report_path
 
+
+def job_exit_code(job: Job, sizing: Sizing, outcomes: Outcomes, merged: Dict[str, Any],
+                  report_path: str) -> int:
+    """The summary line, the problems, and `trustflow run`'s exit code for the job."""
+    wall_s = merged["wall_s"]
     status = "complete" if merged["complete"] else "INCOMPLETE"
     log(f"{status}: {merged['shards_processed']} shard(s) processed, "
         f"{merged['shards_skipped']} skipped, {len(merged['unreadable'])} unreadable; "
         f"{merged['rows_in']} in, {merged['rows_out']} out, {merged['rows_quarantined']} "
         f"quarantined; invariant {'holds' if merged['invariant_holds'] else 'BROKEN'}; "
-        f"{parts} parts, {merged['retries']} retries; {wall_s:.1f} s, "
+        f"{sizing.parts} parts, {merged['retries']} retries; {wall_s:.1f} s, "
         f"{merged['rows_per_s']:.0f} rows/s; report {report_path}")
     for p in merged["problems"]:
         log(f"problem: {p}")
-    if failures or merged["problems"]:
-        if setup_errors:
+    if outcomes.failures or merged["problems"]:
+        if outcomes.node_setup_failed:
             log("a node cannot run trustflow: see docs/ray.md, 'Getting the binary to the nodes'")
         return 1
-    return 3 if merged["unreadable"] else 0
-
-
-def _error_text(e: BaseException) -> str:
-    """The root error of a Ray task failure, with its type name."""
-    cause = getattr(e, "cause", None)
-    if cause is not None and cause is not e:
-        return f"{type(cause).__name__}: {cause}"
-    return f"{type(e).__name__}: {e}"
+    return EXIT_INCOMPLETE if merged["unreadable"] else EXIT_OK
