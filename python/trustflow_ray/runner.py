@@ -299,8 +299,9 @@ def part_error(spec: Dict[str, Any], part: int, ctx: Dict[str, Any], code: int,
         return PartRefused(
             f"part {part}/{n} on {where(ctx)}: trustflow refused the part "
             f"({describe_exit(code)}, not retried): {err.strip()[-STDERR_TAIL_CHARS:]} -- "
-            "the pipeline (or a model) changed since the plan, or the binary on this node "
-            "is older than `run --shards` (docs/ray.md)."
+            "another run is writing the output (a job with another --parts, or a whole run: "
+            "wait for it, or write elsewhere), the pipeline (or a model) changed since the "
+            "plan, or the binary on this node is older than `run --shards` (docs/ray.md)."
         )
     return PartFailed(
         f"part {part}/{n} on {where(ctx)}: trustflow exited with {describe_exit(code)}: "

@@ -30,9 +30,13 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    fails_with_code(1, args, needles)
+}
+
+fn fails_with_code(code: i32, args: &[&str], needles: &[&str]) -> String {
     let out = bin().args(args).output().expect("run trustflow");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
     assert_contains(&stderr, needles);
     stderr
 }
@@ -135,16 +139,22 @@ fn a_second_writer_is_refused_while_the_folder_is_held() {
     // This process plays the first writer.
     let held = lock_eventually(&out, None);
     let pid = format!("pid {}", std::process::id());
-    fails_with(
+    // Exit 2: another run writes the folder, so retrying at once cannot help.
+    fails_with_code(
+        2,
         &["run", "--quiet", p],
         &["in use by another trustflow run", &pid],
     );
-    fails_with(&["run", "--quiet", "--part", "0/2", p], &[&pid]);
+    fails_with_code(2, &["run", "--quiet", "--part", "0/2", p], &[&pid]);
     drop(held);
     // Parts of one job share the folder; together they write every shard.
     let part = lock_eventually(&out, Some((1, 2)));
     run_ok(&["run", "--quiet", "--part", "0/2", p]);
-    fails_with(&["run", "--quiet", "--part", "1/2", p], &["part 1/2", &pid]);
+    fails_with_code(
+        2,
+        &["run", "--quiet", "--part", "1/2", p],
+        &["part 1/2", &pid],
+    );
     drop(part);
     run_ok(&["run", "--quiet", "--part", "1/2", p]);
     assert_eq!(count_manifests(&out), 2);

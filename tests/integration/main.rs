@@ -11,6 +11,7 @@ mod digits;
 mod engine;
 mod faults;
 mod faults_input;
+mod faults_writers;
 mod fit_text;
 mod harness;
 mod layering;

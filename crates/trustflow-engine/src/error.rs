@@ -147,6 +147,11 @@ pub enum Error {
         source: datafusion::error::DataFusionError,
     },
 
+    /// The output is being written by another run (a lock or lease held): retrying at
+    /// once cannot help (exit code 2, which the cluster runner does not retry).
+    #[error("{path}: {message}")]
+    Busy { path: PathBuf, message: String },
+
     /// A part's shard list (`--shards`) was planned for another pipeline, or names
     /// shards that are not the part's: retrying cannot help, the job must be planned
     /// again (exit code 2, which the cluster runner does not retry).
@@ -161,12 +166,12 @@ pub enum Error {
 impl Error {
     /// The process exit code this error ends a command with: 130 cancelled by a signal,
     /// 3 finished with unreadable input shards skipped, 2 a stale shard list (plan
-    /// again), 1 anything else.
+    /// again) or an output another run is writing, 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Cancelled => 130,
             Error::Incomplete { .. } => 3,
-            Error::StalePlan { .. } => 2,
+            Error::StalePlan { .. } | Error::Busy { .. } => 2,
             _ => 1,
         }
     }

@@ -105,6 +105,10 @@ pub struct RunReport {
     pub invariant_holds: bool,
     pub shards_processed: usize,
     pub shards_skipped: usize,
+    /// Shards with fewer rows than a stage's group (`uncertainty.group_size`): their
+    /// rows are weighed among fewer captions than the group size (docs/method.md).
+    #[serde(default)]
+    pub shards_below_group_size: usize,
     /// Shards that could not be read and were skipped; the command exits with code 3
     /// when there are any. Their rows are in no count above.
     pub unreadable: Vec<UnreadableShard>,
@@ -159,11 +163,21 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     let processed = resume.todo.len();
     tracing::info!("{processed} shard(s) to process, {skipped} already done");
     let mut sink = parquet_sink(&plan, folder.clone(), resume.fingerprints);
+    // A stage working on groups of rows gets a group's worth in a shard's last batch.
+    let group_rows = plan
+        .pipeline
+        .spec
+        .stages
+        .iter()
+        .filter_map(|s| s.kind.config().batch_multiple())
+        .max()
+        .unwrap_or(0);
     let topology = Topology {
         source: Box::new(plan.source.clone()),
         shards: resume.todo,
         stages: plan.stages,
         queue_depth: plan.pipeline.spec.runtime.queue_depth,
+        min_tail_rows: group_rows,
     };
     let stats = runtime::run(
         topology,
@@ -183,6 +197,7 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     }
     reports.sort_by_key(|(i, _)| *i);
     let ran = Ran {
+        group_rows,
         shards: reports.into_iter().map(|(_, r)| r).collect(),
         skipped,
         processed,
@@ -232,12 +247,17 @@ fn decide_resume(
         todo: Vec::new(),
         fingerprints: Default::default(),
     };
-    for shard in &plan.source.shards {
-        if let Some((part, count)) = part
-            && shard.index_in_job % count != part
-        {
-            continue;
-        }
+    let mine: Vec<&crate::source::ShardPlan> = plan
+        .source
+        .shards
+        .iter()
+        .filter(|s| part.is_none_or(|(part, count)| s.index_in_job % count == part))
+        .collect();
+    let stems: Vec<&str> = mine.iter().map(|s| s.stem.as_str()).collect();
+    // A run over the whole plan lists the output once; a part asks for its own files.
+    let whole = mine.len() == plan.source.shards.len() && plan.listed_part.is_none();
+    let folder = &folder.view(&stems, whole)?;
+    for shard in mine {
         let manifest = Manifest::read_from(folder, &shard.stem);
         let may_skip = manifest
             .as_ref()
@@ -307,6 +327,8 @@ fn parquet_sink(
 
 /// What a run did, for its report.
 struct Ran {
+    /// The largest group of rows a stage works on (0: none).
+    group_rows: usize,
     /// Every shard of the run, done now or skipped, in index order.
     shards: Vec<ShardReport>,
     skipped: usize,
@@ -354,6 +376,10 @@ fn build_report(
         invariant_holds: shards.iter().all(|s| s.invariant_holds),
         shards_processed: ran.processed - ran.stats.unreadable.len(),
         shards_skipped: ran.skipped,
+        shards_below_group_size: shards
+            .iter()
+            .filter(|s| (s.rows_in as usize) < ran.group_rows)
+            .count(),
         unreadable,
         rows_per_s: processed_rows as f64 / snap.elapsed_s.max(1e-9),
         cpu_utilisation: cpu_seconds.map(|c| c / snap.elapsed_s.max(1e-9)),

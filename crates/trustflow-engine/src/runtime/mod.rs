@@ -212,6 +212,9 @@ pub struct Topology {
     pub stages: Vec<StageSlot>,
     /// Depth of the queue between the reader and the first stage (and into the sink).
     pub queue_depth: usize,
+    /// A shard's last batch holds at least this many rows when the shard has them (a
+    /// shorter tail is folded into the batch before it); 0: no folding.
+    pub min_tail_rows: usize,
 }
 
 /// Live view handed to a progress callback, and the final figures.
@@ -275,6 +278,7 @@ pub fn run(
         shards,
         stages,
         queue_depth,
+        min_tail_rows,
     } = topology;
     let shared = Shared {
         cancel: cancel.clone(),
@@ -387,7 +391,14 @@ pub fn run(
             gauge: &gauges[0],
         };
         let reader = spawn_scoped(scope, "trustflow-reader", move || {
-            if let Err(e) = read_all(source.as_ref(), shards, &reader_tx, &steps[0], shared) {
+            if let Err(e) = read_all(
+                source.as_ref(),
+                min_tail_rows,
+                shards,
+                &reader_tx,
+                &steps[0],
+                shared,
+            ) {
                 shared.fail(e);
             }
         })
@@ -518,6 +529,7 @@ impl Inlet<'_> {
 
 fn read_all(
     source: &dyn BatchSource,
+    min_tail: usize,
     shards: &[usize],
     tx: &Outlet<'_>,
     metrics: &StepMetrics,
@@ -525,7 +537,7 @@ fn read_all(
 ) -> Result<()> {
     source.read_ahead(shards)?;
     for &index in shards {
-        match read_shard(source, index, tx, metrics, shared) {
+        match read_shard(source, min_tail, index, tx, metrics, shared) {
             Ok(true) => {}
             Ok(false) => return Ok(()), // stopped: cancelled, or downstream ended
             Err(Error::Unreadable { path, reason }) if source.skip_unreadable() => {
@@ -547,6 +559,7 @@ fn read_all(
 /// Send every batch of shard `index`, then its end; false when the run stopped.
 fn read_shard(
     source: &dyn BatchSource,
+    min_tail: usize,
     index: usize,
     tx: &Outlet<'_>,
     metrics: &StepMetrics,
@@ -558,9 +571,10 @@ fn read_shard(
         StepMetrics::add(&metrics.busy_ns, t0.elapsed());
         let (mut seq, mut rows_in) = (0u64, 0u64);
         // Batches leave the reader with exactly `batch_size` rows (the last of a shard
-        // may be shorter), whatever the shard's row groups: batch-level behaviour (such
-        // as uncertainty groups) then depends on the data alone.
-        let mut chunker = Chunker::new(source.batch_size());
+        // may be shorter, or longer by a folded tail), whatever the shard's row groups:
+        // batch-level behaviour (such as uncertainty groups) then depends on the data
+        // alone.
+        let mut chunker = Chunker::new(source.batch_size(), min_tail);
         let mut upstream_done = false;
         loop {
             if shared.cancel.is_cancelled() {
@@ -622,16 +636,22 @@ fn read_shard(
 }
 
 /// Re-cuts a stream of batches into batches of exactly `size` rows.
+/// Cuts a shard's rows into batches of exactly `size` rows. The shard's last rows form
+/// a shorter batch, unless fewer than `min_tail` would be left there: those are folded
+/// into the batch before it (so a stage working on groups of rows, such as
+/// `uncertainty`, finds at least a group's worth in every batch of a shard that has it).
 struct Chunker {
     size: usize,
+    min_tail: usize,
     pending: Vec<RecordBatch>,
     rows: usize,
 }
 
 impl Chunker {
-    fn new(size: usize) -> Self {
+    fn new(size: usize, min_tail: usize) -> Self {
         Chunker {
             size: size.max(1),
+            min_tail: min_tail.min(size),
             pending: Vec::new(),
             rows: 0,
         }
@@ -644,14 +664,20 @@ impl Chunker {
         }
     }
 
-    /// A batch of exactly `size` rows, if that many are pending.
+    /// A batch of exactly `size` rows, if enough are pending that a tail of at least
+    /// `min_tail` rows would still follow.
     fn take_full(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
-        (self.rows >= self.size).then(|| self.take(self.size))
+        (self.rows >= self.size + self.min_tail).then(|| self.take(self.size))
     }
 
-    /// Whatever is pending (the end of a shard).
+    /// Whatever is pending (the end of a shard): with a `min_tail`, one batch of fewer
+    /// than `size + min_tail` rows.
     fn flush(&mut self) -> Option<Result<RecordBatch, arrow::error::ArrowError>> {
-        (self.rows > 0).then(|| self.take(self.rows.min(self.size)))
+        let most = match self.min_tail {
+            0 => self.size,
+            tail => self.size + tail,
+        };
+        (self.rows > 0).then(|| self.take(self.rows.min(most)))
     }
 
     fn take(&mut self, n: usize) -> Result<RecordBatch, arrow::error::ArrowError> {
@@ -895,12 +921,12 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(values))]).unwrap()
     }
 
-    #[test]
-    fn chunker_recuts_to_exact_sizes_in_order() {
-        let mut c = Chunker::new(4);
+    fn cut(size: usize, min_tail: usize, rows: i64) -> Vec<RecordBatch> {
+        let mut c = Chunker::new(size, min_tail);
         let mut out = Vec::new();
-        for b in [batch(0..3), batch(3..13), batch(13..13), batch(13..14)] {
-            c.push(b);
+        let splits = [0, 3.min(rows), 13.min(rows), 13.min(rows), rows];
+        for w in splits.windows(2) {
+            c.push(batch(w[0]..w[1]));
             while let Some(full) = c.take_full() {
                 out.push(full.unwrap());
             }
@@ -908,8 +934,30 @@ mod tests {
         while let Some(rest) = c.flush() {
             out.push(rest.unwrap());
         }
-        let sizes: Vec<usize> = out.iter().map(|b| b.num_rows()).collect();
-        assert_eq!(sizes, vec![4, 4, 4, 2]);
+        out
+    }
+
+    fn sizes(batches: &[RecordBatch]) -> Vec<usize> {
+        batches.iter().map(|b| b.num_rows()).collect()
+    }
+
+    #[test]
+    fn a_short_tail_is_folded_into_the_batch_before_it() {
+        assert_eq!(sizes(&cut(4, 3, 14)), vec![4, 4, 6]);
+        assert_eq!(sizes(&cut(4, 2, 14)), vec![4, 4, 4, 2]);
+        assert_eq!(sizes(&cut(4, 4, 16)), vec![4, 4, 4, 4]);
+        assert_eq!(sizes(&cut(4, 4, 17)), vec![4, 4, 4, 5]);
+        assert_eq!(
+            sizes(&cut(4, 3, 2)),
+            vec![2],
+            "a shard smaller than the tail"
+        );
+    }
+
+    #[test]
+    fn chunker_recuts_to_exact_sizes_in_order() {
+        let out = cut(4, 0, 14);
+        assert_eq!(sizes(&out), vec![4, 4, 4, 2]);
         let values: Vec<i64> = out
             .iter()
             .flat_map(|b| {

@@ -5,6 +5,7 @@
 //! makes visible only when completed. The shard's manifest is written after its
 //! files, so it is the commit point on both.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -201,35 +202,91 @@ impl OutputFolder {
         format!("{UPLOADS}/{name}.json")
     }
 
-    /// Abort the multipart uploads a killed run left for `stem`'s outputs, and remove
-    /// its temporary files (a store never shows an incomplete upload, but keeps and
-    /// bills its parts until it is aborted).
-    pub fn clean_up_after(&self, stem: &str) {
-        match self {
-            OutputFolder::Local(dir) => super::remove_stale_tmp(dir, stem),
-            OutputFolder::Remote { uri, storage, .. } => {
-                for name in output_names(stem) {
-                    let marker = self.upload_marker(&name);
-                    let Some(bytes) = self.read_small(&marker) else {
-                        continue;
-                    };
-                    if let Ok(pending) = serde_json::from_slice::<PendingUpload>(&bytes) {
-                        let target = ObjectUri {
-                            bucket: uri.bucket.clone(),
-                            key: pending.key,
-                        };
-                        tracing::info!("aborting the unfinished upload of {target}");
-                        if let (Ok(store), Ok(path)) =
-                            (storage.store(&target), target.object_path())
-                        {
-                            let _ =
-                                storage.block_on(store.abort_multipart(&path, &pending.upload_id));
+    /// What resume needs to know of the folder, read once. Locally that is nothing:
+    /// files are looked at when asked for. In a store, for a run over every shard of
+    /// the plan (`whole`): one listing of the prefix (names and sizes), then the
+    /// manifests among `stems`' that exist; for a part: each of its own shards' files
+    /// asked for directly, so that a part's cost does not grow with the whole output.
+    /// Requests go `storage.footer_reads_in_flight` at a time either way: deciding a
+    /// thousand shards costs a listing and a batch of GETs, not four requests a shard
+    /// in series.
+    pub fn view(&self, stems: &[&str], whole: bool) -> Result<FolderView<'_>> {
+        let OutputFolder::Remote { uri, storage, .. } = self else {
+            return Ok(FolderView {
+                folder: self,
+                known: None,
+                complete: false,
+                fetched: HashMap::new(),
+            });
+        };
+        let mut known: HashMap<String, Option<u64>> = HashMap::new();
+        let mut manifests: Vec<String> = Vec::new();
+        if whole {
+            let prefix = format!("{}/", uri.key);
+            // A prefix that does not exist yet lists as nothing.
+            for m in storage.block_on(storage.list(uri))?? {
+                let name = match uri.key.is_empty() {
+                    true => m.location.as_ref().to_string(),
+                    false => match m.location.as_ref().strip_prefix(prefix.as_str()) {
+                        Some(name) => name.to_string(),
+                        None => continue,
+                    },
+                };
+                known.insert(name, Some(m.size));
+            }
+            manifests.extend(
+                stems
+                    .iter()
+                    .map(|stem| crate::columns::manifest_name(stem))
+                    .filter(|name| known.contains_key(name)),
+            );
+        } else {
+            let mut names = Vec::new();
+            for stem in stems {
+                names.extend(
+                    output_names(stem)
+                        .into_iter()
+                        .map(|n| self.upload_marker(&n)),
+                );
+                names.extend(output_names(stem));
+                manifests.push(crate::columns::manifest_name(stem));
+            }
+            let sizes =
+                storage.block_on(concurrently(storage, names.iter(), |name| async move {
+                    let meta = storage.head(&uri.join(name)).await.ok();
+                    (name.clone(), meta.map(|m| m.size))
+                }))?;
+            known.extend(sizes);
+        }
+        let fetched =
+            storage.block_on(concurrently(storage, manifests.iter(), |name| async move {
+                let store = storage.store(uri).ok();
+                let path = uri.join(name).object_path().ok();
+                let bytes = match (store, path) {
+                    (Some(store), Some(path)) => {
+                        match object_store::ObjectStoreExt::get(store.as_ref(), &path).await {
+                            Ok(got) => got.bytes().await.ok().map(|b| b.to_vec()),
+                            Err(_) => None,
                         }
                     }
-                    self.remove(&marker);
-                }
-            }
+                    _ => None,
+                };
+                (name.clone(), bytes)
+            }))?;
+        for (name, bytes) in &fetched {
+            known
+                .entry(name.clone())
+                .or_insert(bytes.as_ref().map(|b| b.len() as u64));
         }
+        Ok(FolderView {
+            folder: self,
+            known: Some(known),
+            complete: whole,
+            fetched: fetched
+                .into_iter()
+                .filter_map(|(name, bytes)| Some((name, bytes?)))
+                .collect(),
+        })
     }
 
     /// Write a small file (a manifest, the report) whole under `name`.
@@ -339,6 +396,103 @@ impl OutputFolder {
             && let Ok(handle) = std::fs::File::open(dir)
         {
             let _ = handle.sync_all();
+        }
+    }
+}
+
+/// `work` on each of `items`, `storage.footer_reads_in_flight` at a time.
+async fn concurrently<'a, T: 'a, F, Fut, R>(
+    storage: &Storage,
+    items: impl Iterator<Item = &'a T>,
+    work: F,
+) -> Vec<R>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    use futures::StreamExt;
+    futures::stream::iter(items.map(work))
+        .buffer_unordered(storage.spec().footer_reads_in_flight.max(1))
+        .collect()
+        .await
+}
+
+/// The output folder as resume sees it ([`OutputFolder::view`]).
+pub struct FolderView<'a> {
+    folder: &'a OutputFolder,
+    /// For a store: what is known of names under the prefix (Some(size): there; None:
+    /// absent). A name not in it is asked for, unless the map is `complete`.
+    known: Option<HashMap<String, Option<u64>>>,
+    /// `known` comes from a listing of the whole prefix: a name not in it is absent.
+    complete: bool,
+    /// For a store: the manifests asked for that exist, by name.
+    fetched: HashMap<String, Vec<u8>>,
+}
+
+impl FolderView<'_> {
+    /// What is known of `name`: Some(Some(size)) there, Some(None) absent, None unknown.
+    fn known(&self, name: &str) -> Option<Option<u64>> {
+        match self.known.as_ref()?.get(name) {
+            Some(size) => Some(*size),
+            None if self.complete => Some(None),
+            None => None,
+        }
+    }
+
+    /// A small file's bytes, if it is there and readable.
+    pub fn read_small(&self, name: &str) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.fetched.get(name) {
+            return Some(bytes.clone());
+        }
+        match self.known(name) {
+            Some(None) => None,
+            _ => self.folder.read_small(name),
+        }
+    }
+
+    /// Size of `name`, if it is there.
+    pub fn size_of(&self, name: &str) -> Option<u64> {
+        match self.known(name) {
+            Some(size) => size,
+            None => self.folder.size_of(name),
+        }
+    }
+
+    /// Delete `name` if it is there.
+    pub fn remove(&self, name: &str) {
+        if self.known(name) != Some(None) {
+            self.folder.remove(name);
+        }
+    }
+
+    /// Abort the multipart uploads a killed run left for `stem`'s outputs, and remove
+    /// its temporary files (a store never shows an incomplete upload, but keeps and
+    /// bills its parts until it is aborted).
+    pub fn clean_up_after(&self, stem: &str) {
+        match self.folder {
+            OutputFolder::Local(dir) => super::remove_stale_tmp(dir, stem),
+            OutputFolder::Remote { uri, storage, .. } => {
+                for name in output_names(stem) {
+                    let marker = self.folder.upload_marker(&name);
+                    let Some(bytes) = self.read_small(&marker) else {
+                        continue;
+                    };
+                    if let Ok(pending) = serde_json::from_slice::<PendingUpload>(&bytes) {
+                        let target = ObjectUri {
+                            bucket: uri.bucket.clone(),
+                            key: pending.key,
+                        };
+                        tracing::info!("aborting the unfinished upload of {target}");
+                        if let (Ok(store), Ok(path)) =
+                            (storage.store(&target), target.object_path())
+                        {
+                            let _ =
+                                storage.block_on(store.abort_multipart(&path, &pending.upload_id));
+                        }
+                    }
+                    self.remove(&marker);
+                }
+            }
         }
     }
 }

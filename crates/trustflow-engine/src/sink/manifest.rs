@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::folder::OutputFolder;
+use super::folder::{FolderView, OutputFolder};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::runtime::{ShardCounts, SkippedPart};
@@ -58,8 +58,8 @@ impl Manifest {
         serde_json::from_str(&text).ok()
     }
 
-    /// The manifest of `stem` in `folder`, if there is a readable one.
-    pub fn read_from(folder: &OutputFolder, stem: &str) -> Option<Manifest> {
+    /// The manifest of `stem` in the folder, if there is a readable one.
+    pub fn read_from(folder: &FolderView<'_>, stem: &str) -> Option<Manifest> {
         let bytes = folder.read_small(&crate::columns::manifest_name(stem))?;
         serde_json::from_slice(&bytes).ok()
     }
@@ -74,7 +74,12 @@ impl Manifest {
 
     /// True when this manifest describes a finished shard of the same input under the
     /// same pipeline, and its outputs are still there, whole.
-    pub fn matches(&self, folder: &OutputFolder, pipeline_hash: &str, input: &Fingerprint) -> bool {
+    pub fn matches(
+        &self,
+        folder: &FolderView<'_>,
+        pipeline_hash: &str,
+        input: &Fingerprint,
+    ) -> bool {
         let intact = |entry: &FileEntry| folder.size_of(&entry.file) == Some(entry.bytes);
         self.pipeline_hash == pipeline_hash
             && self.input_fingerprint.still_matches(input)

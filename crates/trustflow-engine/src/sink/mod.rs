@@ -6,6 +6,7 @@
 //! manifest (last) marks completion.
 
 pub mod folder;
+pub mod lease;
 pub mod lock;
 pub mod manifest;
 pub mod safety;
@@ -40,7 +41,7 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
-/// Remove temporary files a killed run left for `stem` (any process id). A stem may
+/// Remove temporary files that runs now dead left for `stem`. A stem may
 /// name a subfolder (`year=2024/part-0`): its files are in that folder.
 pub fn remove_stale_tmp(out_dir: &Path, stem: &str) {
     let (folder, stem) = match stem.rsplit_once('/') {
@@ -53,7 +54,16 @@ pub fn remove_stale_tmp(out_dir: &Path, stem: &str) {
     let prefixes = crate::columns::output_names(stem).map(|name| format!(".{name}."));
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") && prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+        let Some(pid) = prefixes.iter().find_map(|p| {
+            name.strip_prefix(p.as_str())?
+                .strip_suffix(".tmp")?
+                .parse::<u32>()
+                .ok()
+        }) else {
+            continue;
+        };
+        // Only a dead writer's: a live one's temporary file is never touched.
+        if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -92,11 +102,17 @@ struct ClosedShard {
     ending: ShardEnding,
 }
 
+/// An upload in the background: the shard's index and manifest once committed.
+type Upload = std::thread::JoinHandle<Result<(usize, Manifest)>>;
+
 /// Commits going on in the background (to a store: uploads while the next shards are
-/// processed), at most `limit` at once.
+/// processed), at most `limit` shards and `byte_limit` staged bytes at once.
 struct Commits {
     limit: usize,
-    running: std::collections::VecDeque<std::thread::JoinHandle<Result<(usize, Manifest)>>>,
+    byte_limit: u64,
+    /// Each upload and the bytes it staged, oldest first.
+    running: std::collections::VecDeque<(Upload, u64)>,
+    staged_bytes: u64,
 }
 
 /// The Parquet [`Sink`].
@@ -137,7 +153,9 @@ impl ParquetSink {
             OutputFolder::Local(_) => None,
             OutputFolder::Remote { storage, .. } => Some(Commits {
                 limit: storage.spec().uploads_in_flight.max(1),
+                byte_limit: storage.spec().upload_bytes_in_flight,
                 running: Default::default(),
+                staged_bytes: 0,
             }),
         };
         ParquetSink {
@@ -270,13 +288,22 @@ impl Sink for ParquetSink {
             return Err(e);
         }
         let (folder, hash) = (self.folder.clone(), self.pipeline_hash.clone());
-        let Some(commits) = self.commits.as_mut() else {
+        if self.commits.is_none() {
             let manifest = commit(&folder, &hash, closed)?;
             self.record(index, manifest);
             return Ok(());
+        }
+        // A store: upload while the next shards are processed, within the limits.
+        let staged: u64 = [&closed.out_tmp, &closed.quarantine_tmp]
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        let full = |c: &Commits| {
+            !c.running.is_empty()
+                && (c.running.len() >= c.limit || c.staged_bytes + staged > c.byte_limit)
         };
-        // A store: upload while the next shards are processed, at most `limit` at once.
-        if commits.running.len() >= commits.limit {
+        while self.commits.as_ref().is_some_and(full) {
             self.wait_for_oldest_commit()?;
         }
         let upload = std::thread::Builder::new()
@@ -284,7 +311,8 @@ impl Sink for ParquetSink {
             .spawn(move || commit(&folder, &hash, closed).map(|m| (index, m)))
             .map_err(|e| Error::Internal(format!("cannot start an upload thread: {e}")))?;
         if let Some(commits) = self.commits.as_mut() {
-            commits.running.push_back(upload);
+            commits.running.push_back((upload, staged));
+            commits.staged_bytes += staged;
         }
         Ok(())
     }
@@ -333,7 +361,11 @@ impl ParquetSink {
 
     /// Wait for the oldest background commit; its failure is the run's.
     fn wait_for_oldest_commit(&mut self) -> Result<()> {
-        let Some(oldest) = self.commits.as_mut().and_then(|c| c.running.pop_front()) else {
+        let Some(oldest) = self.commits.as_mut().and_then(|c| {
+            let (upload, staged) = c.running.pop_front()?;
+            c.staged_bytes -= staged;
+            Some(upload)
+        }) else {
             return Ok(());
         };
         let started = std::time::Instant::now();
@@ -368,11 +400,31 @@ fn commit(folder: &OutputFolder, pipeline_hash: &str, closed: ClosedShard) -> Re
             for tmp in [&closed.out_tmp, &closed.quarantine_tmp] {
                 let _ = std::fs::remove_file(tmp);
             }
-            folder.remove(&out_name);
-            folder.remove(&quarantine_name);
+            // Locally the folder lock makes the files ours: leave no output without its
+            // manifest. In a store an object under a final name may be another
+            // writer's; one of ours left without a manifest is not committed and is
+            // redone by the next run, so nothing is deleted there.
+            if !folder.is_remote() {
+                folder.remove(&out_name);
+                folder.remove(&quarantine_name);
+            }
             return Err(e);
         }
     };
+    // The manifest commits the files as written: check they are there, whole.
+    for (name, bytes) in [(&out_name, out_bytes), (&quarantine_name, quarantine_bytes)] {
+        let found = folder.size_of(name);
+        if found != Some(bytes) {
+            return Err(Error::output(
+                folder.display(name),
+                format!(
+                    "is {} after it was written with {bytes} bytes; another writer may have \
+                     replaced or removed it, so the shard is not committed",
+                    found.map_or("missing".to_string(), |b| format!("{b} bytes"))
+                ),
+            ));
+        }
+    }
     let manifest = Manifest {
         trustflow_version: env!("CARGO_PKG_VERSION").into(),
         pipeline_hash: pipeline_hash.to_string(),

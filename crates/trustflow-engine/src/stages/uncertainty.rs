@@ -6,8 +6,11 @@
 //! own caption among the group's captions. Groups are explicit and deterministic: the
 //! rows of the batch the stage receives, in stream order, `group_size` at a time; rows
 //! this stage rejects belong to no group (like rows quarantined upstream, which never
-//! reach it). The last group of a batch may be smaller, and a group of one row gives
-//! `w = 1`. The named alternatives: `method: clamped_cosine` (`max(0, <u_i, v_i>)`, no
+//! reach it). The last group of a batch may be shorter (rows quarantined before it, or
+//! a shard's end): its rows are then weighed against their own captions plus those of
+//! the rows just before the group in the batch, so that every row picks among
+//! `group_size` captions whenever its batch has that many rows, wherever it sits (the
+//! reader folds a shard's short tail into the batch before it). The named alternatives: `method: clamped_cosine` (`max(0, <u_i, v_i>)`, no
 //! grouping) and `method: class_max_cosine` (that cosine divided by the largest cosine
 //! seen for the row's pseudo-label class on the source, from a `class_max` calibration
 //! file; see [`super::class_max`]). The stage never switches methods on its own.
@@ -368,6 +371,12 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// `softmax_j(scale * <u_i, v_j>)[i]` for every row i of one group, by log-sum-exp.
 pub fn group_weights(images: &[Vec<f64>], texts: &[Vec<f64>], scale: f64) -> Vec<f64> {
+    weights_among(images, texts, 0, scale)
+}
+
+/// `softmax_j(scale * <u_i, v_j>)[first_own + i]` for every image i: each image picks
+/// its own caption (`texts[first_own + i]`) among all of `texts`.
+fn weights_among(images: &[Vec<f64>], texts: &[Vec<f64>], first_own: usize, scale: f64) -> Vec<f64> {
     let mut logits = vec![0.0; texts.len()];
     images
         .iter()
@@ -378,9 +387,22 @@ pub fn group_weights(images: &[Vec<f64>], texts: &[Vec<f64>], scale: f64) -> Vec
             }
             let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
-            (logits[i] - max - sum.ln()).exp().min(1.0)
+            (logits[first_own + i] - max - sum.ln()).exp().min(1.0)
         })
         .collect()
+}
+
+/// The weights of `us`/`vs` (a batch's kept rows, in order) in groups of `g`. A short
+/// last group also takes, as extra captions to pick among, those of the rows just
+/// before it, up to `g` captions in all.
+fn batch_softmax(us: &[Vec<f64>], vs: &[Vec<f64>], g: usize, scale: f64) -> Vec<f64> {
+    let mut weights = Vec::with_capacity(us.len());
+    for start in (0..us.len()).step_by(g.max(1)) {
+        let end = (start + g).min(us.len());
+        let from = end.saturating_sub(g).min(start);
+        weights.extend(weights_among(&us[start..end], &vs[from..end], start - from, scale));
+    }
+    weights
 }
 
 impl Stage for UncertaintyStage {
@@ -441,11 +463,7 @@ impl Stage for UncertaintyStage {
         let weights: Vec<f64> = match self.config.method {
             WeightMethod::BatchSoftmax => {
                 let scale = self.config.logit_scale / self.config.temperature;
-                let g = self.config.group_size.max(1);
-                us.chunks(g)
-                    .zip(vs.chunks(g))
-                    .flat_map(|(u, v)| group_weights(u, v, scale))
-                    .collect()
+                batch_softmax(&us, &vs, self.config.group_size.max(1), scale)
             }
             WeightMethod::ClampedCosine => us
                 .iter()
@@ -575,11 +593,27 @@ mod tests {
             .unwrap();
         let expected: Vec<_> = weights(&alone);
         assert_eq!([got[0], got[2], got[3], got[4]].to_vec(), expected);
-        // Three kept rows, group_size 2: the last group has one row, weight exactly 1.
-        let three = stage(config)
-            .process(&batch(&images[..3], &texts[..3], 2))
-            .unwrap();
-        assert_eq!(weights(&three)[2], Some(1.0));
+    }
+
+    #[test]
+    fn a_short_last_group_picks_among_group_size_captions() {
+        let e = |a: f32, b: f32| Some(vec![a, b]);
+        // Three rows, group_size 2: groups {0, 1} and {2}. Row 2 is not left alone
+        // (which would give it w = 1): it picks its caption among its own and row 1's.
+        let images = [e(1.0, 0.0), e(0.6, 0.8), e(0.8, 0.6)];
+        let texts = [e(1.0, 0.0), e(0.0, 1.0), e(1.0, 0.0)];
+        let config = UncertaintyConfig {
+            group_size: 2,
+            ..UncertaintyConfig::default()
+        };
+        let got = weights(&stage(config).process(&batch(&images, &texts, 2)).unwrap());
+        let k = 100.0 / 3.0;
+        // <u2, v2> = 0.8, <u2, v1> = 0.6.
+        let w2 = 1.0 / (1.0 + (k * (0.6 - 0.8f64)).exp());
+        assert!((f64::from(got[2].unwrap()) - w2).abs() < 1e-6, "{got:?}");
+        // The full group is weighed as before.
+        let w0 = 1.0 / (1.0 + (k * (0.0 - 1.0f64)).exp());
+        assert!((f64::from(got[0].unwrap()) - w0).abs() < 1e-6, "{got:?}");
     }
 
     #[test]

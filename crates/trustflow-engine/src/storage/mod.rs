@@ -186,6 +186,15 @@ pub struct StorageSpec {
     /// the sink wait, which slows the reader (backpressure).
     #[serde(default = "default_uploads_in_flight")]
     pub uploads_in_flight: usize,
+    /// Bytes of staged files uploading at once (a bound on the staging disk, whatever
+    /// the shards' size); one shard larger than this uploads on its own.
+    #[serde(default = "default_upload_bytes_in_flight")]
+    pub upload_bytes_in_flight: u64,
+    /// A writer's lease on the output prefix (refreshed every sixth of this) is taken
+    /// over by another writer once it has not been refreshed for this many seconds: how
+    /// long a writer that died on another machine blocks the prefix.
+    #[serde(default = "default_lease_expiry_s")]
+    pub lease_expiry_s: u64,
 }
 
 fn default_max_retries() -> usize {
@@ -204,10 +213,16 @@ fn default_read_ahead_bytes() -> u64 {
     256 << 20
 }
 fn default_read_ahead_shards() -> usize {
-    8
+    16
 }
 fn default_uploads_in_flight() -> usize {
-    4
+    16
+}
+fn default_upload_bytes_in_flight() -> u64 {
+    1 << 30
+}
+fn default_lease_expiry_s() -> u64 {
+    90
 }
 
 /// S3's smallest part but the last.
@@ -229,6 +244,8 @@ impl Default for StorageSpec {
             read_ahead_bytes: default_read_ahead_bytes(),
             read_ahead_shards: default_read_ahead_shards(),
             uploads_in_flight: default_uploads_in_flight(),
+            upload_bytes_in_flight: default_upload_bytes_in_flight(),
+            lease_expiry_s: default_lease_expiry_s(),
         }
     }
 }
