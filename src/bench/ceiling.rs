@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use trustflow_engine::error::{Error, Result};
 use trustflow_engine::plan::{self, Overrides};
-use trustflow_engine::run::{RunOptions, execute};
+use trustflow_engine::run::{RunOptions, RunSettings, execute};
 use trustflow_engine::runtime::metrics::StepReport;
 use trustflow_engine::stages::StageKind;
 use trustflow_engine::stages::clip_score::ClipScoreStage;
@@ -248,7 +248,10 @@ pub fn run(opts: &CeilingOptions) -> Result<CeilingReport> {
         let report = execute(
             plan,
             RunOptions {
-                force: true,
+                settings: RunSettings {
+                    force: true,
+                    ..RunSettings::default()
+                },
                 ..RunOptions::default()
             },
         )?;

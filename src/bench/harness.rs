@@ -56,7 +56,7 @@ use crate::bench::corpus::{self, GenLayout, GenOptions};
 use crate::bench::plot::{self, Series};
 use trustflow_engine::error::{Error, Result, SpecIssue, SpecIssues};
 use trustflow_engine::plan::{self, Overrides, Plan};
-use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, RunSettings, execute};
 use trustflow_engine::runtime::{RunSnapshot, StepReport, metrics};
 use trustflow_engine::spec::Locations;
 use trustflow_engine::stages::StageKind;
@@ -1412,7 +1412,10 @@ fn engine_run(pipeline: &Path, inputs: &[String], out: &Path, rep: usize) -> Res
     let report = execute(
         plan,
         RunOptions {
-            force: true,
+            settings: RunSettings {
+                force: true,
+                ..RunSettings::default()
+            },
             on_progress: Some(on_progress),
             ..RunOptions::default()
         },
@@ -2079,7 +2082,10 @@ fn scaling_run_in_process(pipeline: &Path, corpus: &Path, out: &Path) -> Result<
     let report = execute(
         plan,
         RunOptions {
-            force: true,
+            settings: RunSettings {
+                force: true,
+                ..RunSettings::default()
+            },
             ..RunOptions::default()
         },
     )?;

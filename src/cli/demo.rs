@@ -68,7 +68,11 @@ fn engine_demo(out: &Path, rows: usize, shards: usize) -> Result<()> {
         ..Overrides::default()
     };
     let plan = plan::build(pipeline, &overrides)?;
-    let report = run_with_progress(plan, true, None, None, false)?;
+    let settings = trustflow_engine::run::RunSettings {
+        force: true,
+        ..Default::default()
+    };
+    let report = run_with_progress(plan, settings, false)?;
     out!("{report}")?;
     eprintln!("3/3 inspecting {}", enriched.display());
     out!("{}", inspect::inspect(&enriched)?.to_text())?;

@@ -72,6 +72,10 @@ enum Command {
     Schema {
         #[arg(long)]
         train: bool,
+        /// Write it to FILE instead, whole or not at all (a shell redirect would empty
+        /// the file when the command fails).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Summarise an output folder: rows per shard, quarantine reasons, columns.
     Inspect {
@@ -129,7 +133,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             pipeline,
             overrides,
         } => pipeline::plan_json(&pipeline, &overrides),
-        Command::Schema { train } => schema(train),
+        Command::Schema { train, out } => schema(train, out.as_deref()),
         Command::Inspect { out_dir, json } => pipeline::inspect(&out_dir, json),
         Command::Report { out_dir, options } => pipeline::report(&out_dir, &options),
         Command::Demo(args) => demo::demo(args),
@@ -144,10 +148,17 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn schema(train: bool) -> Result<()> {
-    match train {
-        true => out!("{}", train_schema()?),
-        false => out!("{}", trustflow_engine::spec::json_schema()),
+fn schema(train: bool, file: Option<&std::path::Path>) -> Result<()> {
+    let text = match train {
+        true => train_schema()?,
+        false => trustflow_engine::spec::json_schema(),
+    };
+    match file {
+        Some(file) => {
+            trustflow_engine::sink::folder::write_atomically(file, text.as_bytes())?;
+            Ok(())
+        }
+        None => out!("{text}"),
     }
 }
 

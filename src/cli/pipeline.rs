@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 use trustflow::progress::{Progress, progress_line};
 use trustflow_engine::plan::{self, Overrides};
-use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, execute};
+use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, RunSettings, execute};
 use trustflow_engine::runtime::RunSnapshot;
 use trustflow_engine::{Error, inspect as inspect_out};
 
@@ -19,15 +19,8 @@ pub struct RunArgs {
     pipeline: PathBuf,
     #[command(flatten)]
     overrides: Overrides,
-    /// Redo every shard, even those whose manifest matches.
-    #[arg(long)]
-    force: bool,
-    /// Process only part I of N (shards with index % N == I), e.g. `--part 0/4`.
-    #[arg(long, value_parser = parse_part)]
-    part: Option<(usize, usize)>,
-    /// Where to write the JSON report (default: OUT_DIR/_report.json).
-    #[arg(long)]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    settings: RunSettings,
     /// No live progress display.
     #[arg(long)]
     quiet: bool,
@@ -52,24 +45,6 @@ pub struct CalibrateArgs {
     similarity_column: String,
 }
 
-fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
-    let (i, n) = s
-        .split_once('/')
-        .ok_or_else(|| format!("expected I/N, e.g. 0/4, found `{s}`"))?;
-    let i: usize = i
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad part index `{i}`"))?;
-    let n: usize = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad part count `{n}`"))?;
-    if n == 0 || i >= n {
-        return Err(format!("part {i}/{n}: expected 0 <= I < N"));
-    }
-    Ok((i, n))
-}
-
 pub fn run(args: RunArgs) -> Result<()> {
     let plan = plan::load_and_plan(&args.pipeline, &args.overrides)?;
     let then_train = plan
@@ -79,11 +54,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         .train
         .as_deref()
         .map(|t| plan.pipeline.resolve(t));
-    let report = run_with_progress(plan, args.force, args.part, args.report, args.quiet)?;
+    // A part (`--part`, or a driver's `--shards` list) writes only some shards.
+    let is_part = args.settings.part.is_some() || plan.listed_part.is_some();
+    let report = run_with_progress(plan, args.settings, args.quiet)?;
     out!("{report}")?;
     check_complete(&report)?;
     if let Some(train_file) = then_train {
-        if args.part.is_some() {
+        if is_part {
             eprintln!(
                 "sink.train: not run with --part (the other parts' shards are not written \
                  yet); run `trustflow train {}` when all parts are done",
@@ -184,9 +161,7 @@ pub fn calibrate_weights(args: CalibrateArgs) -> Result<()> {
 /// elsewhere (CI, logs), or nothing with `quiet`.
 pub fn run_with_progress(
     plan: plan::Plan,
-    force: bool,
-    part: Option<(usize, usize)>,
-    report_path: Option<PathBuf>,
+    settings: RunSettings,
     quiet: bool,
 ) -> Result<RunReport> {
     let mut names = vec!["source".to_string()];
@@ -214,10 +189,8 @@ pub fn run_with_progress(
         (None, true) => None,
     };
     let options = RunOptions {
+        settings,
         cancel: cancel_on_signals()?,
-        force,
-        part,
-        report_path,
         on_progress,
     };
     let result = execute(plan, options);

@@ -347,7 +347,7 @@ fn checked_in_training_schema_is_current() {
     assert!(
         on_disk == trustflow_train::spec::json_schema(),
         "schemas/train.schema.json is out of date; regenerate it with\n    \
-         cargo run -- schema --train > schemas/train.schema.json"
+         cargo run -- schema --train --out schemas/train.schema.json"
     );
 }
 

@@ -281,6 +281,22 @@ fn summarise_columns(path: &Path, accs: &mut Vec<Acc>) -> Result<()> {
                         }
                     }
                 }
+                // Every other integer width (Int8..Int32, UInt8, UInt16, UInt64) reads as
+                // Int64 (values beyond its range are skipped).
+                t if t.is_integer() => {
+                    let options = arrow::compute::CastOptions {
+                        safe: true,
+                        ..Default::default()
+                    };
+                    if let Ok(c) =
+                        arrow::compute::cast_with_options(col, &DataType::Int64, &options)
+                    {
+                        for v in c.as_primitive::<Int64Type>().iter().flatten() {
+                            acc.number(v as f64);
+                            acc.value(v.to_string());
+                        }
+                    }
+                }
                 DataType::Boolean => {
                     for v in col.as_boolean().iter().flatten() {
                         acc.value(v.to_string());
@@ -396,5 +412,93 @@ impl Inspection {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int8Array, Int32Array, RecordBatch, StringArray, UInt16Array};
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+    use crate::sink::manifest::FileEntry;
+
+    fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) -> u64 {
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let file = File::create(path).unwrap();
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    /// Columns of any integer width are summarised, not just Int64 and UInt32 (a stage
+    /// adding an Int32 column must see its range in `inspect`).
+    #[test]
+    fn every_integer_width_is_summarised() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = write(
+            &dir.path().join("a.parquet"),
+            vec![
+                (
+                    "chars",
+                    Arc::new(Int32Array::from(vec![3, 5, 10])) as ArrayRef,
+                ),
+                (
+                    "small",
+                    Arc::new(Int8Array::from(vec![-1, 0, 1])) as ArrayRef,
+                ),
+                (
+                    "wide",
+                    Arc::new(UInt16Array::from(vec![7, 7, 9])) as ArrayRef,
+                ),
+            ],
+        );
+        let empty: ArrayRef = Arc::new(StringArray::from(Vec::<&str>::new()));
+        let quarantine = write(
+            &dir.path().join("a.quarantine.parquet"),
+            vec![(ERROR_STAGE, empty.clone()), (ERROR, empty)],
+        );
+        let manifest = Manifest {
+            trustflow_version: "test".into(),
+            pipeline_hash: "h".into(),
+            input: "a.parquet".into(),
+            input_fingerprint: crate::digest::Fingerprint::default(),
+            rows_in: 3,
+            rows_out: 3,
+            rows_quarantined: 0,
+            output: FileEntry {
+                file: "a.parquet".into(),
+                bytes: out,
+            },
+            quarantine: FileEntry {
+                file: "a.quarantine.parquet".into(),
+                bytes: quarantine,
+            },
+            quarantine_reasons: BTreeMap::new(),
+            skipped: Vec::new(),
+            source_columns: BTreeMap::new(),
+        };
+        std::fs::write(
+            dir.path().join("a.manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        let inspection = inspect(dir.path()).unwrap();
+        let column = |name: &str| {
+            inspection
+                .columns
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .clone()
+        };
+        let chars = column("chars");
+        assert_eq!((chars.min, chars.max), (Some(3.0), Some(10.0)));
+        assert_eq!(chars.mean, Some(6.0));
+        assert_eq!(column("small").min, Some(-1.0));
+        assert_eq!(column("wide").top_values[0], ("7".to_string(), 2));
     }
 }

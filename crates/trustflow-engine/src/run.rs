@@ -29,17 +29,51 @@ use crate::spec::ResumeVerify;
 /// A live-figures callback.
 pub type ProgressFn = Box<dyn Fn(&RunSnapshot) + Sync>;
 
-/// How to run.
+/// What a command line says of a run (with the `cli` feature, also its arguments:
+/// `trustflow run` flattens this struct).
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct RunSettings {
+    /// Redo every shard, even those whose manifest matches.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub force: bool,
+    /// Process only part I of N (shards with index % N == I), e.g. `--part 0/4`: for
+    /// splitting a run over processes or machines (each shard's output depends on that
+    /// shard alone).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "I/N", value_parser = parse_part, conflicts_with = "shards")
+    )]
+    pub part: Option<(usize, usize)>,
+    /// Where to write the JSON report (default: OUT_DIR/_report.json).
+    #[cfg_attr(feature = "cli", arg(long = "report", value_name = "FILE"))]
+    pub report_path: Option<PathBuf>,
+}
+
+/// `I/N` with 0 <= I < N.
+pub fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected I/N, e.g. 0/4, found `{s}`"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part index `{i}`"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad part count `{n}`"))?;
+    if n == 0 || i >= n {
+        return Err(format!("part {i}/{n}: expected 0 <= I < N"));
+    }
+    Ok((i, n))
+}
+
+/// How to run: the command line's settings, and what only a program can give.
 #[derive(Default)]
 pub struct RunOptions {
+    pub settings: RunSettings,
     pub cancel: CancelToken,
-    /// Redo every shard even when its manifest matches.
-    pub force: bool,
-    /// Process only shards with `index % count == part` (for splitting a run over
-    /// processes or machines; each shard's output depends on that shard alone).
-    pub part: Option<(usize, usize)>,
-    /// Where to write the JSON report (default `<out_dir>/` + [`report_name`]).
-    pub report_path: Option<PathBuf>,
     /// Called with live figures about four times a second.
     pub on_progress: Option<ProgressFn>,
 }
@@ -149,16 +183,18 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
 /// their outputs and manifests; the others leave nothing under a final name.
 pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     // A driver's list names the part and holds only its shards.
-    let filter_part = options.part.filter(|_| plan.listed_part.is_none());
-    options.part = options.part.or(plan.listed_part);
+    let settings = &mut options.settings;
+    let filter_part = settings.part.filter(|_| plan.listed_part.is_none());
+    settings.part = settings.part.or(plan.listed_part);
+    let settings = &options.settings;
     let folder = OutputFolder::new(&plan.out_dir, plan.source.storage.clone())?;
     folder.prepare()?;
     // Held until the run returns: a second writer is refused before it can touch
     // this run's temporary files.
-    let _lock = sink::lock::lock_folder(&folder, options.part)?;
+    let _lock = sink::lock::lock_folder(&folder, settings.part)?;
     let cpu_start = runtime::metrics::process_cpu_seconds();
 
-    let resume = decide_resume(&plan, &folder, options.force, filter_part)?;
+    let resume = decide_resume(&plan, &folder, settings.force, filter_part)?;
     let skipped = resume.done.len();
     let processed = resume.todo.len();
     tracing::info!("{processed} shard(s) to process, {skipped} already done");
@@ -204,9 +240,9 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
         stats,
         cpu_start,
     };
-    let report_path = match &options.report_path {
+    let report_path = match &settings.report_path {
         Some(path) => path.clone(),
-        None => folder.display(&report_name(options.part)),
+        None => folder.display(&report_name(settings.part)),
     };
     let report = build_report(
         &plan.pipeline,
@@ -218,9 +254,9 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     );
     let text =
         serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report.report, e))?;
-    match &options.report_path {
+    match &settings.report_path {
         Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
-        None => folder.put_small(&report_name(options.part), text.as_bytes())?,
+        None => folder.put_small(&report_name(settings.part), text.as_bytes())?,
     }
     folder.finish();
     Ok(report)

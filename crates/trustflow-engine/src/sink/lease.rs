@@ -190,7 +190,10 @@ pub fn take(
         };
         // Only a part waits: a Ray retry of it may start while the lost attempt's
         // lease lives on.
-        if holder.part != me.part || me.part.is_none() || waited.elapsed() > timing.expiry + timing.heartbeat {
+        if holder.part != me.part
+            || me.part.is_none()
+            || waited.elapsed() > timing.expiry + timing.heartbeat
+        {
             return Err(refusal(folder, &holder, timing));
         }
         tracing::warn!(

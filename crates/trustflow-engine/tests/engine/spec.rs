@@ -898,7 +898,7 @@ fn checked_in_schema_is_current() {
             );
         panic!(
             "schemas/pipeline.schema.json is out of date ({first_diff}); regenerate it with\n    \
-             cargo run -- schema > schemas/pipeline.schema.json"
+             cargo run -- schema --out schemas/pipeline.schema.json"
         );
     }
 }
