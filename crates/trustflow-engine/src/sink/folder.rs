@@ -205,8 +205,9 @@ impl OutputFolder {
     /// What resume needs to know of the folder, read once. Locally that is nothing:
     /// files are looked at when asked for. In a store, for a run over every shard of
     /// the plan (`whole`): one listing of the prefix (names and sizes), then the
-    /// manifests among `stems`' that exist; for a part: each of its own shards' files
-    /// asked for directly, so that a part's cost does not grow with the whole output.
+    /// manifests among `stems`' that exist. For a part, so that its cost does not grow
+    /// with the whole output: one listing of the upload records, a GET of each of its
+    /// shards' manifests, and the sizes of the outputs of those that have one.
     /// Requests go `storage.footer_reads_in_flight` at a time either way: deciding a
     /// thousand shards costs a listing and a batch of GETs, not four requests a shard
     /// in series.
@@ -241,22 +242,22 @@ impl OutputFolder {
                     .filter(|name| known.contains_key(name)),
             );
         } else {
-            let mut names = Vec::new();
+            // Upload records exist only while a multipart upload is in flight: one
+            // listing of their folder says which there are (usually none).
+            let root = format!("{}/", uri.key);
+            let recorded: std::collections::HashSet<String> = storage
+                .block_on(storage.list(&uri.join(UPLOADS)))??
+                .into_iter()
+                .filter_map(|m| Some(m.location.as_ref().strip_prefix(root.as_str())?.to_string()))
+                .collect();
             for stem in stems {
-                names.extend(
-                    output_names(stem)
-                        .into_iter()
-                        .map(|n| self.upload_marker(&n)),
-                );
-                names.extend(output_names(stem));
+                for output in output_names(stem) {
+                    let marker = self.upload_marker(&output);
+                    let there = recorded.contains(&marker).then_some(0);
+                    known.insert(marker, there);
+                }
                 manifests.push(crate::columns::manifest_name(stem));
             }
-            let sizes =
-                storage.block_on(concurrently(storage, names.iter(), |name| async move {
-                    let meta = storage.head(&uri.join(name)).await.ok();
-                    (name.clone(), meta.map(|m| m.size))
-                }))?;
-            known.extend(sizes);
         }
         let fetched =
             storage.block_on(concurrently(storage, manifests.iter(), |name| async move {
@@ -277,6 +278,29 @@ impl OutputFolder {
             known
                 .entry(name.clone())
                 .or_insert(bytes.as_ref().map(|b| b.len() as u64));
+        }
+        if !whole {
+            // A finished shard's outputs are checked against its manifest: their sizes.
+            let finished: std::collections::HashSet<&String> = fetched
+                .iter()
+                .filter_map(|(name, bytes)| bytes.as_ref().map(|_| name))
+                .collect();
+            let outputs: Vec<String> = stems
+                .iter()
+                .filter(|stem| finished.contains(&crate::columns::manifest_name(stem)))
+                .flat_map(|stem| {
+                    [
+                        crate::columns::output_name(stem),
+                        crate::columns::quarantine_name(stem),
+                    ]
+                })
+                .collect();
+            let sizes =
+                storage.block_on(concurrently(storage, outputs.iter(), |name| async move {
+                    let meta = storage.head(&uri.join(name)).await.ok();
+                    (name.clone(), meta.map(|m| m.size))
+                }))?;
+            known.extend(sizes);
         }
         Ok(FolderView {
             folder: self,
