@@ -62,6 +62,22 @@ pub fn standard_pipeline(input: &Path, out: &Path, extra_source: &str) -> String
     )
 }
 
+/// stdout and stderr of a finished command, together (for messages and assertions).
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The binary with the environment that reaches `server` (and no AWS setting of ours).
+pub fn trustflow(server: &trustflow_testutil::s3::S3Server) -> Command {
+    let mut command = bin();
+    server.configure(&mut command);
+    command
+}
+
 pub fn run_ok(args: &[&str]) -> Output {
     run_ok_with(bin(), args)
 }

@@ -11,14 +11,6 @@ use trustflow_testutil::s3::{ProxyOptions, S3Server};
 
 const BUCKET: &str = "corpora";
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 fn spawn(mut command: Command, args: &[&str]) -> Child {
     command
         .args(args)
@@ -164,11 +156,7 @@ fn a_second_writer_on_an_s3_prefix_is_refused_without_conditional_writes() {
     server.put_dir(BUCKET, "raw", &local);
     let reference = caption_pipeline(dir.path(), "ref.yaml", "s3://corpora/ref", "");
     run_ok_with(
-        {
-            let mut c = bin();
-            server.configure(&mut c);
-            c
-        },
+        trustflow(&server),
         &["run", "--quiet", reference.to_str().unwrap()],
     );
 
@@ -199,9 +187,7 @@ fn a_second_writer_on_an_s3_prefix_is_refused_without_conditional_writes() {
         vec!["run", "--quiet", p],
         vec!["run", "--quiet", p, "--part", "0/3"],
     ] {
-        let mut direct = bin();
-        server.configure(&mut direct);
-        let second = direct.args(&args).output().unwrap();
+        let second = trustflow(&server).args(&args).output().unwrap();
         assert_eq!(second.status.code(), Some(2), "{args:?} beside a whole run");
         assert_contains(
             &text(&second),
@@ -242,18 +228,14 @@ fn a_dead_writers_lease_refuses_until_it_expires_then_is_taken_over() {
         "s3://corpora/out",
         "storage:\n  lease_expiry_s: 4\n",
     );
-    let mut command = bin();
-    server.configure(&mut command);
-    let refused = command
+    let refused = trustflow(&server)
         .args(["run", "--quiet", p.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert_contains(&text(&refused), &["part 0/2, pid 4242 on node-b", "4 s"]);
     std::thread::sleep(Duration::from_secs(5));
-    let mut command = bin();
-    server.configure(&mut command);
-    run_ok_with(command, &["run", "--quiet", p.to_str().unwrap()]);
+    run_ok_with(trustflow(&server), &["run", "--quiet", p.to_str().unwrap()]);
     assert!(
         !server
             .keys(BUCKET, "out/.trustflow/")

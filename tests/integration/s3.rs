@@ -4,19 +4,13 @@
 //! secret in anything written or printed.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 use trustflow_testutil::s3::S3Server;
 
 const BUCKET: &str = "corpora";
-
-fn trustflow(server: &S3Server) -> Command {
-    let mut command = bin();
-    server.configure(&mut command);
-    command
-}
 
 fn run_s3(server: &S3Server, args: &[&str]) -> Output {
     run_ok_with(trustflow(server), args)
@@ -30,14 +24,6 @@ fn caption_pipeline(dir: &Path, input: &str, out: &str, storage: &str) -> std::p
         &format!(
             "source:\n  paths: [\"{input}\"]\nstages:\n  - type: clean_caption\nsink:\n  path: \"{out}\"\nruntime:\n  batch_size: 32\n{storage}"
         ),
-    )
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
     )
 }
 

@@ -4,26 +4,11 @@
 //! and a share of failed requests that changes nothing in the outputs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use crate::common::*;
 use trustflow_testutil::s3::{ProxyOptions, S3Server, url_key};
 
 const BUCKET: &str = "corpora";
-
-fn trustflow(server: &S3Server) -> Command {
-    let mut command = bin();
-    server.configure(&mut command);
-    command
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 /// clean_caption only, so outputs are written fast.
 fn caption_pipeline(dir: &Path, name: &str, input: &str, out: &str) -> PathBuf {
