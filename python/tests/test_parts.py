@@ -114,3 +114,35 @@ class PartOutcomeTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CommandLineTest(unittest.TestCase):
+    """What the runner is given is checked before anything starts."""
+
+    def parse(self, *extra):
+        from trustflow_ray.__main__ import parser
+
+        return parser().parse_args(["run", "p.yaml", *extra])
+
+    def test_a_part_count_below_one_is_refused(self):
+        import contextlib
+        import io
+
+        for value in ("0", "-3", "four"):
+            err = io.StringIO()
+            with self.assertRaises(SystemExit) as e, contextlib.redirect_stderr(err):
+                self.parse("--parts", value)
+            self.assertEqual(e.exception.code, 2, value)
+            self.assertIn("--parts", err.getvalue())
+            self.assertIn(value, err.getvalue())
+        self.assertEqual(self.parse("--parts", "4").parts, 4)
+        self.assertIsNone(self.parse().parts)
+
+    def test_negative_retries_and_resources_are_refused(self):
+        import contextlib
+        import io
+
+        for flag in ("--max-retries", "--num-cpus", "--num-gpus"):
+            with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                self.parse(flag, "-1")
+        self.assertEqual(self.parse("--num-cpus", "0.5").num_cpus, 0.5)

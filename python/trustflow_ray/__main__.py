@@ -6,6 +6,22 @@ import argparse
 import sys
 
 
+def at_least(lowest: int, kind=int):
+    """An argparse type: a number of `kind` no smaller than `lowest`, else a usage error
+    (exit 2) that names the value; `--parts 0` must not silently mean the default."""
+
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text} is less than {lowest}")
+        return value
+
+    return check
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trustflow-ray",
@@ -18,18 +34,18 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", action="append", metavar="URI",
                    help="replace source.paths (repeatable; local paths go absolute)")
     r.add_argument("--out", metavar="URI", help="replace sink.path (a shared folder or s3://)")
-    r.add_argument("--parts", type=int, metavar="N",
+    r.add_argument("--parts", type=at_least(1), metavar="N",
                    help="number of parts (default: 3 x the cluster's task slots, at most "
                    "the number of shards)")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local "
                    "cluster if one runs, else a new one on this machine)")
     r.add_argument("--binary", metavar="PATH", help="trustflow binary, same path on every "
                    "node (default: $TRUSTFLOW_BIN, else `trustflow` on each node's PATH)")
-    r.add_argument("--max-retries", type=int, default=3, metavar="K",
+    r.add_argument("--max-retries", type=at_least(0), default=3, metavar="K",
                    help="retries of a part after a failure or a lost worker/node (default 3)")
-    r.add_argument("--num-cpus", type=float, metavar="C",
+    r.add_argument("--num-cpus", type=at_least(0, float), metavar="C",
                    help="CPUs per part (default: the pipeline's thread budget from the plan)")
-    r.add_argument("--num-gpus", type=float, metavar="G",
+    r.add_argument("--num-gpus", type=at_least(0, float), metavar="G",
                    help="GPUs per part (default: 1 if a stage uses CUDA, else 0)")
     r.add_argument("--report", metavar="PATH", help="where to write the job's report "
                    "(default: OUT/_report.json for a local out, ./trustflow-ray-report.json "
