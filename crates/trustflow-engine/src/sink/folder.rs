@@ -220,64 +220,31 @@ impl OutputFolder {
                 fetched: HashMap::new(),
             });
         };
+        let manifest_names = stems.iter().map(|stem| crate::columns::manifest_name(stem));
         let mut known: HashMap<String, Option<u64>> = HashMap::new();
-        let mut manifests: Vec<String> = Vec::new();
-        if whole {
-            let prefix = format!("{}/", uri.key);
-            // A prefix that does not exist yet lists as nothing.
-            for m in storage.block_on(storage.list(uri))?? {
-                let name = match uri.key.is_empty() {
-                    true => m.location.as_ref().to_string(),
-                    false => match m.location.as_ref().strip_prefix(prefix.as_str()) {
-                        Some(name) => name.to_string(),
-                        None => continue,
-                    },
-                };
-                known.insert(name, Some(m.size));
-            }
-            manifests.extend(
-                stems
-                    .iter()
-                    .map(|stem| crate::columns::manifest_name(stem))
-                    .filter(|name| known.contains_key(name)),
+        let manifests: Vec<String> = if whole {
+            known.extend(
+                names_under(storage, uri, uri)?
+                    .into_iter()
+                    .map(|(n, b)| (n, Some(b))),
             );
+            manifest_names
+                .filter(|name| known.contains_key(name))
+                .collect()
         } else {
             // Upload records exist only while a multipart upload is in flight: one
             // listing of their folder says which there are (usually none).
-            let root = format!("{}/", uri.key);
-            let recorded: std::collections::HashSet<String> = storage
-                .block_on(storage.list(&uri.join(UPLOADS)))??
-                .into_iter()
-                .filter_map(|m| Some(m.location.as_ref().strip_prefix(root.as_str())?.to_string()))
-                .collect();
-            for stem in stems {
-                for output in output_names(stem) {
-                    let marker = self.upload_marker(&output);
-                    let there = recorded.contains(&marker).then_some(0);
-                    known.insert(marker, there);
-                }
-                manifests.push(crate::columns::manifest_name(stem));
+            let recorded = names_under(storage, uri, &uri.join(UPLOADS))?;
+            for output in stems.iter().flat_map(|stem| output_names(stem)) {
+                let marker = self.upload_marker(&output);
+                let there = recorded.get(&marker).copied();
+                known.insert(marker, there);
             }
-        }
-        let fetched =
-            storage.block_on(concurrently(storage, manifests.iter(), |name| async move {
-                let store = storage.store(uri).ok();
-                let path = uri.join(name).object_path().ok();
-                let bytes = match (store, path) {
-                    (Some(store), Some(path)) => {
-                        match object_store::ObjectStoreExt::get(store.as_ref(), &path).await {
-                            Ok(got) => got.bytes().await.ok().map(|b| b.to_vec()),
-                            Err(_) => None,
-                        }
-                    }
-                    _ => None,
-                };
-                (name.clone(), bytes)
-            }))?;
+            manifest_names.collect()
+        };
+        let fetched = storage.block_on(get_all(storage, uri, &manifests))?;
         for (name, bytes) in &fetched {
-            known
-                .entry(name.clone())
-                .or_insert(bytes.as_ref().map(|b| b.len() as u64));
+            known.insert(name.clone(), bytes.as_ref().map(|b| b.len() as u64));
         }
         if !whole {
             // A finished shard's outputs are checked against its manifest: their sizes.
@@ -295,12 +262,7 @@ impl OutputFolder {
                     ]
                 })
                 .collect();
-            let sizes =
-                storage.block_on(concurrently(storage, outputs.iter(), |name| async move {
-                    let meta = storage.head(&uri.join(name)).await.ok();
-                    (name.clone(), meta.map(|m| m.size))
-                }))?;
-            known.extend(sizes);
+            known.extend(storage.block_on(sizes_of(storage, uri, &outputs))?);
         }
         Ok(FolderView {
             folder: self,
@@ -422,6 +384,60 @@ impl OutputFolder {
             let _ = handle.sync_all();
         }
     }
+}
+
+/// The objects under `listed` (a prefix of the store), by name relative to the output
+/// prefix `root`, with their sizes. A prefix that does not exist yet lists as nothing.
+fn names_under(
+    storage: &Storage,
+    root: &ObjectUri,
+    listed: &ObjectUri,
+) -> Result<HashMap<String, u64>> {
+    let prefix = format!("{}/", root.key);
+    Ok(storage
+        .block_on(storage.list(listed))??
+        .into_iter()
+        .filter_map(|m| {
+            let key = m.location.as_ref();
+            let name = match root.key.is_empty() {
+                true => key,
+                false => key.strip_prefix(prefix.as_str())?,
+            };
+            Some((name.to_string(), m.size))
+        })
+        .collect())
+}
+
+/// The bytes of each of `names` under `root` (None: absent or unreadable).
+async fn get_all(
+    storage: &Storage,
+    root: &ObjectUri,
+    names: &[String],
+) -> Vec<(String, Option<Vec<u8>>)> {
+    concurrently(storage, names.iter(), |name| async move {
+        let (Ok(store), Ok(path)) = (storage.store(root), root.join(name).object_path()) else {
+            return (name.clone(), None);
+        };
+        let bytes = match object_store::ObjectStoreExt::get(store.as_ref(), &path).await {
+            Ok(got) => got.bytes().await.ok().map(|b| b.to_vec()),
+            Err(_) => None,
+        };
+        (name.clone(), bytes)
+    })
+    .await
+}
+
+/// The size of each of `names` under `root` (None: absent).
+async fn sizes_of(
+    storage: &Storage,
+    root: &ObjectUri,
+    names: &[String],
+) -> Vec<(String, Option<u64>)> {
+    concurrently(storage, names.iter(), |name| async move {
+        let meta = storage.head(&root.join(name)).await.ok();
+        (name.clone(), meta.map(|m| m.size))
+    })
+    .await
 }
 
 /// `work` on each of `items`, `storage.footer_reads_in_flight` at a time.
