@@ -53,7 +53,34 @@ fn read_spec_file(path: &Path, what: &str) -> Result<String, Error> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| whole_file(format!("cannot read {what}: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| whole_file(format!("{what} is not valid UTF-8: {e}")))
+    String::from_utf8(bytes).map_err(|e| not_utf8(path, what, e.as_bytes(), e.utf8_error()))
+}
+
+/// A spec file that is not UTF-8, located at its first bad byte's line and column, with
+/// a word on the encoding it seems to have.
+fn not_utf8(path: &Path, what: &str, bytes: &[u8], e: std::str::Utf8Error) -> Error {
+    let good = &bytes[..e.valid_up_to()];
+    let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+    let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let column = 1 + String::from_utf8_lossy(&good[line_start..]).chars().count();
+    let looks_like = match bytes {
+        [0xFF, 0xFE, ..] | [0xFE, 0xFF, ..] => {
+            "it looks like UTF-16 (it starts with a UTF-16 \
+             byte-order mark)"
+        }
+        _ => "it looks like Latin-1 or another 8-bit encoding",
+    };
+    let mut issue = SpecIssue::whole_file(
+        path,
+        format!(
+            "{what} is not valid UTF-8 (byte {} is not): {looks_like}; the file must be \
+             UTF-8, so save it as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`)",
+            e.valid_up_to()
+        ),
+    );
+    issue.location.line = Some(line);
+    issue.location.column = Some(column);
+    Error::Spec(SpecIssues(vec![issue]))
 }
 
 /// A spec file's text as [`read_spec_file`] reads it, with `${NAME}` interpolated in its

@@ -530,7 +530,23 @@ fn non_utf8_file_is_refused_and_named() {
     )
     .unwrap();
     let issue = load_issue(&file);
-    assert_contains(&issue.message, &["not valid UTF-8"]);
+    assert_contains(
+        &issue.message,
+        &["not valid UTF-8", "Latin-1", "must be UTF-8"],
+    );
+    // Where: line 2, after `  paths: [caf`.
+    assert_eq!(
+        (issue.location.line, issue.location.column),
+        (Some(2), Some(14))
+    );
+    // A UTF-16 file is named as such.
+    let utf16 = dir.path().join("utf16.yaml");
+    let mut bytes = vec![0xFF, 0xFE];
+    bytes.extend("source:\n".encode_utf16().flat_map(|u| u.to_le_bytes()));
+    std::fs::write(&utf16, bytes).unwrap();
+    let issue = load_issue(&utf16);
+    assert_contains(&issue.message, &["UTF-16", "must be UTF-8"]);
+    assert_eq!(issue.location.line, Some(1));
 }
 
 #[test]
