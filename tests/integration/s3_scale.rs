@@ -369,3 +369,22 @@ fn failed_requests_are_retried_and_change_nothing() {
         "dangling multipart uploads"
     );
 }
+
+#[test]
+fn one_file_reached_by_a_folder_and_a_glob_is_one_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 24, 2, 31, 56);
+    let out = dir.path().join("out");
+    // Two spellings of the same files: the folder, and a glob through `./`.
+    let p = pipeline(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "source:\n  paths: [\"corpus\", \"./corpus/*.parquet\"]\nstages:\n  - type: clean_caption\nsink:\n  path: \"{}\"\n",
+            out.display()
+        ),
+    );
+    let run = run_ok(&["run", "--quiet", p.to_str().unwrap()]);
+    assert_contains(&text(&run), &["2 shard(s) processed"]);
+}

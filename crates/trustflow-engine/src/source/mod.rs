@@ -366,9 +366,7 @@ fn discover_section(
         return Err(Error::Spec(SpecIssues(issues)));
     }
     // Patterns may overlap: one file is one shard.
-    let mut seen = std::collections::HashSet::new();
-    found.retain(|f| seen.insert(f.path.clone()));
-    found.sort_by(|a, b| a.path.cmp(&b.path));
+    let found = shards::one_per_file(found);
     shards::check_unique_names(&found)?;
     Ok(found)
 }

@@ -69,11 +69,16 @@ pub fn find(storage: &Storage, base: &Path, patterns: &[String]) -> Result<Vec<F
             ));
         }
     }
-    // The same file reached twice (a folder and a glob, `a/../a`) is one shard.
+    Ok(one_per_file(found))
+}
+
+/// `found` sorted by path, each file once: the same file reached twice (a folder and a
+/// glob over it, `a/../a`, two overlapping patterns) is one shard.
+pub(crate) fn one_per_file(mut found: Vec<FoundShard>) -> Vec<FoundShard> {
     let mut seen = std::collections::HashSet::new();
     found.retain(|f| seen.insert(identity(&f.path)));
     found.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(found)
+    found
 }
 
 /// What makes two paths one file: the resolved path locally, the URI in a store.
