@@ -10,6 +10,7 @@ use trustflow::progress::{Progress, progress_line};
 use trustflow_engine::plan::{self, Overrides};
 use trustflow_engine::run::{ProgressFn, RunOptions, RunReport, RunSettings, execute};
 use trustflow_engine::runtime::RunSnapshot;
+use trustflow_engine::spec::TrainMode;
 use trustflow_engine::{Error, inspect as inspect_out};
 
 use super::cancel_on_signals;
@@ -24,6 +25,9 @@ pub struct RunArgs {
     /// No live progress display.
     #[arg(long)]
     quiet: bool,
+    /// A one-pass trainer sleeps this long in every step (tests of backpressure).
+    #[arg(long, hide = true)]
+    slow_train_steps_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -56,6 +60,20 @@ pub fn run(args: RunArgs) -> Result<()> {
         .map(|t| plan.pipeline.resolve(t));
     // A part (`--part`, or a driver's `--shards` list) writes only some shards.
     let is_part = args.settings.part.is_some() || plan.listed_part.is_some();
+    if let Some(train_file) = &then_train
+        && plan.pipeline.spec.sink.train_mode == TrainMode::OnePass
+    {
+        if is_part {
+            return Err(Error::Invalid(format!(
+                "sink.train_mode `one_pass` trains on every shard of the run, but this \
+                 run is a part; run the pipeline whole, or use `train_mode: after` and \
+                 `trustflow train {}` when all parts are done",
+                train_file.display()
+            ))
+            .into());
+        }
+        return one_pass(plan, args, train_file.clone());
+    }
     let report = run_with_progress(plan, args.settings, args.quiet)?;
     out!("{report}")?;
     check_complete(&report)?;
@@ -71,6 +89,43 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `sink.train_mode: one_pass`: the pipeline and its trainer together.
+#[cfg(feature = "train")]
+fn one_pass(plan: plan::Plan, args: RunArgs, train_file: PathBuf) -> Result<()> {
+    super::train::run_one_pass(
+        plan,
+        args.settings,
+        args.quiet,
+        train_file,
+        args.slow_train_steps_ms,
+    )
+}
+
+#[cfg(not(feature = "train"))]
+fn one_pass(_: plan::Plan, _: RunArgs, train_file: PathBuf) -> Result<()> {
+    anyhow::bail!(
+        "sink.train names {} with `train_mode: one_pass`, but {}",
+        train_file.display(),
+        super::NO_TRAINER
+    )
+}
+
+/// The training file of a one-pass pipeline against the pipeline's output schema.
+#[cfg(feature = "train")]
+fn check_one_pass(plan: &plan::Plan, train_file: &Path) -> Result<()> {
+    let loaded = trustflow_train::load_train_file(train_file)?;
+    Ok(trustflow_train::one_pass::check(&loaded, plan)?)
+}
+
+#[cfg(not(feature = "train"))]
+fn check_one_pass(_: &plan::Plan, train_file: &Path) -> Result<()> {
+    anyhow::bail!(
+        "sink.train names {} with `train_mode: one_pass`, but {}",
+        train_file.display(),
+        super::NO_TRAINER
+    )
 }
 
 /// `sink.train`: resumes a run of the same training file and shards, as `run` skips
@@ -107,6 +162,12 @@ pub fn check_complete(report: &RunReport) -> Result<()> {
 
 pub fn validate(pipeline: &Path, overrides: &Overrides) -> Result<()> {
     let plan = plan::load_and_plan(pipeline, overrides)?;
+    let sink = &plan.pipeline.spec.sink;
+    if let Some(train) = &sink.train
+        && sink.train_mode == TrainMode::OnePass
+    {
+        check_one_pass(&plan, &plan.pipeline.resolve(train))?;
+    }
     outln!("{}", plan.describe())?;
     outln!("ok: {} is valid", pipeline.display())
 }
@@ -164,9 +225,24 @@ pub fn run_with_progress(
     settings: RunSettings,
     quiet: bool,
 ) -> Result<RunReport> {
+    run_feeding(plan, settings, quiet, cancel_on_signals()?, None)
+}
+
+/// [`run_with_progress`], handing rows on to `feed` (the one-pass trainer) and
+/// stopping on `cancel`.
+pub fn run_feeding(
+    plan: plan::Plan,
+    settings: RunSettings,
+    quiet: bool,
+    cancel: trustflow_engine::runtime::CancelToken,
+    feed: Option<trustflow_engine::runtime::feed::FeedSender>,
+) -> Result<RunReport> {
     let mut names = vec!["source".to_string()];
     names.extend(plan.stages.iter().map(|s| s.stage.name().to_string()));
     names.push("sink".into());
+    if feed.is_some() {
+        names.push("train".into());
+    }
     let total = plan.source.shards.len() as u64;
     let tty = std::io::stderr().is_terminal();
     let progress = (!quiet && tty).then(|| Progress::new(&names, total));
@@ -190,8 +266,9 @@ pub fn run_with_progress(
     };
     let options = RunOptions {
         settings,
-        cancel: cancel_on_signals()?,
+        cancel,
         on_progress,
+        feed,
     };
     let result = execute(plan, options);
     if let Some(p) = &progress {

@@ -25,6 +25,9 @@ pub struct TrainArgs {
     /// testing resume).
     #[arg(long, hide = true)]
     abort_after_steps: Option<u64>,
+    /// Sleep this long in every step (a deliberately slow trainer, for tests).
+    #[arg(long, hide = true)]
+    slow_steps_ms: Option<u64>,
 }
 
 impl TrainArgs {
@@ -35,6 +38,7 @@ impl TrainArgs {
             resume: true,
             fresh: false,
             abort_after_steps: None,
+            slow_steps_ms: None,
         }
     }
 }
@@ -55,20 +59,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
         fresh: args.fresh,
         cancel: Some(cancel_on_signals()?),
         abort_after_steps: args.abort_after_steps,
-        progress: Some(std::sync::Arc::new(progress_display())),
+        progress: Some(std::sync::Arc::new(progress_display(
+            std::io::stderr().is_terminal(),
+        ))),
+        slow_steps: args.slow_steps_ms.map(std::time::Duration::from_millis),
     };
     let report = trustflow_train::train(&loaded, &options)?;
     eprintln!();
-    out_json!(serde_json::json!({
-        "status": report.status,
-        "output": report.output,
-        "global_step": report.global_step,
-        "total_steps": report.total_steps,
-        "steps_per_s": report.steps_per_s,
-        "trainer_idle_fraction": report.trainer_idle_fraction,
-        "last_epoch": report.history.last(),
-        "checkpoint": report.checkpoint,
-    }))?;
+    trained_summary(&report)?;
     if report.status == TrainStatus::Interrupted {
         return Err(Error::Cancelled.into());
     }
@@ -76,7 +74,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 /// A bar on a terminal, a line every few seconds elsewhere.
-fn progress_display() -> impl Fn(&TrainProgress) + Send + Sync + 'static {
+fn progress_display(terminal: bool) -> impl Fn(&TrainProgress) + Send + Sync + 'static {
     let bar = indicatif::ProgressBar::with_draw_target(
         None,
         indicatif::ProgressDrawTarget::stderr_with_hz(4),
@@ -89,7 +87,6 @@ fn progress_display() -> impl Fn(&TrainProgress) + Send + Sync + 'static {
         .progress_chars("=> "),
     );
     bar.set_prefix("train");
-    let terminal = std::io::stderr().is_terminal();
     let last_line = std::sync::Mutex::new(Instant::now());
     move |p: &TrainProgress| {
         let msg = format!(
@@ -114,6 +111,91 @@ fn progress_display() -> impl Fn(&TrainProgress) + Send + Sync + 'static {
             eprintln!("train: {}/{} steps  {msg}", p.global_step, p.total_steps);
         }
     }
+}
+
+/// A pipeline and its trainer in one pass: the trainer on its own thread, fed by the
+/// run's sink; both stop on Ctrl-C (exit 130) with a checkpoint and the finished
+/// shards kept, and a rerun resumes both.
+pub fn run_one_pass(
+    plan: trustflow_engine::plan::Plan,
+    settings: trustflow_engine::run::RunSettings,
+    quiet: bool,
+    train_file: PathBuf,
+    slow_steps_ms: Option<u64>,
+) -> Result<()> {
+    let loaded = trustflow_train::load_train_file(&train_file)?;
+    trustflow_train::one_pass::check(&loaded, &plan)?;
+    let spec = &plan.pipeline.spec;
+    let depth = spec
+        .sink
+        .train_queue_depth
+        .unwrap_or(spec.runtime.queue_depth);
+    let (feed, rows) = trustflow_engine::runtime::feed::channel(depth, "train");
+    let one = trustflow_train::one_pass::OnePass::of(&plan, rows);
+    let cancel = cancel_on_signals()?;
+    let options = TrainOptions {
+        // A forced rerun of every shard trains from scratch too.
+        resume: !settings.force,
+        fresh: settings.force,
+        cancel: Some(cancel.clone()),
+        abort_after_steps: None,
+        // Lines, not a bar: the pipeline's display holds the terminal.
+        progress: (!quiet).then(|| {
+            std::sync::Arc::new(progress_display(false)) as trustflow_train::trainer::ProgressFn
+        }),
+        slow_steps: slow_steps_ms.map(std::time::Duration::from_millis),
+    };
+    let (ran, trained) = std::thread::scope(|scope| {
+        let trainer = trustflow_engine::runtime::spawn_scoped(scope, "trustflow-trainer", || {
+            trustflow_train::train_one_pass(&loaded, &options, one)
+        });
+        let ran = super::pipeline::run_feeding(plan, settings, quiet, cancel.clone(), Some(feed));
+        let trained = match trainer {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("the trainer panicked".into()))),
+            Err(e) => Err(e),
+        };
+        (ran, trained)
+    });
+    let report = match (ran, trained) {
+        (Ok(report), Ok(trained)) => {
+            out!("{report}")?;
+            trained_summary(&trained)?;
+            if trained.status == TrainStatus::Interrupted {
+                return Err(Error::Cancelled.into());
+            }
+            report
+        }
+        // Cancelled: the pipeline's error says so; the trainer saved a checkpoint.
+        (Err(e), Ok(trained)) => {
+            trained_summary(&trained)?;
+            return Err(e);
+        }
+        (Ok(report), Err(e)) => {
+            out!("{report}")?;
+            return Err(anyhow::Error::new(e).context("the one-pass trainer failed"));
+        }
+        (Err(e), Err(t)) => {
+            eprintln!("the one-pass trainer stopped too: {t}");
+            return Err(e);
+        }
+    };
+    super::pipeline::check_complete(&report)
+}
+
+/// The trainer's figures as `train` prints them.
+fn trained_summary(report: &trustflow_train::TrainReport) -> Result<()> {
+    out_json!(serde_json::json!({
+        "status": report.status,
+        "output": report.output,
+        "global_step": report.global_step,
+        "total_steps": report.total_steps,
+        "steps_per_s": report.steps_per_s,
+        "trainer_idle_fraction": report.trainer_idle_fraction,
+        "last_epoch": report.history.last(),
+        "checkpoint": report.checkpoint,
+    }))
 }
 
 pub fn validate_train(train_file: &Path) -> Result<()> {

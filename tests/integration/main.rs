@@ -17,6 +17,7 @@ mod harness;
 mod layering;
 mod losses;
 mod metrics;
+mod one_pass;
 mod report;
 mod s3;
 mod s3_scale;

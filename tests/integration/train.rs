@@ -61,7 +61,8 @@ fn weights(report: &TrainReport) -> Vec<(String, Tensor)> {
     named
 }
 
-fn max_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+/// The largest difference between two sets of named weights (0 when identical).
+pub fn max_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)

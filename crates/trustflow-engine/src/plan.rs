@@ -211,6 +211,8 @@ pub fn pipeline_hash(spec: &spec::PipelineSpec, content_digests: &[String]) -> S
             sink.remove("row_group_bytes");
             // What runs after the shards are written does not change them.
             sink.remove("train");
+            sink.remove("train_mode");
+            sink.remove("train_queue_depth");
         }
         if let Some(stages) = top.get_mut("stages").and_then(|s| s.as_array_mut()) {
             for stage in stages.iter_mut().filter_map(|s| s.as_object_mut()) {

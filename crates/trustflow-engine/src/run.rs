@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Fingerprint;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::runtime::feed::{FeedShard, FeedingSink};
 use crate::runtime::{
     self, CancelToken, RunSnapshot, ShardCounts, SkippedPart, StepReport, Topology,
 };
@@ -76,6 +77,9 @@ pub struct RunOptions {
     pub cancel: CancelToken,
     /// Called with live figures about four times a second.
     pub on_progress: Option<ProgressFn>,
+    /// Hand every written row on to this feed too, in shard order (the one-pass
+    /// trainer); shards skipped as already done are announced for reading back.
+    pub feed: Option<runtime::feed::FeedSender>,
 }
 
 /// What a run did with a shard.
@@ -182,6 +186,7 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
 /// Run `plan` to completion. On error or cancellation, shards already finished keep
 /// their outputs and manifests; the others leave nothing under a final name.
 pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
+    let feed = options.feed.take();
     // A driver's list names the part and holds only its shards.
     let settings = &mut options.settings;
     let filter_part = settings.part.filter(|_| plan.listed_part.is_none());
@@ -198,6 +203,7 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     let skipped = resume.done.len();
     let processed = resume.todo.len();
     tracing::info!("{processed} shard(s) to process, {skipped} already done");
+    let feed_order = feed_order(&plan, &resume);
     let mut sink = parquet_sink(&plan, folder.clone(), resume.fingerprints);
     // A stage working on groups of rows gets a group's worth in a shard's last batch.
     let group_rows = plan
@@ -214,14 +220,24 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
         stages: plan.stages,
         queue_depth: plan.pipeline.spec.runtime.queue_depth,
         min_tail_rows: group_rows,
+        feed: feed.as_ref().map(|f| f.shared().clone()),
     };
-    let stats = runtime::run(
-        topology,
-        &mut sink,
-        options.cancel.clone(),
-        Duration::from_millis(250),
-        options.on_progress.as_deref(),
-    )?;
+    let stats = match feed {
+        Some(feed) => runtime::run(
+            topology,
+            &mut FeedingSink::new(&mut sink, feed, feed_order),
+            options.cancel.clone(),
+            Duration::from_millis(250),
+            options.on_progress.as_deref(),
+        ),
+        None => runtime::run(
+            topology,
+            &mut sink,
+            options.cancel.clone(),
+            Duration::from_millis(250),
+            options.on_progress.as_deref(),
+        ),
+    }?;
     let mut reports = resume.done;
     for (index, manifest) in sink.take_finished() {
         if let Some(shard) = plan.source.shards.get(index) {
@@ -260,6 +276,19 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     }
     folder.finish();
     Ok(report)
+}
+
+/// Every shard of this run in the feed's order: those done before are read back by
+/// the consumer, the others come live.
+fn feed_order(plan: &Plan, resume: &Resume) -> Vec<FeedShard> {
+    let done = resume.done.iter().filter_map(|(index, _)| {
+        plan.source.shards.get(*index).map(|s| FeedShard::Written {
+            shard: *index,
+            stem: s.stem.clone(),
+        })
+    });
+    let todo = resume.todo.iter().map(|&shard| FeedShard::Live { shard });
+    done.chain(todo).collect()
 }
 
 /// What resume decided: shards already done (with their reports), shards to process,

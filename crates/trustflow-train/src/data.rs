@@ -97,8 +97,70 @@ pub struct DomainData {
     pub needs: Needs,
 }
 
+/// Plans one domain's section of a training file with the columns `needs` names kept.
+pub(crate) fn plan_domain(
+    loaded: &super::spec::LoadedTrain,
+    spec: &trustflow_engine::spec::SourceSpec,
+    domain: Domain,
+    needs: Needs,
+    batch_size: usize,
+) -> Result<DomainData> {
+    let section = domain.section();
+    // Plan once as written (so the user's own mistakes are located), then with the
+    // enriched columns the losses need added to keep_columns.
+    let plain =
+        trustflow_engine::source::plan_section(loaded, spec, section, batch_size, None, storage())?;
+    let needed: Vec<&String> = [
+        &needs.pseudo_label,
+        &needs.pseudo_weight,
+        &needs.text_feature,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for name in &needed {
+        for shard in &plain.shards {
+            if shard.file_schema.field_with_name(name).is_err() {
+                return Err(Error::input(
+                    &shard.path,
+                    format!(
+                        "{section}: no column `{name}`, which the switched-on loss terms \
+                         need (run the enrichment stages first, or rename it under `columns`, \
+                         or set the terms that need it to 0 under `loss`)"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut with_columns = spec.clone();
+    for name in needed {
+        if !with_columns.keep_columns.contains(name) {
+            with_columns.keep_columns.push(name.clone());
+        }
+    }
+    let plan = trustflow_engine::source::plan_section(
+        loaded,
+        &with_columns,
+        section,
+        batch_size,
+        None,
+        storage(),
+    )?;
+    Ok(DomainData {
+        domain,
+        plan,
+        needs,
+    })
+}
+
+/// The stores of `s3://` shards in a training file: configured by the environment (or
+/// an AWS profile) alone.
+pub(crate) fn storage() -> std::sync::Arc<trustflow_engine::storage::Storage> {
+    trustflow_engine::storage::Storage::new(Default::default())
+}
+
 /// A SHA-256-keyed ChaCha8 stream for one (seed, epoch, domain, pass).
-fn shuffle_rng(seed: u64, epoch: u64, domain: Domain, pass: u64) -> ChaCha8Rng {
+pub(crate) fn shuffle_rng(seed: u64, epoch: u64, domain: Domain, pass: u64) -> ChaCha8Rng {
     let mut h = Sha256::new();
     h.update(SHUFFLE_DOMAIN);
     h.update(seed.to_le_bytes());
@@ -188,7 +250,8 @@ impl<'a> PassReader<'a> {
                     let n = batch.num_rows() as u64;
                     // Rows the source rejects (null ids, bad paths) never reach a step.
                     let (ok, rejected) = converter.convert(&batch, *rows_in)?;
-                    let rows = extract_rows(&ok, self.data, self.pass, &shard.path)?;
+                    let (domain, needs) = (self.data.domain, &self.data.needs);
+                    let rows = extract_rows(&ok, domain, needs, self.pass, &shard.path)?;
                     self.pending.extend(rows);
                     self.pending.extend(rejected_rows(
                         rejected.as_ref(),
@@ -219,13 +282,15 @@ impl<'a> PassReader<'a> {
     }
 }
 
-/// Cuts the canonical batch into [`TrainRow`]s.
-fn extract_rows(
+/// Cuts the canonical batch into [`TrainRow`]s of `domain`'s pass `pass`.
+pub(crate) fn extract_rows(
     batch: &RecordBatch,
-    data: &DomainData,
+    domain: Domain,
+    needs: &Needs,
     pass: u64,
     shard: &std::path::Path,
 ) -> Result<Vec<TrainRow>> {
+    let data = DataNeeds { domain, needs };
     let n = batch.num_rows();
     let bad = |m: String| Error::input(shard, m);
     let ids = batch
@@ -283,6 +348,12 @@ fn extract_rows(
         });
     }
     Ok(rows)
+}
+
+/// What [`extract_rows`] reads of a domain.
+struct DataNeeds<'a> {
+    domain: Domain,
+    needs: &'a Needs,
 }
 
 /// The rows the source rejected in one batch, keyed by shard and row so they show up
@@ -430,7 +501,7 @@ pub fn sample_epoch(
 }
 
 /// Endless rows of one domain: pass after pass.
-struct CyclicReader<'a> {
+pub(crate) struct CyclicReader<'a> {
     data: &'a DomainData,
     rt: &'a tokio::runtime::Runtime,
     seed: u64,
@@ -440,11 +511,24 @@ struct CyclicReader<'a> {
 }
 
 impl<'a> CyclicReader<'a> {
-    fn new(
+    pub(crate) fn new(
         data: &'a DomainData,
         rt: &'a tokio::runtime::Runtime,
         seed: u64,
         epoch: u64,
+        shuffle_buffer: usize,
+    ) -> Self {
+        Self::from_pass(data, rt, seed, epoch, 0, shuffle_buffer)
+    }
+
+    /// Starting at pass `pass` (the one-pass trainer's first epoch wraps into the
+    /// written shards after pass 0, which came from the stream).
+    pub(crate) fn from_pass(
+        data: &'a DomainData,
+        rt: &'a tokio::runtime::Runtime,
+        seed: u64,
+        epoch: u64,
+        pass: u64,
         shuffle_buffer: usize,
     ) -> Self {
         CyclicReader {
@@ -453,11 +537,11 @@ impl<'a> CyclicReader<'a> {
             seed,
             epoch,
             shuffle_buffer,
-            current: PassReader::new(data, rt, seed, epoch, 0, shuffle_buffer),
+            current: PassReader::new(data, rt, seed, epoch, pass, shuffle_buffer),
         }
     }
 
-    fn next(&mut self) -> Result<TrainRow> {
+    pub(crate) fn next(&mut self) -> Result<TrainRow> {
         if let Some(row) = self.current.next()? {
             return Ok(row);
         }

@@ -8,7 +8,8 @@
 //!   [`losses::trust_loss`], which validates a batch and sums the switched-on terms.
 //! - [`sgd`], [`checkpoint`], [`metrics`]: the optimiser and schedule, resumable
 //!   checkpoints, and what every epoch reports.
-//! - [`trainer`]: the loop that ties them together.
+//! - [`trainer`]: the loop that ties them together; [`one_pass`]: its first epoch fed
+//!   live by a pipeline.
 //! - [`augment`]: weak and strong views; [`text_head`]: `fit-text`'s caption classifier.
 
 pub mod augment;
@@ -17,6 +18,7 @@ pub mod data;
 pub mod losses;
 pub mod metrics;
 pub mod model;
+pub mod one_pass;
 pub mod scan;
 pub mod sgd;
 pub mod spec;
@@ -25,4 +27,4 @@ pub mod trainer;
 
 pub use losses::{LossError, LossTerms, LossValues, TrustBatch, trust_loss};
 pub use spec::{LoadedTrain, TrainSpec, load_train_file};
-pub use trainer::{TrainOptions, TrainProgress, TrainReport, TrainStatus, train};
+pub use trainer::{TrainOptions, TrainProgress, TrainReport, TrainStatus, train, train_one_pass};

@@ -8,7 +8,10 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
+use trustflow_engine::runtime::StepMetrics;
 use trustflow_engine::runtime::spawn_scoped;
 
 use crossbeam_channel::{Receiver, bounded};
@@ -18,17 +21,20 @@ use tch::{Device, Kind, Tensor};
 
 pub use super::checkpoint::EpochSums;
 use super::checkpoint::{self, CheckpointState};
-use super::data::{self, DomainData, Needs, ReadyStep, SideTensors, StepJob, ViewSettings};
+use super::data::{
+    self, DomainData, Needs, ReadyStep, SideTensors, StepJob, ViewSettings, plan_domain, storage,
+};
 use super::losses::{LossError, TrustBatch, trust_loss};
 use super::metrics::{self, ClassAccuracy, WeightSeparation};
 use super::model::VisionModel;
+use super::one_pass::{self, LiveReader, OnePass, WrittenTarget};
 use super::scan::{self, DomainScan};
 use super::sgd::{Sgd, learning_rate};
 use super::spec::{LoadedTrain, TrainDevice};
 use trustflow_engine::error::{Error, Result};
 use trustflow_engine::runtime::CancelToken;
 use trustflow_engine::source;
-use trustflow_engine::spec::{SourceSpec, SpecOrigin};
+use trustflow_engine::spec::SpecOrigin;
 
 /// Called with the run's progress after every step and at every epoch's end.
 pub type ProgressFn = std::sync::Arc<dyn Fn(&TrainProgress) + Send + Sync>;
@@ -48,6 +54,9 @@ pub struct TrainOptions {
     pub abort_after_steps: Option<u64>,
     /// Called after every step and at every epoch's end.
     pub progress: Option<ProgressFn>,
+    /// Sleep this long in every step (a deliberately slow trainer, for tests of
+    /// backpressure).
+    pub slow_steps: Option<Duration>,
 }
 
 impl std::fmt::Debug for TrainOptions {
@@ -169,53 +178,6 @@ pub struct TrainReport {
 
 const DROPPED_EXAMPLES: usize = 20;
 
-fn plan_domain(
-    loaded: &LoadedTrain,
-    spec: &SourceSpec,
-    domain: data::Domain,
-    needs: Needs,
-    batch_size: usize,
-) -> Result<DomainData> {
-    let section = domain.section();
-    // Plan once as written (so the user's own mistakes are located), then with the
-    // enriched columns the losses need added to keep_columns.
-    let plain = source::plan_section(loaded, spec, section, batch_size, None, storage())?;
-    let needed: Vec<&String> = [
-        &needs.pseudo_label,
-        &needs.pseudo_weight,
-        &needs.text_feature,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for name in &needed {
-        for shard in &plain.shards {
-            if shard.file_schema.field_with_name(name).is_err() {
-                return Err(Error::input(
-                    &shard.path,
-                    format!(
-                        "{section}: no column `{name}`, which the switched-on loss terms \
-                         need (run the enrichment stages first, or rename it under `columns`, \
-                         or set the terms that need it to 0 under `loss`)"
-                    ),
-                ));
-            }
-        }
-    }
-    let mut with_columns = spec.clone();
-    for name in needed {
-        if !with_columns.keep_columns.contains(name) {
-            with_columns.keep_columns.push(name.clone());
-        }
-    }
-    let plan = source::plan_section(loaded, &with_columns, section, batch_size, None, storage())?;
-    Ok(DomainData {
-        domain,
-        plan,
-        needs,
-    })
-}
-
 /// Whether the first shard of `spec` has column `name` (for optional columns).
 fn has_column(plan: &source::SourcePlan, name: &str) -> bool {
     plan.shards
@@ -223,14 +185,7 @@ fn has_column(plan: &source::SourcePlan, name: &str) -> bool {
         .is_some_and(|s| s.file_schema.field_with_name(name).is_ok())
 }
 
-/// A shard's Arrow schema, from its footer.
-/// The stores of `s3://` shards in a training file: configured by the environment (or
-/// an AWS profile) alone.
-fn storage() -> std::sync::Arc<trustflow_engine::storage::Storage> {
-    trustflow_engine::storage::Storage::new(Default::default())
-}
-
-fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData]) -> String {
+fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData], stream: Option<&str>) -> String {
     let mut h = Sha256::new();
     let mut spec = loaded.spec.clone();
     // Where checkpoints go does not change what is trained.
@@ -242,59 +197,100 @@ fn spec_hash(loaded: &LoadedTrain, domains: &[&DomainData]) -> String {
             h.update(format!("{:?}", shard.fingerprint).as_bytes());
         }
     }
+    if let Some(stream) = stream {
+        h.update(b"one-pass target\0");
+        h.update(stream.as_bytes());
+    }
     format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// Where the target's rows come from.
+enum TargetSupply {
+    Written(Box<WrittenTarget>),
+    /// The first epoch's from a pipeline's feed, later epochs' from what it wrote.
+    Live(OnePass),
 }
 
 /// Both domains planned and scanned: what a run needs before its first step.
 struct Prepared {
     source: DomainData,
-    target: DomainData,
+    target: TargetSupply,
     eval: Option<DomainData>,
     source_scan: DomainScan,
-    target_scan: DomainScan,
     eval_scan: Option<DomainScan>,
+    /// Exact for written targets; for a live one, estimated from the pipeline's
+    /// planned rows until its first epoch ends.
     steps_per_epoch: u64,
     total_steps: u64,
     hash: String,
 }
 
-/// Plans every domain and checks its data (columns, labels, weights, features).
-fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
+/// Steps in an epoch: every row of the longer domain once.
+fn epoch_steps(source_rows: u64, target_rows: u64, batch_size: usize) -> u64 {
+    let b = batch_size as u64;
+    source_rows.div_ceil(b).max(target_rows.div_ceil(b))
+}
+
+/// Plans the target as the training file reads it and scans it. Pseudo-labels and
+/// weights are read when present even if no term needs them, to report their quality.
+fn plan_target(loaded: &LoadedTrain) -> Result<WrittenTarget> {
     let spec = &loaded.spec;
     let loss = &spec.loss;
-    let batch_size = spec.data.batch_size;
     let cols = &spec.columns;
-    let feature = loss
-        .needs_text_features()
-        .then(|| cols.text_feature.clone());
-    let source = plan_domain(
-        loaded,
-        &spec.source,
-        data::Domain::Source,
-        Needs {
-            label: loss.src != 0.0,
-            text_feature: feature.clone(),
-            ..Needs::default()
-        },
-        batch_size,
-    )?;
+    let batch_size = spec.data.batch_size;
     let target_plain =
         source::plan_section(loaded, &spec.target, "target", batch_size, None, storage())?;
-    // Pseudo-labels and weights are read when present even if no term needs them,
-    // to report their quality.
     let target_needs = Needs {
         label: false,
         pseudo_label: (loss.needs_pseudo_labels() || has_column(&target_plain, &cols.pseudo_label))
             .then(|| cols.pseudo_label.clone()),
         pseudo_weight: (loss.needs_weights() || has_column(&target_plain, &cols.pseudo_weight))
             .then(|| cols.pseudo_weight.clone()),
-        text_feature: feature,
+        text_feature: loss
+            .needs_text_features()
+            .then(|| cols.text_feature.clone()),
     };
-    let target = plan_domain(
+    let data = plan_domain(
         loaded,
         &spec.target,
         data::Domain::Target,
         target_needs,
+        batch_size,
+    )?;
+    let scan = scan::scan(&data, spec.model.classes)?;
+    if scan.rows == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: `target` has no rows (after its filter)",
+            loaded.file.display()
+        )));
+    }
+    Ok(WrittenTarget { data, scan })
+}
+
+/// The source and eval domains, planned and scanned.
+fn plan_source_and_eval(
+    loaded: &LoadedTrain,
+) -> Result<(
+    DomainData,
+    DomainScan,
+    Option<DomainData>,
+    Option<DomainScan>,
+)> {
+    let spec = &loaded.spec;
+    let loss = &spec.loss;
+    let batch_size = spec.data.batch_size;
+    let feature = loss
+        .needs_text_features()
+        .then(|| spec.columns.text_feature.clone());
+    let source = plan_domain(
+        loaded,
+        &spec.source,
+        data::Domain::Source,
+        Needs {
+            label: loss.src != 0.0,
+            text_feature: feature,
+            ..Needs::default()
+        },
         batch_size,
     )?;
     let eval = match &spec.eval {
@@ -312,49 +308,68 @@ fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
     };
     let classes = spec.model.classes;
     let source_scan = scan::scan(&source, classes)?;
-    let target_scan = scan::scan(&target, classes)?;
+    if source_scan.rows == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: `source` has no rows (after its filter)",
+            loaded.file.display()
+        )));
+    }
     let eval_scan = match &eval {
         Some(e) => Some(scan::scan(e, classes)?),
         None => None,
     };
-    if let (Some(a), Some(b)) = (source_scan.feature_dim, target_scan.feature_dim)
+    Ok((source, source_scan, eval, eval_scan))
+}
+
+/// Plans every domain and checks its data (columns, labels, weights, features).
+fn prepare(loaded: &LoadedTrain) -> Result<Prepared> {
+    let spec = &loaded.spec;
+    let (source, source_scan, eval, eval_scan) = plan_source_and_eval(loaded)?;
+    let target = plan_target(loaded)?;
+    if let (Some(a), Some(b)) = (source_scan.feature_dim, target.scan.feature_dim)
         && a != b
     {
         return Err(Error::Invalid(format!(
             "{}: source rows' `{}` have {a} values but target rows' have {b}; both must \
              come from the same text encoder",
             loaded.file.display(),
-            cols.text_feature
+            spec.columns.text_feature
         )));
     }
-    for (scan, section) in [(&source_scan, "source"), (&target_scan, "target")] {
-        if scan.rows == 0 {
-            return Err(Error::Invalid(format!(
-                "{}: `{section}` has no rows (after its filter)",
-                loaded.file.display()
-            )));
-        }
-    }
-    let b = batch_size as u64;
-    let steps_per_epoch = source_scan
-        .rows
-        .div_ceil(b)
-        .max(target_scan.rows.div_ceil(b));
-    let epochs = spec.optimizer.epochs;
-    let total_steps = steps_per_epoch * epochs;
-    let mut domains = vec![&source, &target];
+    let steps_per_epoch = epoch_steps(source_scan.rows, target.scan.rows, spec.data.batch_size);
+    let mut domains = vec![&source, &target.data];
     domains.extend(eval.as_ref());
-    let hash = spec_hash(loaded, &domains);
-
+    let hash = spec_hash(loaded, &domains, None);
     Ok(Prepared {
         source,
-        target,
+        target: TargetSupply::Written(Box::new(target)),
         eval,
         source_scan,
-        target_scan,
         eval_scan,
         steps_per_epoch,
-        total_steps,
+        total_steps: steps_per_epoch * spec.optimizer.epochs,
+        hash,
+    })
+}
+
+/// A one-pass run's plan: the target is not written yet, so its size is the
+/// pipeline's planned rows until the stream ends, and checkpoints are keyed by the
+/// pipeline's hash and inputs instead of the target's shards.
+fn prepare_one_pass(loaded: &LoadedTrain, one: OnePass) -> Result<Prepared> {
+    let spec = &loaded.spec;
+    let (source, source_scan, eval, eval_scan) = plan_source_and_eval(loaded)?;
+    let steps_per_epoch = epoch_steps(source_scan.rows, one.planned_rows, spec.data.batch_size);
+    let mut domains = vec![&source];
+    domains.extend(eval.as_ref());
+    let hash = spec_hash(loaded, &domains, Some(&one.stream_hash));
+    Ok(Prepared {
+        source,
+        target: TargetSupply::Live(one),
+        eval,
+        source_scan,
+        eval_scan,
+        steps_per_epoch,
+        total_steps: steps_per_epoch * spec.optimizer.epochs,
         hash,
     })
 }
@@ -381,6 +396,11 @@ pub struct TrainPlan {
 /// TorchScript probe), without training.
 pub fn check_only(loaded: &LoadedTrain) -> Result<TrainPlan> {
     let p = prepare(loaded)?;
+    let TargetSupply::Written(target) = &p.target else {
+        return Err(Error::Internal(
+            "a prepared training run reads a live target".into(),
+        ));
+    };
     let spec = &loaded.spec;
     let model = VisionModel::new(
         &spec.model.backbone,
@@ -396,21 +416,42 @@ pub fn check_only(loaded: &LoadedTrain) -> Result<TrainPlan> {
         spec_hash: p.hash,
         source_rows: p.source_scan.rows,
         source_shards: p.source.plan.shards.len(),
-        target_rows: p.target_scan.rows,
-        target_shards: p.target.plan.shards.len(),
+        target_rows: target.scan.rows,
+        target_shards: target.data.plan.shards.len(),
         eval_rows: p.eval_scan.as_ref().map(|s| s.rows),
-        text_feature_dim: p.source_scan.feature_dim.or(p.target_scan.feature_dim),
+        text_feature_dim: p.source_scan.feature_dim.or(target.scan.feature_dim),
         feature_dim: model.feature_dim,
         classes: spec.model.classes,
         steps_per_epoch: p.steps_per_epoch,
         total_steps: p.total_steps,
-        pseudo_labels: pseudo_label_quality(&p.target_scan),
+        pseudo_labels: pseudo_label_quality(&target.scan),
     })
 }
 
 /// Runs (or resumes) the training described by `loaded`.
 pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport> {
     let started = Instant::now();
+    run_training(loaded, options, prepare(loaded)?, started)
+}
+
+/// Runs (or resumes) the training of `loaded` fed live by a pipeline
+/// ([`super::one_pass`]); call [`super::one_pass::check`] first, before the pipeline
+/// reads a row.
+pub fn train_one_pass(
+    loaded: &LoadedTrain,
+    options: &TrainOptions,
+    one: OnePass,
+) -> Result<TrainReport> {
+    let started = Instant::now();
+    run_training(loaded, options, prepare_one_pass(loaded, one)?, started)
+}
+
+fn run_training(
+    loaded: &LoadedTrain,
+    options: &TrainOptions,
+    prepared: Prepared,
+    started: Instant,
+) -> Result<TrainReport> {
     let spec = &loaded.spec;
     let loss = &spec.loss;
     let batch_size = spec.data.batch_size;
@@ -436,12 +477,22 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         target,
         eval,
         source_scan,
-        target_scan,
         eval_scan,
-        steps_per_epoch,
-        total_steps,
+        mut steps_per_epoch,
+        mut total_steps,
         hash,
-    } = prepare(loaded)?;
+    } = prepared;
+    // The target as written: known now, or (one pass) planned by the sampler when the
+    // stream ends.
+    let written: OnceLock<WrittenTarget> = OnceLock::new();
+    let live = match target {
+        TargetSupply::Written(t) => {
+            let _ = written.set(*t);
+            None
+        }
+        TargetSupply::Live(one) => Some(one),
+    };
+    let consumer = live.as_ref().map(|one| one.feed.shared().clone());
     let classes = spec.model.classes;
     let epochs = spec.optimizer.epochs;
 
@@ -515,6 +566,12 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         Some((dir, state)) => {
             checkpoint::restore(dir, &mut model, &mut sgd)?;
             truncate_lines(&metrics_path, state.metrics_lines)?;
+            // Past a live first epoch the schedule is exact and only the checkpoint
+            // knows it (the stream's length is not replayed).
+            if live.is_some() && state.epoch >= 1 {
+                steps_per_epoch = state.steps_per_epoch;
+                total_steps = state.total_steps;
+            }
             (
                 state.epoch,
                 state.step,
@@ -529,7 +586,6 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         }
     };
     let mut history = read_history(&metrics_path)?;
-    let pseudo_quality = pseudo_label_quality(&target_scan);
 
     let views = ViewSettings {
         augment: spec.augment.clone(),
@@ -540,7 +596,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     };
     let workers = spec.data.workers;
     let (jobs_tx, jobs_rx) = bounded::<StepJob>(workers);
-    let (ready_tx, ready_rx) = bounded::<Result<ReadyStep>>(spec.data.prefetch);
+    let (ready_tx, ready_rx) = bounded::<Result<Ready>>(spec.data.prefetch);
     let shuffle_buffer = spec.data.shuffle_buffer;
     let seed = spec.seed;
     let mut dropped_examples: Vec<(String, String)> = Vec::new();
@@ -554,30 +610,81 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     let steps_before = global_step;
 
     let outcome: Result<()> = std::thread::scope(|scope| {
-        let (source, target) = (&source, &target);
+        let (source, written, live) = (&source, &written, &live);
         let sampler_ready = ready_tx.clone();
+        let cancel = options.cancel.clone();
+        let source_rows = source_scan.rows;
         spawn_scoped(scope, "trustflow-sampler", move || {
-            for epoch in start_epoch..epochs {
-                let plan = data::EpochSampling {
-                    seed,
-                    epoch,
-                    steps: steps_per_epoch,
-                    first_step: if epoch == start_epoch { start_step } else { 0 },
-                    batch_size,
-                    shuffle_buffer,
-                };
-                let r = data::sample_epoch(source, target, plan, |job| jobs_tx.send(job).is_ok());
-                if let Err(e) = r {
-                    let _ = sampler_ready.send(Err(e));
-                    return;
+            let plan_written = || plan_target(loaded);
+            let sample = || -> Result<()> {
+                for epoch in start_epoch..epochs {
+                    let mut plan = data::EpochSampling {
+                        seed,
+                        epoch,
+                        steps: 0,
+                        first_step: if epoch == start_epoch { start_step } else { 0 },
+                        batch_size,
+                        shuffle_buffer,
+                    };
+                    let send = |job| jobs_tx.send(job).is_ok();
+                    let steps = match live {
+                        Some(one) if epoch == 0 => {
+                            let needs = one_pass::target_needs(loaded);
+                            let mut reader = LiveReader::new(
+                                &one.feed,
+                                loaded,
+                                needs,
+                                &one.out_dir,
+                                cancel.clone(),
+                            );
+                            let n = one_pass::sample_live_epoch(
+                                source,
+                                source_rows,
+                                &mut reader,
+                                written,
+                                &plan_written,
+                                plan,
+                                send,
+                            )?;
+                            let Some(n) = n else { return Ok(()) };
+                            n
+                        }
+                        _ => {
+                            if let Some(one) = live
+                                && written.get().is_none()
+                            {
+                                one_pass::drain(&one.feed, cancel.as_ref())?;
+                                let _ = written.set(plan_written()?);
+                            }
+                            let target = written.get().ok_or_else(|| {
+                                Error::Internal("the target was not planned".into())
+                            })?;
+                            plan.steps = epoch_steps(source_rows, target.scan.rows, batch_size);
+                            data::sample_epoch(source, &target.data, plan, send)?;
+                            plan.steps
+                        }
+                    };
+                    if sampler_ready
+                        .send(Ok(Ready::EpochEnd { epoch, steps }))
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
                 }
+                Ok(())
+            };
+            if let Err(e) = sample() {
+                let _ = sampler_ready.send(Err(e));
             }
         })?;
         for i in 0..workers {
             let (jobs_rx, ready_tx, views) = (jobs_rx.clone(), ready_tx.clone(), &views);
             spawn_scoped(scope, &format!("trustflow-batch-{i}"), move || {
                 for job in jobs_rx.iter() {
-                    if ready_tx.send(data::build_step(job, views)).is_err() {
+                    if ready_tx
+                        .send(data::build_step(job, views).map(|s| Ready::Step(Box::new(s))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -585,17 +692,48 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         }
         drop((ready_tx, jobs_rx));
         let ready = ready_rx;
-        let mut reorder: BTreeMap<(u64, u64), ReadyStep> = BTreeMap::new();
+        let mut reorder: BTreeMap<(u64, u64), Ready> = BTreeMap::new();
         let mut epoch_started = Instant::now();
         let mut epoch_wall_before = sums.wall_s;
         for epoch in start_epoch..epochs {
             let terms = loss.terms_in_epoch(epoch);
             let first = if epoch == start_epoch { start_step } else { 0 };
             model.set_train(true)?;
-            for step in first..steps_per_epoch {
+            // A live first epoch's length is known when the stream ends.
+            let epoch_length = match (&live, epoch) {
+                (Some(_), 0) => None,
+                _ => Some(steps_per_epoch),
+            };
+            let mut step = first;
+            loop {
                 let t0 = Instant::now();
-                let batch = next_ready(&ready, &mut reorder, (epoch, step))?;
+                let batch = match next_ready(&ready, &mut reorder, (epoch, step)) {
+                    Ok(Ready::Step(batch)) => batch,
+                    Ok(Ready::EpochEnd { .. }) => break,
+                    // The pipeline feeding a live epoch was interrupted.
+                    Err(Error::Cancelled) => {
+                        sums.wall_s = epoch_wall_before + epoch_started.elapsed().as_secs_f64();
+                        let state = CheckpointState {
+                            format: checkpoint::STATE_FORMAT,
+                            spec_hash: hash.clone(),
+                            epoch,
+                            step,
+                            global_step,
+                            steps_per_epoch,
+                            total_steps,
+                            metrics_lines: history.len(),
+                            partial: sums.clone(),
+                        };
+                        last_checkpoint = Some(checkpoint::save(&output, &state, &model, &sgd)?);
+                        status = TrainStatus::Interrupted;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
                 let waited = t0.elapsed();
+                if let Some(slow) = options.slow_steps {
+                    std::thread::sleep(slow);
+                }
                 idle_total += waited;
                 sums.idle_s += waited.as_secs_f64();
                 sums.rows_dropped += batch.dropped.len() as u64;
@@ -628,6 +766,11 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                 }
                 global_step += 1;
                 let took = t0.elapsed();
+                if let Some(c) = consumer.as_ref().filter(|_| epoch_length.is_none()) {
+                    StepMetrics::add(&c.consumer.starved_ns, waited);
+                    StepMetrics::add(&c.consumer.busy_ns, took.saturating_sub(waited));
+                    c.consumer.rows_out.fetch_add(batch_size as u64, Relaxed);
+                }
                 step_total += took;
                 sums.step_s += took.as_secs_f64();
                 let elapsed = step_total.as_secs_f64();
@@ -650,7 +793,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     status = TrainStatus::Aborted;
                     return Ok(());
                 }
-                let at_epoch_end = step + 1 == steps_per_epoch;
+                let at_epoch_end = epoch_length == Some(step + 1);
                 let every = spec
                     .checkpoint_every_steps
                     .is_some_and(|n| global_step % n == 0);
@@ -676,7 +819,16 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     status = TrainStatus::Interrupted;
                     return Ok(());
                 }
+                step += 1;
             }
+            // A live first epoch is over: the stream's length makes the schedule exact.
+            if epoch_length.is_none()
+                && let Some(target) = written.get()
+            {
+                steps_per_epoch = epoch_steps(source_scan.rows, target.scan.rows, batch_size);
+                total_steps = step + epochs.saturating_sub(1) * steps_per_epoch;
+            }
+            let pseudo_quality = written.get().and_then(|t| pseudo_label_quality(&t.scan));
             // End of epoch: evaluate, report, checkpoint.
             sums.wall_s = epoch_wall_before + epoch_started.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -702,7 +854,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
                     ctr: on(terms.ctr, sums.ctr),
                 },
                 target_eval,
-                pseudo_labels: pseudo_quality.clone(),
+                pseudo_labels: pseudo_quality,
                 trainer_idle_fraction: sums.idle_s / sums.step_s.max(1e-9),
                 steps_per_s: (sums.steps + sums.skipped_steps) as f64 / sums.step_s.max(1e-9),
                 wall_s: sums.wall_s + eval_s.as_secs_f64(),
@@ -765,7 +917,7 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
         classes,
         feature_dim: model.feature_dim,
         source_rows: source_scan.rows,
-        target_rows: target_scan.rows,
+        target_rows: written.get().map_or(0, |t| t.scan.rows),
         eval_rows: eval_scan.map(|s| s.rows),
         epochs,
         steps_per_epoch,
@@ -791,20 +943,36 @@ pub fn train(loaded: &LoadedTrain, options: &TrainOptions) -> Result<TrainReport
     Ok(report)
 }
 
-/// Waits for step `want`, keeping steps that arrive early (workers finish out of
-/// order).
+/// What the data side hands the training loop: a step, or the end of an epoch after
+/// its last step.
+enum Ready {
+    Step(Box<ReadyStep>),
+    EpochEnd { epoch: u64, steps: u64 },
+}
+
+impl Ready {
+    fn key(&self) -> (u64, u64) {
+        match self {
+            Ready::Step(s) => (s.epoch, s.step),
+            Ready::EpochEnd { epoch, steps } => (*epoch, *steps),
+        }
+    }
+}
+
+/// Waits for step `want` (or the epoch's end in its place), keeping what arrives early
+/// (workers finish out of order).
 fn next_ready(
-    ready: &Receiver<Result<ReadyStep>>,
-    reorder: &mut BTreeMap<(u64, u64), ReadyStep>,
+    ready: &Receiver<Result<Ready>>,
+    reorder: &mut BTreeMap<(u64, u64), Ready>,
     want: (u64, u64),
-) -> Result<ReadyStep> {
+) -> Result<Ready> {
     loop {
         if let Some(step) = reorder.remove(&want) {
             return Ok(step);
         }
         match ready.recv() {
-            Ok(Ok(step)) => {
-                reorder.insert((step.epoch, step.step), step);
+            Ok(Ok(item)) => {
+                reorder.insert(item.key(), item);
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
@@ -1054,10 +1222,15 @@ pub fn memory_fed(loaded: &LoadedTrain, steps: u64) -> Result<MemoryFed> {
         unit_weights: spec.loss.unweighted,
     };
     let wanted = steps.min(p.steps_per_epoch).max(1);
+    let TargetSupply::Written(target) = &p.target else {
+        return Err(Error::Internal(
+            "a prepared training run reads a live target".into(),
+        ));
+    };
     let mut jobs = Vec::new();
     data::sample_epoch(
         &p.source,
-        &p.target,
+        &target.data,
         data::EpochSampling {
             seed: spec.seed,
             epoch: 0,

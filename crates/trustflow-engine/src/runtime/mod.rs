@@ -8,6 +8,7 @@
 //! cancellation, stops the reader; the queues then drain and close, and the sink
 //! discards every shard it had not completed.
 
+pub mod feed;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
@@ -215,6 +216,10 @@ pub struct Topology {
     /// A shard's last batch holds at least this many rows when the shard has them (a
     /// shorter tail is folded into the batch before it); 0: no folding.
     pub min_tail_rows: usize,
+    /// The feed the sink hands rows on to (a [`feed::FeedingSink`]), if any: its rows
+    /// count as in flight, its consumer is a step of the report and its queue's fill
+    /// is that step's.
+    pub feed: Option<Arc<feed::FeedShared>>,
 }
 
 /// Live view handed to a progress callback, and the final figures.
@@ -249,7 +254,7 @@ pub struct RunStats {
 struct Shared {
     cancel: CancelToken,
     first_error: Mutex<Option<Error>>,
-    in_flight: InFlight,
+    in_flight: Arc<InFlight>,
     shards_done: std::sync::atomic::AtomicU64,
 }
 
@@ -279,11 +284,14 @@ pub fn run(
         stages,
         queue_depth,
         min_tail_rows,
+        feed,
     } = topology;
     let shared = Shared {
         cancel: cancel.clone(),
         first_error: Mutex::new(None),
-        in_flight: InFlight::default(),
+        in_flight: feed
+            .as_ref()
+            .map_or_else(Default::default, |f| f.in_flight.clone()),
         shards_done: Default::default(),
     };
     let mut steps = vec![StepMetrics::new("source", 1)];
@@ -320,6 +328,9 @@ pub fn run(
                 r.queue_fill_max = *max;
             }
         }
+        if let Some(feed) = &feed {
+            with_feed(&mut reports, feed, elapsed, fills.last());
+        }
         let bottleneck = reports
             .iter()
             .max_by(|a, b| a.busy_fraction.total_cmp(&b.busy_fraction))
@@ -342,7 +353,9 @@ pub fn run(
     let mut shard_counts = Vec::new();
     let mut unreadable = Vec::new();
     let mut queue_samples: Vec<(f64, Vec<f64>)> = Vec::new();
-    let mut fills = vec![(0.0f64, 0.0f64); probes.len()];
+    // The feed's queue, sampled after the pipeline's.
+    let sampled = probes.len() + usize::from(feed.is_some());
+    let mut fills = vec![(0.0f64, 0.0f64); sampled];
     std::thread::scope(|scope| {
         let steps = &steps;
         let shared = &shared;
@@ -353,13 +366,14 @@ pub fn run(
         // ends promptly.
         let monitor = scope.spawn(|| {
             let mut samples = Vec::new();
-            let mut sums = vec![0.0f64; probes.len()];
-            let mut maxes = vec![0.0f64; probes.len()];
+            let mut sums = vec![0.0f64; sampled];
+            let mut maxes = vec![0.0f64; sampled];
             let mut count = 0u64;
             let mut last_progress = Instant::now();
             while !done.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
-                let now: Vec<f64> = probes.iter().map(QueueGauge::fill).collect();
+                let mut now: Vec<f64> = probes.iter().map(QueueGauge::fill).collect();
+                now.extend(feed.as_ref().map(|f| f.fill()));
                 for (i, f) in now.iter().enumerate() {
                     sums[i] += f;
                     maxes[i] = maxes[i].max(*f);
@@ -472,6 +486,30 @@ pub fn run(
         unreadable,
         queue_samples,
     })
+}
+
+/// The feed's consumer as the last step, and the sink's time blocked on the feed
+/// moved from its busy time (it is spent inside `Sink::write`) to its blocked time.
+fn with_feed(
+    reports: &mut Vec<StepReport>,
+    feed: &feed::FeedShared,
+    elapsed: Duration,
+    feed_fill: Option<&(f64, f64)>,
+) {
+    let blocked_s = feed.sink_blocked_ns.load(Relaxed) as f64 / 1e9;
+    if let Some(sink) = reports.last_mut() {
+        let wall = elapsed.as_secs_f64().max(1e-9);
+        let moved = blocked_s.min(sink.busy_s);
+        sink.busy_s -= moved;
+        sink.busy_fraction = (sink.busy_fraction - moved / wall).max(0.0);
+        sink.blocked_fraction += moved / wall;
+    }
+    let mut consumer = feed.consumer.snapshot(elapsed);
+    if let Some((mean, max)) = feed_fill {
+        consumer.queue_fill_mean = *mean;
+        consumer.queue_fill_max = *max;
+    }
+    reports.push(consumer);
 }
 
 /// Fill of one queue, kept beside the channel. Counted after a send completes (a

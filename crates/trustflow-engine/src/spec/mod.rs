@@ -255,13 +255,31 @@ pub struct SinkSpec {
     /// Quarantine shards keep every source column.
     #[serde(default)]
     pub drop_columns: Vec<String>,
-    /// A training file (see `trustflow train`) that `trustflow run` runs once every
-    /// shard of this pipeline is written, relative to this file; its `source`/`target`
-    /// sections usually read this sink's `path`. Training reads the written shards
-    /// rather than the live stream: it makes many passes, and re-running the model
-    /// stages on every pass would recompute the same columns.
+    /// A training file (see `trustflow train`) that `trustflow run` runs too, relative
+    /// to this file; its `target` section usually reads this sink's `path`. See
+    /// `train_mode` for when it runs.
     #[serde(default)]
     pub train: Option<String>,
+    /// `after`: training starts once every shard is written and reads them back.
+    /// `one_pass`: the trainer is fed live: its first epoch trains on the rows as the
+    /// sink writes them (its `target` must be this sink's `path`), later epochs read the
+    /// written shards; a slow trainer slows the reader down.
+    #[serde(default)]
+    pub train_mode: TrainMode,
+    /// Depth, in batches, of the queue between the sink and the one-pass trainer
+    /// (default: `runtime.queue_depth`).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 4096))]
+    pub train_queue_depth: Option<usize>,
+}
+
+/// When `sink.train` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMode {
+    #[default]
+    After,
+    OnePass,
 }
 
 fn default_row_group_rows() -> usize {

@@ -190,6 +190,27 @@ pub(super) fn check(parsed: &Parsed, base: &Path, issue: &mut dyn FnMut(&str, St
                 "the `id` column cannot be dropped: it identifies rows across outputs".into(),
             );
         }
+        if sink.train_mode == super::TrainMode::OnePass {
+            check(
+                sink.train.is_some(),
+                "sink.train_mode",
+                "`one_pass` feeds the trainer of `sink.train`, which is not set".into(),
+            );
+            check(
+                !sink.drop_columns.iter().any(|c| c == crate::columns::IMAGE),
+                "sink.drop_columns",
+                "`one_pass` training reads the images back from the output in later epochs: \
+                 `image` cannot be dropped"
+                    .into(),
+            );
+        }
+        if let Some(depth) = sink.train_queue_depth {
+            check(
+                depth >= 1,
+                "sink.train_queue_depth",
+                format!("expected at least 1, found {depth}"),
+            );
+        }
     }
     if let Some(storage) = parsed.storage {
         check(

@@ -51,6 +51,12 @@ pub trait Stage: Send + Sync {
     fn content_digest(&self) -> Option<String> {
         None
     }
+
+    /// How many classes the stage's labels range over, for a stage that assigns
+    /// labels (a trainer fed by the pipeline checks its own class count against it).
+    fn classes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A stage's settings as written in a pipeline file: their checks, how they become a

@@ -771,6 +771,10 @@ impl Stage for PseudoLabelStage {
         Some(self.digest.clone())
     }
 
+    fn classes(&self) -> Option<usize> {
+        Some(self.classes)
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

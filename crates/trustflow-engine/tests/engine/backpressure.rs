@@ -145,6 +145,7 @@ fn a_slow_stage_holds_the_reader_back() {
         }],
         queue_depth: 1,
         min_tail_rows: 0,
+        feed: None,
     };
     let mut sink = CountingSink::default();
     let written = sink.rows.clone();
