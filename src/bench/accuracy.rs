@@ -220,30 +220,7 @@ pub fn enrich_all(
         &opts.source,
         None,
     )?];
-    let method = target_weight_method(opts)?;
-    let class_max = match method {
-        Some(WeightMethod::ClassMaxCosine) => {
-            let file = opts.work.join("class_max.json");
-            (opts.log)(&format!(
-                "calibrating class_max_cosine weights on the enriched {} rows",
-                opts.source
-            ));
-            let shards = trustflow_engine::source::shards::discover(
-                &Storage::default(),
-                Path::new("."),
-                &[glob_of(&enriched[0].out_dir)],
-            )?;
-            let calibration = calibrate(
-                &shards,
-                trustflow_engine::columns::LABEL,
-                trustflow_engine::stages::clip_score::CLIP_SIMILARITY,
-                CLASSES,
-            )?;
-            calibration.save(&file)?;
-            Some(file)
-        }
-        _ => None,
-    };
+    let (class_max, method) = calibrate_weights(opts, &enriched[0])?;
     for domain in targets {
         (opts.log)(&format!("enriching {domain}/train"));
         enriched.push(enrich_domain(
@@ -255,6 +232,37 @@ pub fn enrich_all(
         )?);
     }
     Ok((enriched, method))
+}
+
+/// When the target pipeline's weights are `class_max_cosine`: calibrates them on the
+/// enriched source rows and returns the calibration file, with the weight method the
+/// targets get.
+pub fn calibrate_weights(
+    opts: &AccuracyOptions,
+    source: &EnrichedDomain,
+) -> Result<(Option<PathBuf>, Option<WeightMethod>)> {
+    let method = target_weight_method(opts)?;
+    if method != Some(WeightMethod::ClassMaxCosine) {
+        return Ok((None, method));
+    }
+    let file = opts.work.join("class_max.json");
+    (opts.log)(&format!(
+        "calibrating class_max_cosine weights on the enriched {} rows",
+        opts.source
+    ));
+    let shards = trustflow_engine::source::shards::discover(
+        &Storage::default(),
+        Path::new("."),
+        &[glob_of(&source.out_dir)],
+    )?;
+    let calibration = calibrate(
+        &shards,
+        trustflow_engine::columns::LABEL,
+        trustflow_engine::stages::clip_score::CLIP_SIMILARITY,
+        CLASSES,
+    )?;
+    calibration.save(&file)?;
+    Ok((Some(file), method))
 }
 
 /// The digits have ten classes.
@@ -281,6 +289,28 @@ pub fn enrich_domain(
     domain: &str,
     class_max: Option<&Path>,
 ) -> Result<EnrichedDomain> {
+    let (plan, out_dir) = enrichment_plan(opts, pipeline_file, head, domain, class_max)?;
+    let report = execute(plan, RunOptions::default())?;
+    Ok(EnrichedDomain {
+        domain: domain.to_string(),
+        out_dir,
+        rows_in: report.rows_in,
+        rows_out: report.rows_out,
+        rows_quarantined: report.rows_quarantined,
+        wall_s: report.wall_s,
+        pseudo_labels: None,
+    })
+}
+
+/// The plan of [`enrich_domain`] (writing to `WORK/enriched/<domain>`), and its output
+/// folder.
+pub fn enrichment_plan(
+    opts: &AccuracyOptions,
+    pipeline_file: &Path,
+    head: &Path,
+    domain: &str,
+    class_max: Option<&Path>,
+) -> Result<(plan::Plan, PathBuf)> {
     let mut pipeline = trustflow_engine::spec::load_file(pipeline_file)?;
     // Paths in a pipeline resolve against its own folder: give files absolutely.
     let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
@@ -326,25 +356,17 @@ pub fn enrich_domain(
             ..Overrides::default()
         },
     )?;
-    let report = execute(plan, RunOptions::default())?;
-    Ok(EnrichedDomain {
-        domain: domain.to_string(),
-        out_dir,
-        rows_in: report.rows_in,
-        rows_out: report.rows_out,
-        rows_quarantined: report.rows_quarantined,
-        wall_s: report.wall_s,
-        pseudo_labels: None,
-    })
+    Ok((plan, out_dir))
 }
 
-/// Step 3: one training run.
-pub fn train_one(
+/// The training file of one run (its paths, loss terms, seed and output set), and the
+/// run's output folder.
+pub fn training_file(
     opts: &AccuracyOptions,
     shift: &str,
     ablation: Ablation,
     seed: u64,
-) -> Result<(RunResult, trustflow_train::TrainReport)> {
+) -> Result<(trustflow_train::LoadedTrain, PathBuf)> {
     let mut loaded = load_train_file(&opts.train_file)?;
     let spec = &mut loaded.spec;
     let enriched = opts.work.join("enriched");
@@ -368,6 +390,17 @@ pub fn train_one(
         .map_err(|e| Error::io(&output, e))?
         .display()
         .to_string();
+    Ok((loaded, output))
+}
+
+/// Step 3: one training run.
+pub fn train_one(
+    opts: &AccuracyOptions,
+    shift: &str,
+    ablation: Ablation,
+    seed: u64,
+) -> Result<(RunResult, trustflow_train::TrainReport)> {
+    let (loaded, output) = training_file(opts, shift, ablation, seed)?;
     // One line per finished epoch, so a long grid shows it is alive.
     let log = opts.log;
     let progress = move |p: &TrainProgress| {

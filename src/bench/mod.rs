@@ -4,7 +4,8 @@
 //!   image domains ([`digits`]);
 //! - measurements: the harness over Parquet shards with the Python baseline and
 //!   scaling series ([`harness`]), end to end vs the model-only ceiling ([`ceiling`]),
-//!   and the accuracy grid of the TRUST ablations ([`accuracy`]);
+//!   the accuracy grid of the TRUST ablations ([`accuracy`]), and enrichment then
+//!   training against one pass ([`one_pass`]);
 //! - [`plot`]: PNG charts of their reports.
 #[cfg(feature = "train")]
 pub mod accuracy;
@@ -12,5 +13,7 @@ pub mod ceiling;
 pub mod corpus;
 pub mod digits;
 pub mod harness;
+#[cfg(feature = "train")]
+pub mod one_pass;
 pub mod plot;
 pub mod train_corpus;

@@ -37,6 +37,10 @@ pub enum BenchCommand {
     /// in memory, alternating in one process; prints JSON.
     #[cfg(feature = "train")]
     Train(accuracy::BenchTrainArgs),
+    /// Enrichment then training (two steps) against one pass (the trainer fed by the
+    /// pipeline), side by side for each seed on the digits target; prints JSON.
+    #[cfg(feature = "train")]
+    OnePass(accuracy::OnePassArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +70,8 @@ pub fn dispatch(command: BenchCommand) -> Result<()> {
         BenchCommand::Ceiling(options) => out_json!(ceiling::run(&options)?),
         #[cfg(feature = "train")]
         BenchCommand::Train(args) => accuracy::bench_train(args),
+        #[cfg(feature = "train")]
+        BenchCommand::OnePass(args) => accuracy::one_pass(args),
     }
 }
 
@@ -122,6 +128,77 @@ mod accuracy {
     }
 
     #[derive(Args)]
+    pub struct OnePassArgs {
+        /// Digits data (made with `bench gen-digits` when absent).
+        #[arg(long, default_value = "out/digits/data")]
+        data: PathBuf,
+        /// Head, enriched shards and runs of this benchmark.
+        #[arg(long, default_value = "out/bench-one-pass")]
+        work: PathBuf,
+        #[arg(long, default_value = "pipelines/digits/enrich.yaml")]
+        enrich_pipeline: PathBuf,
+        #[arg(long, default_value = "pipelines/digits/enrich-source.yaml")]
+        source_pipeline: PathBuf,
+        #[arg(long, default_value = "pipelines/digits/train.yaml")]
+        train_file: PathBuf,
+        /// The target domain enriched and trained on.
+        #[arg(long, default_value = "target_a")]
+        shift: String,
+        #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
+        seeds: Vec<u64>,
+        /// Training epochs of both modes.
+        #[arg(long, default_value_t = 1)]
+        epochs: u64,
+        /// The built-in backbone's width (sizes the trainer's share of the work).
+        #[arg(long)]
+        width: Option<i64>,
+        /// libtorch threads of the trainer.
+        #[arg(long)]
+        train_threads: Option<usize>,
+        /// With generated data: rows per domain (default all).
+        #[arg(long)]
+        max_rows_per_domain: Option<usize>,
+    }
+
+    pub fn one_pass(a: OnePassArgs) -> Result<()> {
+        ensure_digits(&a.data, a.max_rows_per_domain)?;
+        let options = trustflow::bench::one_pass::OnePassBenchOptions {
+            digits: AccuracyOptions {
+                data: a.data,
+                work: a.work,
+                enrich_pipeline: a.enrich_pipeline,
+                source_pipeline: a.source_pipeline,
+                weights: None,
+                train_file: a.train_file,
+                source: "source".into(),
+                shifts: vec![a.shift.clone()],
+                ablations: vec![Ablation::Trust],
+                seeds: a.seeds.clone(),
+                epochs: Some(a.epochs),
+                log: |line| eprintln!("bench one-pass: {line}"),
+            },
+            shift: a.shift,
+            seeds: a.seeds,
+            width: a.width,
+            train_threads: a.train_threads,
+        };
+        out_json!(trustflow::bench::one_pass::run(&options)?)
+    }
+
+    /// The digits data in `data`, generated when absent.
+    fn ensure_digits(data: &std::path::Path, max_rows_per_domain: Option<usize>) -> Result<()> {
+        if !data.join("source").is_dir() {
+            eprintln!("bench: generating the digits data in {}", data.display());
+            generate_digits(&DigitsOptions {
+                out: data.to_path_buf(),
+                max_rows_per_domain,
+                ..DigitsOptions::default()
+            })?;
+        }
+        Ok(())
+    }
+
+    #[derive(Args)]
     pub struct BenchTrainArgs {
         train_file: PathBuf,
         #[arg(long, default_value_t = 2)]
@@ -144,17 +221,7 @@ mod accuracy {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if !a.data.join("source").is_dir() {
-            eprintln!(
-                "bench accuracy: generating the digits data in {}",
-                a.data.display()
-            );
-            generate_digits(&DigitsOptions {
-                out: a.data.clone(),
-                max_rows_per_domain: a.max_rows_per_domain,
-                ..DigitsOptions::default()
-            })?;
-        }
+        ensure_digits(&a.data, a.max_rows_per_domain)?;
         let weights = a
             .weights
             .as_deref()

@@ -225,22 +225,27 @@ pub fn run_with_progress(
     settings: RunSettings,
     quiet: bool,
 ) -> Result<RunReport> {
-    run_feeding(plan, settings, quiet, cancel_on_signals()?, None)
+    let (options, progress) = display_options(&plan, settings, quiet, cancel_on_signals()?, false);
+    let result = execute(plan, options);
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    Ok(result?)
 }
 
-/// [`run_with_progress`], handing rows on to `feed` (the one-pass trainer) and
-/// stopping on `cancel`.
-pub fn run_feeding(
-    plan: plan::Plan,
+/// Options for running `plan` with the live display (see [`run_with_progress`]); the
+/// display is finished by the returned handle. `with_trainer` adds its step.
+pub fn display_options(
+    plan: &plan::Plan,
     settings: RunSettings,
     quiet: bool,
     cancel: trustflow_engine::runtime::CancelToken,
-    feed: Option<trustflow_engine::runtime::feed::FeedSender>,
-) -> Result<RunReport> {
+    with_trainer: bool,
+) -> (RunOptions, Option<Progress>) {
     let mut names = vec!["source".to_string()];
     names.extend(plan.stages.iter().map(|s| s.stage.name().to_string()));
     names.push("sink".into());
-    if feed.is_some() {
+    if with_trainer {
         names.push("train".into());
     }
     let total = plan.source.shards.len() as u64;
@@ -268,11 +273,7 @@ pub fn run_feeding(
         settings,
         cancel,
         on_progress,
-        feed,
+        feed: None,
     };
-    let result = execute(plan, options);
-    if let Some(p) = &progress {
-        p.finish();
-    }
-    Ok(result?)
+    (options, progress)
 }

@@ -124,20 +124,12 @@ pub fn run_one_pass(
     slow_steps_ms: Option<u64>,
 ) -> Result<()> {
     let loaded = trustflow_train::load_train_file(&train_file)?;
-    trustflow_train::one_pass::check(&loaded, &plan)?;
-    let spec = &plan.pipeline.spec;
-    let depth = spec
-        .sink
-        .train_queue_depth
-        .unwrap_or(spec.runtime.queue_depth);
-    let (feed, rows) = trustflow_engine::runtime::feed::channel(depth, "train");
-    let one = trustflow_train::one_pass::OnePass::of(&plan, rows);
     let cancel = cancel_on_signals()?;
     let options = TrainOptions {
         // A forced rerun of every shard trains from scratch too.
         resume: !settings.force,
         fresh: settings.force,
-        cancel: Some(cancel.clone()),
+        cancel: None,
         abort_after_steps: None,
         // Lines, not a bar: the pipeline's display holds the terminal.
         progress: (!quiet).then(|| {
@@ -145,19 +137,13 @@ pub fn run_one_pass(
         }),
         slow_steps: slow_steps_ms.map(std::time::Duration::from_millis),
     };
-    let (ran, trained) = std::thread::scope(|scope| {
-        let trainer = trustflow_engine::runtime::spawn_scoped(scope, "trustflow-trainer", || {
-            trustflow_train::train_one_pass(&loaded, &options, one)
-        });
-        let ran = super::pipeline::run_feeding(plan, settings, quiet, cancel.clone(), Some(feed));
-        let trained = match trainer {
-            Ok(handle) => handle
-                .join()
-                .unwrap_or_else(|_| Err(Error::Internal("the trainer panicked".into()))),
-            Err(e) => Err(e),
-        };
-        (ran, trained)
-    });
+    let (run, display) = super::pipeline::display_options(&plan, settings, quiet, cancel, true);
+    let outcome = trustflow_train::one_pass::run_with_pipeline(plan, &loaded, run, &options);
+    if let Some(p) = &display {
+        p.finish();
+    }
+    let (ran, trained) = outcome?;
+    let ran = ran.map_err(anyhow::Error::new);
     let report = match (ran, trained) {
         (Ok(report), Ok(trained)) => {
             out!("{report}")?;
