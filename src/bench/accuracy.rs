@@ -401,8 +401,66 @@ pub fn train_one(
     seed: u64,
 ) -> Result<(RunResult, trustflow_train::TrainReport)> {
     let (loaded, output) = training_file(opts, shift, ablation, seed)?;
-    // One line per finished epoch, so a long grid shows it is alive.
-    let log = opts.log;
+    let report = train(&loaded, &fresh_with_epoch_lines(opts.log))?;
+    Ok((run_result(shift, ablation, seed, &report, output), report))
+}
+
+/// What [`enrich_and_train_one_pass`] did.
+pub struct OnePassRun {
+    pub enriched: EnrichedDomain,
+    /// The step the enrichment run found slowest (`train` when the trainer held it back).
+    pub bottleneck: Option<String>,
+    pub result: RunResult,
+    pub report: trustflow_train::TrainReport,
+}
+
+/// Steps 2 and 3 of one target domain in one pass (`sink.train_mode: one_pass`): its
+/// training rows enriched as [`enrich_domain`] does, feeding the training run of
+/// `ablation` and `seed` (its file changed by `adjust`) as they are written.
+pub fn enrich_and_train_one_pass(
+    opts: &AccuracyOptions,
+    head: &Path,
+    class_max: Option<&Path>,
+    (shift, ablation, seed): (&str, Ablation, u64),
+    adjust: &dyn Fn(&mut trustflow_train::LoadedTrain),
+) -> Result<OnePassRun> {
+    let (plan, out_dir) = enrichment_plan(opts, &opts.enrich_pipeline, head, shift, class_max)?;
+    let (mut loaded, output) = training_file(opts, shift, ablation, seed)?;
+    adjust(&mut loaded);
+    // The trainer's target is the enrichment's own output folder.
+    loaded.spec.target.paths = vec![
+        std::path::absolute(&out_dir)
+            .map_err(|e| Error::io(&out_dir, e))?
+            .display()
+            .to_string(),
+    ];
+    let (ran, trained) = trustflow_train::one_pass::run_with_pipeline(
+        plan,
+        &loaded,
+        RunOptions::default(),
+        &fresh_with_epoch_lines(opts.log),
+    )?;
+    let (ran, trained) = (ran?, trained?);
+    let enriched = EnrichedDomain {
+        domain: shift.to_string(),
+        out_dir,
+        rows_in: ran.rows_in,
+        rows_out: ran.rows_out,
+        rows_quarantined: ran.rows_quarantined,
+        wall_s: ran.wall_s,
+        pseudo_labels: None,
+    };
+    Ok(OnePassRun {
+        enriched,
+        bottleneck: ran.bottleneck.clone(),
+        result: run_result(shift, ablation, seed, &trained, output),
+        report: trained,
+    })
+}
+
+/// A fresh training run that logs one line per finished epoch, so a long grid shows it
+/// is alive.
+fn fresh_with_epoch_lines(log: fn(&str)) -> TrainOptions {
     let progress = move |p: &TrainProgress| {
         if p.step == 0 && p.epoch > 0 {
             log(&format!(
@@ -415,30 +473,32 @@ pub fn train_one(
             ));
         }
     };
-    let report = train(
-        &loaded,
-        &TrainOptions {
-            fresh: true,
-            progress: Some(std::sync::Arc::new(progress)),
-            ..TrainOptions::default()
-        },
-    )?;
-    let last = report.history.last();
-    let eval = last.and_then(|m| m.target_eval.as_ref());
-    Ok((
-        RunResult {
-            shift: shift.to_string(),
-            ablation,
-            seed,
-            target_accuracy: eval.and_then(|e| e.accuracy),
-            per_class: eval.map(|e| e.per_class.clone()).unwrap_or_default(),
-            steps: report.global_step,
-            wall_s: report.wall_s,
-            trainer_idle_fraction: report.trainer_idle_fraction,
-            output,
-        },
-        report,
-    ))
+    TrainOptions {
+        fresh: true,
+        progress: Some(std::sync::Arc::new(progress)),
+        ..TrainOptions::default()
+    }
+}
+
+fn run_result(
+    shift: &str,
+    ablation: Ablation,
+    seed: u64,
+    report: &trustflow_train::TrainReport,
+    output: PathBuf,
+) -> RunResult {
+    let eval = report.history.last().and_then(|m| m.target_eval.as_ref());
+    RunResult {
+        shift: shift.to_string(),
+        ablation,
+        seed,
+        target_accuracy: eval.and_then(|e| e.accuracy),
+        per_class: eval.map(|e| e.per_class.clone()).unwrap_or_default(),
+        steps: report.global_step,
+        wall_s: report.wall_s,
+        trainer_idle_fraction: report.trainer_idle_fraction,
+        output,
+    }
 }
 
 /// Mean and sample standard deviation of the runs of each (shift, ablation).

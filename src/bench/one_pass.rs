@@ -5,7 +5,7 @@
 //! head, the enriched source and the weight calibration) runs once, first, and is not
 //! timed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -99,9 +99,8 @@ fn accuracy_of(report: &TrainReport) -> Option<f64> {
         .and_then(|e| e.accuracy)
 }
 
-/// The training file of `seed` (TRUST), with the bench's width and threads.
-fn training(o: &OnePassBenchOptions, seed: u64) -> Result<(trustflow_train::LoadedTrain, PathBuf)> {
-    let (mut loaded, output) = accuracy::training_file(&o.digits, &o.shift, Ablation::Trust, seed)?;
+/// The bench's width and threads in a training file.
+fn adjust(o: &OnePassBenchOptions, loaded: &mut trustflow_train::LoadedTrain) {
     if let Some(width) = o.width
         && let trustflow_train::spec::BackboneSpec::Builtin { width: w } =
             &mut loaded.spec.model.backbone
@@ -111,7 +110,6 @@ fn training(o: &OnePassBenchOptions, seed: u64) -> Result<(trustflow_train::Load
     if let Some(threads) = o.train_threads {
         loaded.spec.model.threads = Some(threads);
     }
-    Ok((loaded, output))
 }
 
 pub fn run(o: &OnePassBenchOptions) -> Result<OnePassBenchReport> {
@@ -131,7 +129,8 @@ pub fn run(o: &OnePassBenchOptions) -> Result<OnePassBenchReport> {
     for &seed in &o.seeds {
         // Two steps: enrich, then train on what was written.
         let (p, out_dir) = plan()?;
-        let (loaded, output) = training(o, seed)?;
+        let (mut loaded, output) = accuracy::training_file(d, &o.shift, Ablation::Trust, seed)?;
+        adjust(o, &mut loaded);
         remove(&out_dir)?;
         remove(&output)?;
         let t = Instant::now();
@@ -164,41 +163,31 @@ pub fn run(o: &OnePassBenchOptions) -> Result<OnePassBenchReport> {
         });
 
         // One pass: the same pipeline and training file, the trainer fed by the sink.
-        let (p, out_dir) = plan()?;
-        let (mut loaded, output) = training(o, seed)?;
-        loaded.spec.target.paths = vec![
-            std::path::absolute(&out_dir)
-                .map_err(|e| Error::io(&out_dir, e))?
-                .display()
-                .to_string(),
-        ];
         remove(&out_dir)?;
         remove(&output)?;
         let t = Instant::now();
-        let (ran, trained) = trustflow_train::one_pass::run_with_pipeline(
-            p,
-            &loaded,
-            RunOptions::default(),
-            &TrainOptions {
-                fresh: true,
-                ..TrainOptions::default()
-            },
+        let one = accuracy::enrich_and_train_one_pass(
+            d,
+            &head,
+            class_max.as_deref(),
+            (&o.shift, Ablation::Trust, seed),
+            &|loaded| adjust(o, loaded),
         )?;
-        let (ran, trained) = (ran?, trained?);
         let total_s = t.elapsed().as_secs_f64();
+        let trained = &one.report;
         log(&format!(
             "seed {seed}: one pass {total_s:.1} s, bottleneck {:?}, accuracy {:?}",
-            ran.bottleneck,
-            accuracy_of(&trained)
+            one.bottleneck,
+            accuracy_of(trained)
         ));
         one_pass.push(ModeRun {
             seed,
             enrich_s: None,
             train_s: None,
             total_s,
-            target_accuracy: accuracy_of(&trained),
+            target_accuracy: accuracy_of(trained),
             steps: trained.global_step,
-            bottleneck: ran.bottleneck.clone(),
+            bottleneck: one.bottleneck.clone(),
         });
     }
     let ratios: Vec<f64> = one_pass

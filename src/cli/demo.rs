@@ -161,9 +161,30 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
         head_metrics["held_out_accuracy"]
     );
     eprintln!(
-        "3/4 enriching source and target: caption -> pseudo_label -> clip_score -> uncertainty"
+        "3/4 enriching the source: caption -> pseudo_label -> clip_score (and calibrating \
+         the weights on it)"
     );
-    let (mut enriched, weight_method) = accuracy::enrich_all(&opts, &head, &opts.shifts)?;
+    let source = accuracy::enrich_domain(&opts, &opts.source_pipeline, &head, &opts.source, None)?;
+    let (class_max, weight_method) = accuracy::calibrate_weights(&opts, &source)?;
+    eprintln!(
+        "4/4 the target in one pass: caption -> pseudo_label -> clip_score -> uncertainty, \
+         each row trained on (TRUST, built-in CNN) as it is written; then source-only"
+    );
+    let one = accuracy::enrich_and_train_one_pass(
+        &opts,
+        &head,
+        class_max.as_deref(),
+        ("target_a", Ablation::Trust, 0),
+        &|_| {},
+    )?;
+    let (mut target, trust) = (one.enriched, one.result);
+    target.pseudo_labels = one
+        .report
+        .history
+        .last()
+        .and_then(|m| m.pseudo_labels.clone());
+    let (source_only, _) = accuracy::train_one(&opts, "target_a", Ablation::SourceOnly, 0)?;
+    let enriched = vec![source, target];
     for e in &enriched {
         eprintln!(
             "    {}: {} rows in, {} out, {} quarantined ({:.1} s)",
@@ -175,16 +196,7 @@ fn trust_demo(out: &Path, rows: Option<usize>, epochs: Option<u64>) -> Result<()
             e.domain
         );
     }
-    eprintln!("4/4 training source-only and TRUST (built-in CNN)");
-    let mut runs = Vec::new();
-    for ablation in [Ablation::SourceOnly, Ablation::Trust] {
-        eprintln!("    {}", ablation.label());
-        let (result, report) = accuracy::train_one(&opts, "target_a", ablation, 0)?;
-        if let Some(e) = enriched.iter_mut().find(|e| e.domain == "target_a") {
-            e.pseudo_labels = report.history.last().and_then(|m| m.pseudo_labels.clone());
-        }
-        runs.push(result);
-    }
+    let runs = vec![source_only, trust];
     let report = accuracy::AccuracyReport {
         weight_method,
         text_head: head_metrics,
