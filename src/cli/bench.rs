@@ -155,6 +155,9 @@ mod accuracy {
         /// libtorch threads of the trainer.
         #[arg(long)]
         train_threads: Option<usize>,
+        /// Rows of the trainer's shuffle buffer.
+        #[arg(long)]
+        shuffle_buffer: Option<usize>,
         /// With generated data: rows per domain (default all).
         #[arg(long)]
         max_rows_per_domain: Option<usize>,
@@ -181,6 +184,7 @@ mod accuracy {
             seeds: a.seeds,
             width: a.width,
             train_threads: a.train_threads,
+            shuffle_buffer: a.shuffle_buffer,
         };
         out_json!(trustflow::bench::one_pass::run(&options)?)
     }
