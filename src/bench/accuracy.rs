@@ -434,7 +434,7 @@ pub fn enrich_and_train_one_pass(
             .display()
             .to_string(),
     ];
-    let (ran, trained) = trustflow_train::one_pass::run_with_pipeline(
+    let (ran, trained) = trustflow_train::trainer::train_with_pipeline(
         plan,
         &loaded,
         RunOptions::default(),

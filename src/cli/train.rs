@@ -138,7 +138,7 @@ pub fn run_one_pass(
         slow_steps: slow_steps_ms.map(std::time::Duration::from_millis),
     };
     let (run, display) = super::pipeline::display_options(&plan, settings, quiet, cancel, true);
-    let outcome = trustflow_train::one_pass::run_with_pipeline(plan, &loaded, run, &options);
+    let outcome = trustflow_train::trainer::train_with_pipeline(plan, &loaded, run, &options);
     if let Some(p) = &display {
         p.finish();
     }

@@ -21,10 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::data::{self, CyclicReader, Domain, DomainData, Needs, StepJob, TrainRow};
 use super::spec::LoadedTrain;
-use super::trainer::{TrainOptions, TrainReport};
 use trustflow_engine::error::{Error, Result};
 use trustflow_engine::plan::Plan;
-use trustflow_engine::run::{RunOptions, RunReport};
 use trustflow_engine::runtime::CancelToken;
 use trustflow_engine::runtime::feed::{FeedEvent, FeedReceiver};
 use trustflow_engine::spec::SpecOrigin;
@@ -86,45 +84,6 @@ fn normal(p: &Path) -> String {
         }
     }
     out.to_string_lossy().into_owned()
-}
-
-/// Runs `plan` with the one-pass trainer of `loaded`: the pipeline on this thread, the
-/// trainer on its own, fed by the run's sink and stopped by the run's cancel token.
-/// Checks the training file against the pipeline first (the outer error); then both
-/// outcomes, as each side ends on its own (a failed trainer leaves the pipeline to
-/// finish writing; a failed pipeline ends the trainer's stream).
-pub fn run_with_pipeline(
-    plan: Plan,
-    loaded: &LoadedTrain,
-    mut run: RunOptions,
-    train: &TrainOptions,
-) -> Result<(Result<RunReport>, Result<TrainReport>)> {
-    check(loaded, &plan)?;
-    let spec = &plan.pipeline.spec;
-    let depth = spec
-        .sink
-        .train_queue_depth
-        .unwrap_or(spec.runtime.queue_depth);
-    let (feed, rows) = trustflow_engine::runtime::feed::channel(depth, "train");
-    let one = OnePass::of(&plan, rows);
-    let options = TrainOptions {
-        cancel: Some(run.cancel.clone()),
-        ..train.clone()
-    };
-    run.feed = Some(feed);
-    Ok(std::thread::scope(|scope| {
-        let trainer = trustflow_engine::runtime::spawn_scoped(scope, "trustflow-trainer", || {
-            super::trainer::train_one_pass(loaded, &options, one)
-        });
-        let ran = trustflow_engine::run::execute(plan, run);
-        let trained = match trainer {
-            Ok(handle) => handle
-                .join()
-                .unwrap_or_else(|_| Err(Error::Internal("the trainer panicked".into()))),
-            Err(e) => Err(e),
-        };
-        (ran, trained)
-    }))
 }
 
 /// Every check a one-pass run makes before any row is read: the training file's

@@ -446,6 +446,48 @@ pub fn train_one_pass(
     run_training(loaded, options, prepare_one_pass(loaded, one)?, started)
 }
 
+/// Runs `plan` with the one-pass trainer of `loaded`: the pipeline on this thread, the
+/// trainer on its own, fed by the run's sink and stopped by the run's cancel token.
+/// Checks the training file against the pipeline first (the outer error); then both
+/// outcomes, as each side ends on its own (a failed trainer leaves the pipeline to
+/// finish writing; a failed pipeline ends the trainer's stream).
+pub fn train_with_pipeline(
+    plan: trustflow_engine::plan::Plan,
+    loaded: &LoadedTrain,
+    mut run: trustflow_engine::run::RunOptions,
+    train: &TrainOptions,
+) -> Result<(
+    Result<trustflow_engine::run::RunReport>,
+    Result<TrainReport>,
+)> {
+    one_pass::check(loaded, &plan)?;
+    let spec = &plan.pipeline.spec;
+    let depth = spec
+        .sink
+        .train_queue_depth
+        .unwrap_or(spec.runtime.queue_depth);
+    let (feed, rows) = trustflow_engine::runtime::feed::channel(depth, "train");
+    let one = OnePass::of(&plan, rows);
+    let options = TrainOptions {
+        cancel: Some(run.cancel.clone()),
+        ..train.clone()
+    };
+    run.feed = Some(feed);
+    Ok(std::thread::scope(|scope| {
+        let trainer = trustflow_engine::runtime::spawn_scoped(scope, "trustflow-trainer", || {
+            train_one_pass(loaded, &options, one)
+        });
+        let ran = trustflow_engine::run::execute(plan, run);
+        let trained = match trainer {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("the trainer panicked".into()))),
+            Err(e) => Err(e),
+        };
+        (ran, trained)
+    }))
+}
+
 fn run_training(
     loaded: &LoadedTrain,
     options: &TrainOptions,

@@ -115,10 +115,6 @@ impl FeedReceiver {
         let (event, rows, bytes) = self.rx.recv().ok()?;
         self.shared.queued.fetch_sub(1, Relaxed);
         self.shared.in_flight.leave(rows, bytes);
-        if let FeedEvent::Rows { .. } = &event {
-            self.shared.consumer.rows_in.fetch_add(rows, Relaxed);
-            self.shared.consumer.batches.fetch_add(1, Relaxed);
-        }
         Some(event)
     }
 
@@ -166,12 +162,19 @@ impl<'a> FeedingSink<'a> {
     /// rest of the feed a no-op (the run itself goes on and writes every shard).
     fn send(&mut self, carried: Carried) {
         let Some(feed) = &self.feed else { return };
+        let rows = carried.1;
         let t0 = Instant::now();
         let sent = feed.tx.send(carried).is_ok();
         StepMetrics::add(&feed.shared.sink_blocked_ns, t0.elapsed());
         match sent {
             true => {
                 feed.shared.queued.fetch_add(1, Relaxed);
+                // The consumer's rows in: what was handed to it (the run's report is
+                // written when the last rows are handed over, not taken).
+                if rows > 0 {
+                    feed.shared.consumer.rows_in.fetch_add(rows, Relaxed);
+                    feed.shared.consumer.batches.fetch_add(1, Relaxed);
+                }
             }
             false => self.feed = None,
         }
