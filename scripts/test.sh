@@ -11,6 +11,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # nodes and the cluster runner ship it.
 cargo clippy -p trustflow --no-default-features --bin trustflow --locked -- -D warnings
 cargo test --workspace --locked
+# The wheel users install (scripts/build-wheel.sh; from the debug build here): the
+# Python tests install it into a fresh virtualenv (python/tests/test_wheel.py).
+TRUSTFLOW_WHEEL="$(bash scripts/build-wheel.sh --debug "$CARGO_TARGET_DIR/wheel")"
+export TRUSTFLOW_WHEEL
 # The Ray cluster runner (python/trustflow_ray, docs/ray.md) on local multi-node Ray
 # clusters the tests start and stop, against the debug binary built above.
 PYTHONPATH="$TRUSTFLOW_RAY_DIR:python" python3 -m unittest discover -s python/tests -v

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import child as childproc
+from . import shipping
 from . import report as reportlib
 
 # Forwarded to every task by default (runtime_env env_vars) when set on the driver:
@@ -247,7 +248,9 @@ def run_part(spec: Dict[str, Any], part: int, shards: List[Dict[str, Any]],
         with open(shards_path, "w", encoding="utf-8") as f:
             json.dump(shard_list(spec["pipeline_hash"], part, n, shards), f)
         try:
-            code = childproc.run_tied(part_argv(spec, shards_path, report_path),
+            exe, _ = shipping.resolve(spec["binary"])
+            code = childproc.run_tied(part_argv(dict(spec, binary=exe), shards_path,
+                                                report_path),
                                       stdout_path, stderr_path, on_start=on_start)
         except (FileNotFoundError, PermissionError) as e:
             raise NodeSetupError(
@@ -329,6 +332,10 @@ def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
     problems: List[str] = []
     warnings: List[str] = []
     version = None
+    try:
+        binary, _ = shipping.resolve(binary)
+    except (FileNotFoundError, PermissionError) as e:
+        return dict(ctx, version=None, problems=[str(e)], warnings=[], found={})
     found = binary if "/" in binary else shutil.which(binary)
     if not found or not os.path.isfile(found):
         problems.append(f"trustflow binary {binary!r} not found"
@@ -356,7 +363,8 @@ def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
     if not is_remote(pipeline) and not os.path.isfile(pipeline):
         problems.append(f"pipeline file {pipeline} not found (nodes need the same path: a "
                         "shared file system or the same checkout)")
-    return dict(ctx, version=version, problems=problems, warnings=warnings)
+    seen = {"binary": found, "onnxruntime": ort}
+    return dict(ctx, version=version, problems=problems, warnings=warnings, found=seen)
 
 
 # ---------------------------------------------------------------- on the driver
@@ -524,10 +532,42 @@ class Outcomes:
 
 
 def run_job(args) -> int:
+    t0 = time.monotonic()
+    ship_engine = (not args.binary and not os.environ.get("TRUSTFLOW_BIN")
+                   and not args.no_ship_package and shipping.installed_engine() is not None)
+    workdir = tempfile.mkdtemp(prefix="trustflow-ray-job-")
+    try:
+        return _run_job(args, t0, ship_engine, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_job(args, t0: float, ship_engine: bool, workdir: str) -> int:
     import ray
 
-    t0 = time.monotonic()
-    binary = resolve_binary(args.binary)
+    shipped: List[str] = []
+    if ship_engine:
+        try:
+            shipped, found = shipping.bundle(workdir)
+        except LookupError as e:
+            raise JobError(f"cannot ship the engine with the job: {e}") from None
+        log(f"shipping the engine with the job: trustflow {found['version']} "
+            f"({found['binary']}), ONNX Runtime {found['onnxruntime']}")
+    # A job submitted with `ray job submit --runtime-env-json '{"py_modules": [WHEEL]}'`
+    # brought the wheel for this driver; its tasks get the engine from the driver, as
+    # any job's do. Ray refuses a py_modules field set by both unless told to let the
+    # driver's win (the job's wheel would otherwise be installed on every node too,
+    # which also races when two nodes share a host, as in the tests).
+    job_env = shipping.job_runtime_env()
+    if job_env.get("py_modules") and not args.no_ship_package:
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    if ship_engine:
+        # The driver plans with the same binary and library the nodes get.
+        if found["onnxruntime"] and os.path.isfile(found["onnxruntime"]):
+            os.environ.setdefault("ORT_DYLIB_PATH", found["onnxruntime"])
+        binary = found["binary"]
+    else:
+        binary = resolve_binary(args.binary)
     pipeline = absolute(args.pipeline)
     overrides: List[str] = []
     for uri in args.input or []:
@@ -536,6 +576,8 @@ def run_job(args) -> int:
         overrides += ["--out", absolute(args.out)]
 
     plan = plan_job(binary, pipeline, overrides)
+    if ship_engine:
+        binary = shipping.SHIPPED
     shards = plan.get("shards") or []
     job = Job(args, plan, binary, pipeline, overrides,
               rows_total=sum(int(s.get("rows") or 0) for s in shards), t0=t0)
@@ -548,9 +590,19 @@ def run_job(args) -> int:
     for name in list(DEFAULT_FORWARD) + list(args.env or []):
         if name in os.environ:
             env_vars[name] = os.environ[name]
-    runtime_env: Dict[str, Any] = {"env_vars": env_vars}
+    if ship_engine:
+        # The node's own ORT_DYLIB_PATH, if any, must not point the shipped binary
+        # elsewhere: the part finds the shipped library itself.
+        env_vars.pop("ORT_DYLIB_PATH", None)
+    runtime_env: Dict[str, Any] = {}
+    # Ray refuses a field the job's runtime environment also sets.
+    if env_vars and not job_env.get("env_vars"):
+        runtime_env["env_vars"] = env_vars
+    elif env_vars:
+        overlap = sorted(set(env_vars) & set(job_env["env_vars"]))
+        runtime_env["env_vars"] = {k: v for k, v in env_vars.items() if k not in overlap}
     if not args.no_ship_package:
-        runtime_env["py_modules"] = [PACKAGE_DIR]
+        runtime_env["py_modules"] = [PACKAGE_DIR, *shipped]
     init_kwargs: Dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False,
                                    "logging_level": logging.WARNING}
     if args.address:
@@ -595,6 +647,10 @@ def check_nodes(job: Job, nodes: List[Dict[str, Any]]) -> None:
     bad = [c for c in checks if c["problems"]]
     versions = {c["version"] for c in checks if c.get("version")}
     for c in checks:
+        seen = c.get("found") or {}
+        if seen:
+            job.say(f"preflight: {where(c)}: {c.get('version') or 'trustflow ?'} at "
+                    f"{seen.get('binary')}, ONNX Runtime {seen.get('onnxruntime') or 'not set'}")
         for w in c.get("warnings") or []:
             job.say(f"warning: {where(c)}: {w}")
     if len(versions) > 1:

@@ -1,0 +1,5 @@
+"""`python -m trustflow ...` is the `trustflow` command."""
+
+from . import main
+
+main()
