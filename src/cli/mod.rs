@@ -116,6 +116,13 @@ enum Command {
     /// captions with integer labels; prints train and held-out accuracy as JSON.
     #[cfg(feature = "train")]
     FitText(train::FitTextArgs),
+    /// Not in this build (the engine only, as in the pip wheel): says what to install.
+    #[cfg(not(feature = "train"))]
+    #[command(aliases = ["validate-train", "fit-text"])]
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// The calibration file of the uncertainty stage's `method: class_max_cosine`: per
     /// class, the largest image-caption cosine over labelled source shards that
     /// `clip_score` has enriched. Prints it as JSON.
@@ -144,6 +151,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::ValidateTrain { train_file } => train::validate_train(&train_file),
         #[cfg(feature = "train")]
         Command::FitText(args) => train::fit_text(args),
+        #[cfg(not(feature = "train"))]
+        Command::Train { .. } => anyhow::bail!("{NO_TRAINER}"),
         Command::CalibrateWeights(args) => pipeline::calibrate_weights(args),
     }
 }
@@ -174,8 +183,12 @@ fn train_schema() -> Result<String> {
 
 /// Why a trainer-only request fails in an engine-only build.
 #[cfg(not(feature = "train"))]
-const NO_TRAINER: &str =
-    "this trustflow was built without the trainer (cargo's `train` feature is off)";
+const NO_TRAINER: &str = "this trustflow is the engine without the trainer (the pip \
+     wheel, or a build with cargo's `train` feature off). Training needs libtorch 2.13.0: \
+     from a checkout, `source scripts/setup.sh && cargo build --release --bin trustflow` \
+     builds the full binary (README, \"Two commands\"). The wheel has no `[train]` \
+     extra: the full binary links libtorch at build time, and the torch wheel's \
+     libraries would have to be found at the path it was linked against";
 
 /// SIGINT/SIGTERM set the cancel flag (a run stops cleanly, discarding unfinished
 /// shards; training saves a checkpoint); a second signal exits at once.
