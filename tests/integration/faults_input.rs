@@ -273,3 +273,40 @@ fn environment_values_stay_inside_their_field() {
         ],
     );
 }
+
+/// A profile whose credentials come from role assumption is named with what to do,
+/// not called a profile without credentials.
+#[test]
+fn a_role_chaining_profile_says_what_to_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        "[profile base]\nregion = us-east-1\n\n[profile chained]\nrole_arn = \
+         arn:aws:iam::123456789012:role/reader\nsource_profile = base\n",
+    )
+    .unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::write(&credentials, "").unwrap();
+    let file = pipeline(
+        dir.path(),
+        "s3.yaml",
+        "source:\n  paths: [\"s3://corpus/raw/\"]\nsink:\n  path: out\n",
+    );
+    let out = bin()
+        .args(["validate", file.to_str().unwrap()])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_PROFILE", "chained")
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("through `role_arn`"), "{err}");
+    assert!(
+        err.contains("export-credentials --profile chained"),
+        "{err}"
+    );
+}

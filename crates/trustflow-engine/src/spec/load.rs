@@ -367,6 +367,15 @@ fn interpolate_str(
                 Some((n, d)) => (n, Some(d)),
                 None => (inner, None),
             };
+            if default.is_some_and(|d| d.contains("${")) {
+                return Err((
+                    offset,
+                    format!(
+                        "`${{{name}:-...}}`: a default cannot hold another `${{...}}` (nesting is \
+                         not supported); give the default literally, or set `{name}`"
+                    ),
+                ));
+            }
             let valid = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
@@ -870,6 +879,19 @@ mod tests {
         assert!(problems[0].2.contains("`NOPE` is not set"));
         assert!(problems[1].2.contains("without a closing"));
         assert!(problems[2].2.contains("not an environment variable name"));
+    }
+
+    #[test]
+    fn a_nested_default_is_refused_not_kept_literally() {
+        let problems = values("a: \"${UNSET_X:-${DIR}}/m\"\n").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].2.contains("cannot hold another"),
+            "{problems:?}"
+        );
+        // A literal default with no `${` stays fine.
+        let v = values("a: \"${UNSET_X:-/opt/m}\"\n").unwrap();
+        assert_eq!(v["a"], "/opt/m");
     }
 
     #[test]

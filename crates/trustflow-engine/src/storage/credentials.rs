@@ -69,6 +69,20 @@ fn read_ini(path: &PathBuf) -> HashMap<String, HashMap<String, String>> {
     out
 }
 
+/// The profile setting through which a profile's credentials come from somewhere
+/// trustflow does not go (role assumption, a credential process, SSO), if any.
+fn delegated_by(from_profile: &dyn Fn(&str) -> Option<String>) -> Option<&'static str> {
+    [
+        "role_arn",
+        "source_profile",
+        "credential_process",
+        "sso_session",
+        "sso_start_url",
+    ]
+    .into_iter()
+    .find(|key| from_profile(key).is_some())
+}
+
 /// Resolve credentials, region and endpoint; the error says what to set (and never
 /// holds a secret).
 pub(crate) fn resolve(spec: &StorageSpec) -> Result<Found, String> {
@@ -135,6 +149,15 @@ pub(crate) fn resolve(spec: &StorageSpec) -> Result<Found, String> {
                 secret_access_key,
                 session_token: from_profile("aws_session_token"),
             },
+            _ if let Some(key) = delegated_by(&from_profile) => {
+                return Err(format!(
+                    "profile `{profile}` gets its credentials through `{key}` (role \
+                     assumption, a credential process or SSO), which trustflow does not do; \
+                     export temporary credentials instead, e.g. `eval \"$(aws configure \
+                     export-credentials --profile {profile} --format env)\"`, which sets \
+                     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN"
+                ));
+            }
             _ => {
                 return Err(format!(
                     "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
