@@ -188,6 +188,13 @@ pub fn report(out_dir: &Path, options: &trustflow_engine::report::ReportOptions)
     let built = trustflow_engine::report::build(out_dir, options)?;
     let bytes = trustflow_engine::report::write(&built)?;
     out_json!(built)?;
+    for c in &built.corrupt_manifests {
+        eprintln!(
+            "warning: {}: corrupt manifest, its shard is not finished (a rerun redoes it): {}",
+            out_dir.join(&c.manifest).display(),
+            c.error
+        );
+    }
     eprintln!(
         "wrote {} ({:.1} MiB; {} of {} output rows read, {} thumbnails, {:.1} s)",
         built.html.display(),

@@ -273,3 +273,35 @@ fn quarantine_samples_follow_the_input_names() {
         );
     }
 }
+
+/// A truncated manifest is not a finished shard, and not silently an unfinished one
+/// either: `report` and `inspect` name it with the parse error.
+#[test]
+fn a_corrupt_manifest_is_shown_with_its_parse_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let corpus = dir.path().join("corpus");
+    common::corpus(&corpus, 40, 2, 3, 64);
+    let out = run_standard_pipeline(dir.path(), &corpus);
+    let manifest = out.join("part-00001.manifest.json");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(&manifest, &text[..text.len() / 2]).expect("truncate");
+    let res = common::run_ok(&["report", out.to_str().expect("utf8")]);
+    let report: serde_json::Value = serde_json::from_slice(&res.stdout).expect("JSON summary");
+    let corrupt = report["corrupt_manifests"].as_array().expect("a list");
+    assert_eq!(corrupt.len(), 1, "{report}");
+    assert_eq!(corrupt[0]["manifest"], "part-00001.manifest.json");
+    assert!(
+        corrupt[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("EOF while parsing")),
+        "{corrupt:?}"
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).expect("html");
+    assert!(html.contains("Corrupt manifest part-00001.manifest.json"));
+    let text = common::run_ok(&["inspect", out.to_str().expect("utf8")]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("corrupt manifest (the shard is not finished; a rerun redoes it): part-00001.manifest.json: EOF while parsing"),
+        "{text}"
+    );
+}

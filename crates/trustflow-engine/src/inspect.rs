@@ -55,6 +55,8 @@ pub struct Inspection {
     pub columns: Vec<ColumnSummary>,
     /// Output files without a manifest (from an interrupted or foreign run).
     pub unfinished: Vec<String>,
+    /// Manifests that cannot be read, with the parse error.
+    pub corrupt_manifests: Vec<CorruptManifest>,
 }
 
 #[derive(Default)]
@@ -127,15 +129,26 @@ pub fn inspect(out_dir: &Path) -> Result<Inspection> {
         quarantine_reasons: reasons,
         columns,
         unfinished: listing.unfinished,
+        corrupt_manifests: listing.corrupt,
     })
+}
+
+/// A manifest file that is there but is not a manifest: its shard is not finished,
+/// and a rerun redoes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorruptManifest {
+    pub manifest: String,
+    pub error: String,
 }
 
 /// What an output folder holds, by name.
 pub(crate) struct Listing {
     /// (stem, manifest) of finished shards, in name order.
     pub finished: Vec<(String, Manifest)>,
-    /// Data files without a readable manifest (an interrupted or foreign run).
+    /// Data files without a manifest (an interrupted or foreign run).
     pub unfinished: Vec<String>,
+    /// Manifests that are there but cannot be read, with why.
+    pub corrupt: Vec<CorruptManifest>,
     /// Run reports: `_report.json` and the `_report.part-I-of-N.json` of `--part` runs.
     pub reports: Vec<String>,
 }
@@ -171,6 +184,7 @@ pub(crate) fn list(out_dir: &Path) -> Result<Listing> {
     let mut listing = Listing {
         finished: Vec::new(),
         unfinished: Vec::new(),
+        corrupt: Vec::new(),
         reports: Vec::new(),
     };
     for name in names {
@@ -185,9 +199,13 @@ pub(crate) fn list(out_dir: &Path) -> Result<Listing> {
         if file_name.starts_with('.') || name.ends_with(crate::columns::QUARANTINE_SUFFIX) {
             continue;
         }
-        match Manifest::read(&Manifest::path_for(out_dir, stem)) {
-            Some(m) => listing.finished.push((stem.to_string(), m)),
-            None => listing.unfinished.push(name),
+        match Manifest::read_checked(&Manifest::path_for(out_dir, stem)) {
+            Ok(Some(m)) => listing.finished.push((stem.to_string(), m)),
+            Ok(None) => listing.unfinished.push(name),
+            Err(error) => listing.corrupt.push(CorruptManifest {
+                manifest: crate::columns::manifest_name(stem),
+                error,
+            }),
         }
     }
     Ok(listing)
@@ -409,6 +427,13 @@ impl Inspection {
                 s,
                 "without manifest (unfinished or foreign): {}",
                 self.unfinished.join(", ")
+            );
+        }
+        for c in &self.corrupt_manifests {
+            let _ = writeln!(
+                s,
+                "corrupt manifest (the shard is not finished; a rerun redoes it): {}: {}",
+                c.manifest, c.error
             );
         }
         s

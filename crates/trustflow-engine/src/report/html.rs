@@ -190,6 +190,15 @@ fn run_section(s: &mut String, r: &Report) {
             esc(&r.unfinished.join(", "))
         );
     }
+    for c in &r.corrupt_manifests {
+        let _ = writeln!(
+            s,
+            "<p class=\"bad\">Corrupt manifest {} (its shard is not finished; a rerun redoes \
+             it): {}</p>",
+            esc(&c.manifest),
+            esc(&c.error)
+        );
+    }
     s.push_str(
         "<h3>Shards</h3><table class=\"sortable\" id=\"shards\"><thead><tr><th>shard</th>\
          <th>input</th><th class=\"n\">rows in</th><th class=\"n\">out</th>\

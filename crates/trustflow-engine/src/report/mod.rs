@@ -102,6 +102,9 @@ pub struct Report {
     pub shards_not_listed: usize,
     /// Data files without a manifest (an interrupted or foreign run).
     pub unfinished: Vec<String>,
+    /// Manifests that cannot be read, with the parse error (their shards are not
+    /// finished).
+    pub corrupt_manifests: Vec<crate::inspect::CorruptManifest>,
     pub quarantine: Vec<ReasonLine>,
     pub trust: Option<Trust>,
     pub galleries: Galleries,
@@ -403,6 +406,7 @@ pub fn build(out_dir: &Path, options: &ReportOptions) -> Result<Report> {
         totals,
         shards,
         unfinished: folder.unfinished,
+        corrupt_manifests: folder.corrupt,
         quarantine,
         trust,
         galleries,

@@ -58,6 +58,19 @@ impl Manifest {
         serde_json::from_str(&text).ok()
     }
 
+    /// The manifest at `path`: `Ok(None)` when there is none, `Err(why)` when a file is
+    /// there but is not a manifest (truncated, corrupt, another format).
+    pub fn read_checked(path: &Path) -> std::result::Result<Option<Manifest>, String> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
     /// The manifest of `stem` in the folder, if there is a readable one.
     pub fn read_from(folder: &FolderView<'_>, stem: &str) -> Option<Manifest> {
         let bytes = folder.read_small(&crate::columns::manifest_name(stem))?;
