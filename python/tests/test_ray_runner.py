@@ -377,6 +377,27 @@ class Base(unittest.TestCase):
 
 
 
+class ConnectTest(unittest.TestCase):
+    """No cluster at all: `ray.init` would retry for minutes; the runner gives up after
+    --connect-timeout with what to check."""
+
+    def test_an_unreachable_head_times_out_saying_what_to_check(self):
+        out = tempfile.mkdtemp(prefix="trustflow-ray-connect-")
+        self.addCleanup(shutil.rmtree, out, True)
+        port = free_port()  # nothing listens there
+        started = time.monotonic()
+        p = subprocess.run(
+            [sys.executable, "-m", "trustflow_ray", "run", PIPELINE, "--binary", BIN,
+             "--out", out, "--address", f"127.0.0.1:{port}", "--connect-timeout", "3",
+             "--quiet"],
+            env=driver_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, 1, p.stderr[-2000:])
+        self.assertIn(f"could not connect to the Ray cluster at 127.0.0.1:{port} within 3 s",
+                      p.stderr)
+        self.assertIn("--node-ip-address", p.stderr)
+        self.assertLess(time.monotonic() - started, 60)
+
+
 class ClusterTest(Base):
     """Runs on one shared two-node cluster: local disk, S3, missing libraries."""
 

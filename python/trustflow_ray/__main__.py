@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,16 +59,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-ship-package", action="store_true",
                    help="do not upload this package with the job (it is installed on the "
                    "nodes)")
+    r.add_argument("--connect-timeout", type=at_least(1, float), default=120.0, metavar="S",
+                   help="give up connecting to the cluster after S seconds (default 120)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .runner import JobError, log, run_job
+    from .runner import ConnectTimeout, JobError, log, run_job
 
     try:
         return run_job(args)
+    except ConnectTimeout as e:
+        log(f"error: {e}")
+        sys.stderr.flush()
+        # Ray's connecting threads would keep the interpreter from exiting.
+        os._exit(1)
     except JobError as e:
         log(f"error: {e}")
         return 1

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -93,6 +94,11 @@ class PartRefused(Exception):
 class NodeSetupError(Exception):
     """The binary or its native libraries are missing or broken on a node; not
     retried (the node needs fixing, see docs/ray.md)."""
+
+
+class ConnectTimeout(Exception):
+    """`ray.init` did not connect in time; the process must exit without waiting for
+    Ray's own threads, which keep retrying."""
 
 
 class JobError(Exception):
@@ -607,11 +613,38 @@ def _run_job(args, t0: float, ship_engine: bool, workdir: str) -> int:
                                    "logging_level": logging.WARNING}
     if args.address:
         init_kwargs["address"] = args.address
-    ray.init(**init_kwargs)
+    connect(ray, init_kwargs, args.connect_timeout)
     try:
         return _run_on_cluster(job)
     finally:
         ray.shutdown()
+
+
+def connect(ray, init_kwargs: Dict[str, Any], timeout: float) -> None:
+    """`ray.init`, given up after `timeout` seconds with what to check: with no head
+    reachable at the address it retries for minutes, printing little."""
+    done = threading.Event()
+    failure: List[BaseException] = []
+
+    def init():
+        try:
+            ray.init(**init_kwargs)
+        except BaseException as e:  # handed to the caller
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=init, name="trustflow-ray-connect", daemon=True).start()
+    if not done.wait(timeout):
+        address = init_kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "auto"
+        raise ConnectTimeout(
+            f"could not connect to the Ray cluster at {address} within {timeout:g} s. Check "
+            "that the head runs there (`ray status --address ADDRESS`) and that this machine "
+            "reaches its GCS port; on a machine with several network interfaces, start the "
+            "nodes with the address the others reach (`ray start --node-ip-address IP`, or "
+            "RAY_NODE_IP_ADDRESS). --connect-timeout waits longer.")
+    if failure:
+        raise failure[0]
 
 
 def _run_on_cluster(job: Job) -> int:
