@@ -159,6 +159,15 @@ pub(crate) fn storage() -> std::sync::Arc<trustflow_engine::storage::Storage> {
     trustflow_engine::storage::Storage::new(Default::default())
 }
 
+/// The single-threaded runtime a reader of shards drives DataFusion's streams with
+/// (with the engine's thread stack, for deep filters); `what` names it in the error.
+pub(crate) fn reader_runtime(what: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start {what}: {e}")))
+}
+
 /// A SHA-256-keyed ChaCha8 stream for one (seed, epoch, domain, pass).
 pub(crate) fn shuffle_rng(seed: u64, epoch: u64, domain: Domain, pass: u64) -> ChaCha8Rng {
     let mut h = Sha256::new();
@@ -469,10 +478,7 @@ pub fn sample_epoch(
         batch_size,
         shuffle_buffer,
     } = plan;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .thread_stack_size(THREAD_STACK_BYTES)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start the trainer's reader: {e}")))?;
+    let rt = reader_runtime("the trainer's reader")?;
     let mut readers = [
         CyclicReader::new(source, &rt, seed, epoch, shuffle_buffer),
         CyclicReader::new(target, &rt, seed, epoch, shuffle_buffer),
@@ -565,10 +571,7 @@ impl<'a> CyclicReader<'a> {
 
 /// Every row of one pass of `data` in file order, without shuffling (evaluation).
 pub fn read_all(data: &DomainData, mut each: impl FnMut(TrainRow) -> Result<()>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .thread_stack_size(THREAD_STACK_BYTES)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start the evaluation reader: {e}")))?;
+    let rt = reader_runtime("the evaluation reader")?;
     let mut reader = PassReader::new(data, &rt, 0, 0, 0, 1);
     while let Some(row) = reader.next_in_order()? {
         each(row)?;

@@ -375,10 +375,7 @@ pub(crate) fn sample_live_epoch<'w>(
     plan: data::EpochSampling,
     mut send: impl FnMut(StepJob) -> bool,
 ) -> Result<Option<u64>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .thread_stack_size(trustflow_engine::runtime::THREAD_STACK_BYTES)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start the trainer's reader: {e}")))?;
+    let rt = data::reader_runtime("the trainer's reader")?;
     let b = plan.batch_size as u64;
     let mut src = CyclicReader::new(source, &rt, plan.seed, 0, plan.shuffle_buffer);
     let mut wrapped: Option<CyclicReader<'_>> = None;

@@ -8,7 +8,6 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use futures::StreamExt;
-use trustflow_engine::runtime::THREAD_STACK_BYTES;
 
 use super::data::{DomainData, feature_rows};
 use trustflow_engine::columns;
@@ -26,10 +25,7 @@ pub struct DomainScan {
 
 /// Scans `data`; `classes` bounds labels and pseudo-labels.
 pub fn scan(data: &DomainData, classes: i64) -> Result<DomainScan> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .thread_stack_size(THREAD_STACK_BYTES)
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start the scan: {e}")))?;
+    let rt = super::data::reader_runtime("the scan")?;
     let mut out = DomainScan::default();
     let section = data.domain.section();
     for shard in &data.plan.shards {
