@@ -145,7 +145,7 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
                 &format!("sink.drop_columns[{i}]"),
                 format!(
                     "no column `{col}` to drop; the output has: {}",
-                    names(&output_schema)
+                    column_names(&output_schema)
                 ),
             ));
         }
@@ -184,7 +184,8 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
     })
 }
 
-fn names(schema: &Schema) -> String {
+/// A schema's column names, comma-separated (for messages).
+pub fn column_names(schema: &Schema) -> String {
     schema
         .fields()
         .iter()

@@ -121,43 +121,34 @@ pub fn check(loaded: &LoadedTrain, plan: &Plan) -> Result<()> {
     }
     let schema = &plan.sink_schema;
     let needs = target_needs(loaded);
-    let mut wanted: Vec<(&str, &str)> = vec![
-        (columns::ID, "a string"),
-        (columns::IMAGE, "encoded image bytes"),
+    use arrow::datatypes::DataType as T;
+    // (column, what it must hold, whether a type is that).
+    type Kind = fn(&T) -> bool;
+    let any: Kind = |_| true;
+    let mut wanted: Vec<(&str, &str, Kind)> = vec![
+        (columns::ID, "a string", any),
+        (columns::IMAGE, "encoded image bytes", any),
     ];
     if let Some(c) = &needs.pseudo_label {
-        wanted.push((c, "an integer pseudo-label"));
+        wanted.push((c, "an integer pseudo-label", T::is_integer));
     }
     if let Some(c) = &needs.pseudo_weight {
-        wanted.push((c, "a float weight"));
+        wanted.push((c, "a float weight", T::is_floating));
     }
     if let Some(c) = &needs.text_feature {
-        wanted.push((c, "a list of floats"));
+        wanted.push((c, "a list of floats", |t| {
+            matches!(t, T::FixedSizeList(..) | T::List(..) | T::LargeList(..))
+        }));
     }
-    for (name, what) in wanted {
+    for (name, what, is_kind) in wanted {
         let Ok(field) = schema.field_with_name(name) else {
             return Err(Error::Invalid(format!(
                 "{file}: the loss terms switched on need column `{name}` ({what}) in the \
                  target, but the pipeline's output has none; its columns are: {}",
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                trustflow_engine::plan::column_names(schema)
             )));
         };
-        use arrow::datatypes::DataType as T;
-        let ok = match what {
-            "an integer pseudo-label" => field.data_type().is_integer(),
-            "a float weight" => field.data_type().is_floating(),
-            "a list of floats" => matches!(
-                field.data_type(),
-                T::FixedSizeList(..) | T::List(..) | T::LargeList(..)
-            ),
-            _ => true,
-        };
-        if !ok {
+        if !is_kind(field.data_type()) {
             return Err(Error::Invalid(format!(
                 "{file}: column `{name}` of the pipeline's output is {}, expected {what}",
                 field.data_type()
