@@ -3,7 +3,8 @@
 //!
 //! 1. RGB: the caller decodes with [`crate::models::image::decode_rgb`], whose pixels
 //!    are Pillow's `Image.open(f).convert("RGB")` byte for byte (JPEG through
-//!    libjpeg-turbo's decoder, as in Pillow; PNG and WebP are lossless).
+//!    libjpeg-turbo's decoder, as in Pillow; PNG at every bit depth, 16-bit samples
+//!    reduced as Pillow reduces them; WebP lossless).
 //! 2. Resize with Pillow's `Image.resize` so the shortest edge is `size.shortest_edge`
 //!    (or to `size.height` x `size.width`). [`resize_rgb`] is a port of Pillow's
 //!    `libImaging/Resample.c`: the same filters and support scaling when downsampling,

@@ -296,7 +296,8 @@ fn probe_with_layout(
 /// Probe, then fully decode to 8-bit RGB under memory limits derived from
 /// `limits.max_pixels`. JPEG output is byte-identical to Pillow's
 /// `Image.open(f).convert("RGB")` (libjpeg-turbo's decoder; greyscale is replicated to
-/// three channels, CMYK converted with Pillow's formula); PNG and WebP are lossless.
+/// three channels, CMYK converted with Pillow's formula); PNG is Pillow's too at every
+/// bit depth and colour type (16-bit samples as Pillow reduces them), WebP lossless.
 pub fn decode_rgb(
     bytes: &[u8],
     limits: &ImageLimits,
@@ -437,7 +438,49 @@ pub fn decode_rgb_draft(
             ),
         });
     }
-    Ok((info, image.into_rgb8()))
+    let rgb = match info.format {
+        ImageFormatName::Png => png_to_rgb8(image, png_ihdr_colour_type(bytes)),
+        _ => image.into_rgb8(),
+    };
+    Ok((info, rgb))
+}
+
+/// 8-bit RGB from a decoded PNG, as Pillow's `convert("RGB")` makes it. Pillow does
+/// not scale 16-bit samples: it keeps the high byte of 16-bit colour and grey-with-
+/// alpha samples, and opens 16-bit greyscale as mode `I;16`, whose conversion clamps
+/// each value to 0..255. `image`'s own conversion scales (v / 257), which differs by
+/// up to 1 for colour and almost everywhere for greyscale. Lower depths and palettes
+/// are expanded by both the same way. `colour_type` is the IHDR's: a 16-bit grey image
+/// with a tRNS chunk arrives with an alpha channel but is still clamped.
+fn png_to_rgb8(image: image::DynamicImage, colour_type: Option<u8>) -> RgbImage {
+    use image::DynamicImage as D;
+    const GREY: u8 = 0;
+    let (width, height) = (image.width(), image.height());
+    let high = |v: u16| (v >> 8) as u8;
+    let clamp = |v: u16| v.min(255) as u8;
+    let grey = |values: &mut dyn Iterator<Item = u16>, convert: &dyn Fn(u16) -> u8| {
+        let pixels = values.flat_map(|v| [convert(v); 3]).collect();
+        RgbImage::from_raw(width, height, pixels)
+    };
+    let converted = match &image {
+        D::ImageLuma16(g) => grey(&mut g.pixels().map(|p| p.0[0]), &clamp),
+        D::ImageLumaA16(ga) if colour_type == Some(GREY) => {
+            grey(&mut ga.pixels().map(|p| p.0[0]), &clamp)
+        }
+        D::ImageLumaA16(ga) => grey(&mut ga.pixels().map(|p| p.0[0]), &high),
+        D::ImageRgb16(rgb) => {
+            RgbImage::from_raw(width, height, rgb.iter().map(|&v| high(v)).collect())
+        }
+        D::ImageRgba16(rgba) => RgbImage::from_raw(
+            width,
+            height,
+            rgba.pixels()
+                .flat_map(|p| [high(p.0[0]), high(p.0[1]), high(p.0[2])])
+                .collect(),
+        ),
+        _ => None,
+    };
+    converted.unwrap_or_else(|| image.into_rgb8())
 }
 
 /// Memory a decoder may use for one image: the widest output buffer at the pixel limit
@@ -520,6 +563,11 @@ fn png_ihdr_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     let width = u32::from_be_bytes(bytes.get(16..20)?.try_into().ok()?);
     let height = u32::from_be_bytes(bytes.get(20..24)?.try_into().ok()?);
     Some((width, height))
+}
+
+/// The IHDR's colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA).
+fn png_ihdr_colour_type(bytes: &[u8]) -> Option<u8> {
+    (bytes.get(12..16)? == b"IHDR").then(|| bytes.get(25).copied())?
 }
 
 /// Structural completeness checks for formats whose decoders accept truncated input.

@@ -6,6 +6,7 @@ mod caption;
 mod clip_score;
 mod jpeg_parity;
 mod layering;
+mod png_parity;
 mod pseudo_label;
 mod spec;
 mod spec_cases;
