@@ -477,3 +477,71 @@ fn with_conditional_writes_a_held_lock_object_refuses_a_second_writer() {
     );
     assert!(server.get(BUCKET, "locked-out/.trustflow.lock").is_none());
 }
+
+/// A key object_store cannot address (an empty `//` segment, a `.` segment) is an
+/// unreadable shard like a corrupt one: reported with its reason and skipped, exit 3,
+/// while every other shard is processed.
+#[test]
+fn an_unaddressable_key_is_skipped_and_reported() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 40, 2, 3, 64);
+    server.put_dir(BUCKET, "odd", &corpus_dir);
+    let shard = std::fs::read_dir(&corpus_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    server.put(BUCKET, "odd/deep//empty-segment.parquet", &bytes);
+    // `%2E`: a literal `.` segment would be folded away on the way to the server.
+    let (status, _) = server
+        .request("PUT", "/corpora/odd/dot/%2E/segment.parquet", &bytes)
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        server
+            .keys(BUCKET, "odd")
+            .contains(&"odd/dot/./segment.parquet".to_string()),
+        "{:?}",
+        server.keys(BUCKET, "odd")
+    );
+    // A glob: discovery of a folder skips `.`-named folders as hidden.
+    let p = caption_pipeline(
+        dir.path(),
+        "s3://corpora/odd/**/*.parquet",
+        "s3://corpora/odd-out",
+        "",
+    );
+    for command in [&["validate"][..], &["run", "--quiet"]] {
+        let out = trustflow(&server).args(command).arg(&p).output().unwrap();
+        let expected = if command[0] == "run" { 3 } else { 0 };
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "{command:?}: {}",
+            text(&out)
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&server.get(BUCKET, "odd-out/_report.json").unwrap()).unwrap();
+    assert_eq!(report["shards_processed"], 2, "{report:#}");
+    let unreadable = report["unreadable"].as_array().unwrap();
+    let inputs: Vec<&str> = unreadable
+        .iter()
+        .map(|u| u["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            "s3://corpora/odd/deep//empty-segment.parquet",
+            "s3://corpora/odd/dot/./segment.parquet"
+        ],
+        "{report:#}"
+    );
+    for u in unreadable {
+        assert_contains(u["reason"].as_str().unwrap(), &["cannot be addressed"]);
+    }
+}

@@ -398,7 +398,7 @@ fn names_under(
         .block_on(storage.list(listed))??
         .into_iter()
         .filter_map(|m| {
-            let key = m.location.as_ref();
+            let key = m.key.as_str();
             let name = match root.key.is_empty() {
                 true => key,
                 false => key.strip_prefix(prefix.as_str())?,

@@ -245,7 +245,7 @@ fn survey(storage: &Storage, uri: &ObjectUri, me: &Writer, timing: Timing) -> Re
     let mut starts = std::collections::HashMap::new();
     let mut beats = std::collections::HashMap::new();
     for meta in storage.block_on(storage.list(&prefix))?? {
-        let Some(name) = meta.location.as_ref().strip_prefix(folder_key.as_str()) else {
+        let Some(name) = meta.key.strip_prefix(folder_key.as_str()) else {
             continue;
         };
         if let Some(key) = name.strip_suffix(".start") {

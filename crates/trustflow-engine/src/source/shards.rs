@@ -229,7 +229,7 @@ fn find_remote(storage: &Storage, pattern: &str) -> Result<Vec<FoundShard>> {
             key: root.clone(),
         };
         for object in storage.block_on(storage.list(&prefix))?? {
-            let key = object.location.as_ref();
+            let key = object.key.as_str();
             if matcher.matches_with(key, options) && !is_quarantine_shard(Path::new(key)) {
                 found.push(shard(key, &root));
             }
@@ -246,7 +246,7 @@ fn find_remote(storage: &Storage, pattern: &str) -> Result<Vec<FoundShard>> {
             false => format!("{}/", uri.key),
         };
         for object in storage.block_on(storage.list(&uri))?? {
-            let key = object.location.as_ref();
+            let key = object.key.as_str();
             let Some(relative) = key.strip_prefix(folder.as_str()) else {
                 continue;
             };

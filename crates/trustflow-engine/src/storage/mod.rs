@@ -9,14 +9,15 @@
 
 mod credentials;
 mod http;
+mod list;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::client::HttpConnector;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 pub use credentials::Credentials;
 pub use http::StorageStats;
+pub use list::Listed;
 
 /// The URI scheme of S3-compatible object stores.
 pub const S3_SCHEME: &str = "s3://";
@@ -274,12 +276,19 @@ fn io_runtime() -> Result<&'static tokio::runtime::Runtime> {
 #[derive(Debug, Default)]
 pub struct Storage {
     spec: StorageSpec,
-    stores: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    buckets: Mutex<HashMap<String, Arc<Bucket>>>,
     counters: Arc<http::Counters>,
     /// Secret values in use, scrubbed from every message.
     secrets: Mutex<Vec<String>>,
     /// Bytes fetched ahead and not yet dropped by the reader.
     read_ahead_held: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One bucket's store, and what its listings need.
+#[derive(Debug)]
+struct Bucket {
+    store: Arc<AmazonS3>,
+    lister: list::BucketLister,
 }
 
 /// Who waited on the store (see [`StorageStats`]).
@@ -342,19 +351,23 @@ impl Storage {
 
     /// The store of `uri`'s bucket.
     pub fn store(&self, uri: &ObjectUri) -> Result<Arc<AmazonS3>> {
-        let mut stores = self
-            .stores
-            .lock()
-            .map_err(|_| Error::Internal("storage lock poisoned".into()))?;
-        if let Some(store) = stores.get(&uri.bucket) {
-            return Ok(store.clone());
-        }
-        let store = Arc::new(self.build(uri)?);
-        stores.insert(uri.bucket.clone(), store.clone());
-        Ok(store)
+        Ok(self.bucket(uri)?.store.clone())
     }
 
-    fn build(&self, uri: &ObjectUri) -> Result<AmazonS3> {
+    fn bucket(&self, uri: &ObjectUri) -> Result<Arc<Bucket>> {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| Error::Internal("storage lock poisoned".into()))?;
+        if let Some(bucket) = buckets.get(&uri.bucket) {
+            return Ok(bucket.clone());
+        }
+        let bucket = Arc::new(self.build(uri)?);
+        buckets.insert(uri.bucket.clone(), bucket.clone());
+        Ok(bucket)
+    }
+
+    fn build(&self, uri: &ObjectUri) -> Result<Bucket> {
         let spec = &self.spec;
         let found =
             credentials::resolve(spec).map_err(|m| Error::input(uri.to_path(), self.scrub(&m)))?;
@@ -364,13 +377,16 @@ impl Storage {
             .clone()
             .or(found.region.clone())
             .unwrap_or_else(|| "us-east-1".into());
+        let connector =
+            http::CountingConnector::new(io_runtime()?.handle().clone(), self.counters.clone());
+        let client_options = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_timeout(Duration::from_secs(300));
+        let mut virtual_hosted = false;
+        let mut allow_http = false;
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&uri.bucket)
-            .with_region(region)
-            .with_http_connector(http::CountingConnector::new(
-                io_runtime()?.handle().clone(),
-                self.counters.clone(),
-            ))
+            .with_region(&region)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -380,25 +396,25 @@ impl Storage {
                 max_retries: spec.max_retries,
                 retry_timeout: Duration::from_secs(spec.retry_timeout_s),
             })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(10))
-                    .with_timeout(Duration::from_secs(300)),
-            );
+            .with_client_options(client_options.clone());
         if let Some(endpoint) = &endpoint {
             let local_http = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
                 .iter()
                 .any(|p| endpoint.starts_with(p));
+            virtual_hosted = !spec.path_style.unwrap_or(true);
+            allow_http = spec.allow_http.unwrap_or(local_http);
             builder = builder
                 .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(!spec.path_style.unwrap_or(true))
-                .with_allow_http(spec.allow_http.unwrap_or(local_http));
+                .with_virtual_hosted_style_request(virtual_hosted)
+                .with_allow_http(allow_http);
         } else if let Some(path_style) = spec.path_style {
-            builder = builder.with_virtual_hosted_style_request(!path_style);
+            virtual_hosted = !path_style;
+            builder = builder.with_virtual_hosted_style_request(virtual_hosted);
         }
         if spec.conditional_writes {
             builder = builder.with_conditional_put(S3ConditionalPut::ETagMatch);
         }
+        let signed = found.credentials.is_some();
         match found.credentials {
             Some(c) => {
                 if let Ok(mut secrets) = self.secrets.lock() {
@@ -414,9 +430,26 @@ impl Storage {
             }
             None => builder = builder.with_skip_signature(true),
         }
-        builder
+        let built =
+            |e: object_store::Error| Error::input(uri.to_path(), self.scrub(&e.to_string()));
+        let lister = list::BucketLister {
+            bucket_url: list::bucket_url(endpoint.as_deref(), &uri.bucket, &region, virtual_hosted),
+            region,
+            signed,
+            client: connector
+                .connect(&client_options.with_allow_http(allow_http))
+                .map_err(built)?,
+            max_retries: spec.max_retries,
+            retry_timeout: Duration::from_secs(spec.retry_timeout_s),
+        };
+        let store = builder
+            .with_http_connector(connector)
             .build()
-            .map_err(|e| Error::input(uri.to_path(), self.scrub(&e.to_string())))
+            .map_err(built)?;
+        Ok(Bucket {
+            store: Arc::new(store),
+            lister,
+        })
     }
 
     /// `message` with every secret in use replaced by `***`.
@@ -458,30 +491,45 @@ impl Storage {
             .map_err(|e| self.error(uri, "cannot read the object's metadata", e))
     }
 
-    /// Every object under `prefix/` (all depths), sorted by key.
-    pub async fn list(&self, prefix: &ObjectUri) -> Result<Vec<ObjectMeta>> {
-        let store = self.store(prefix)?;
-        let path = match prefix.key.is_empty() {
-            true => None,
-            false => Some(prefix.object_path()?),
+    /// Every object under `prefix/` (all depths), sorted by key. Keys object_store
+    /// cannot address are listed too (see [`list`]); reading one fails for that object.
+    pub async fn list(&self, prefix: &ObjectUri) -> Result<Vec<Listed>> {
+        let bucket = self.bucket(prefix)?;
+        let key_prefix = match prefix.key.is_empty() {
+            true => String::new(),
+            false => format!("{}/", prefix.key),
         };
-        let mut found: Vec<ObjectMeta> = store
-            .list(path.as_ref())
-            .try_collect()
+        let mut found = bucket
+            .lister
+            .list(&bucket.store, &key_prefix)
             .await
-            .map_err(|e| self.error(prefix, "cannot list", e))?;
-        found.sort_by(|a, b| a.location.cmp(&b.location));
+            .map_err(|e| {
+                let hint = match e.status.is_some_and(|s| s == 401 || s == 403) {
+                    true => {
+                        " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY \
+                             or AWS_PROFILE)"
+                    }
+                    false => {
+                        " (check storage.endpoint or AWS_ENDPOINT_URL, and that the \
+                              bucket exists)"
+                    }
+                };
+                let reason = self.scrub(&one_line(&e.message));
+                Error::input(prefix.to_path(), format!("cannot list: {reason}{hint}"))
+            })?;
+        found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
     }
 
     /// Register every bucket's store on a DataFusion session, so that it reads
     /// `s3://` paths through them (ranged GETs: footers first, then row groups).
     pub fn register_on(&self, ctx: &datafusion::prelude::SessionContext) -> Result<()> {
-        let stores = self
-            .stores
+        let buckets = self
+            .buckets
             .lock()
             .map_err(|_| Error::Internal("storage lock poisoned".into()))?;
-        for (bucket, store) in stores.iter() {
+        for (bucket, entry) in buckets.iter() {
+            let store = &entry.store;
             let url = url::Url::parse(&format!("{S3_SCHEME}{bucket}"))
                 .map_err(|e| Error::Invalid(format!("bucket name `{bucket}`: {e}")))?;
             ctx.register_object_store(&url, store.clone() as Arc<dyn ObjectStore>);
