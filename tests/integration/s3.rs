@@ -545,3 +545,30 @@ fn an_unaddressable_key_is_skipped_and_reported() {
         assert_contains(u["reason"].as_str().unwrap(), &["cannot be addressed"]);
     }
 }
+
+/// An output bucket that does not exist is refused while planning, by `validate` as by
+/// `run`, before any shard's work: nothing is written anywhere.
+#[test]
+fn a_missing_output_bucket_is_refused_at_planning() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 40, 2, 3, 64);
+    server.put_dir(BUCKET, "in", &corpus_dir);
+    let p = caption_pipeline(dir.path(), "s3://corpora/in", "s3://no-such-bucket/out", "");
+    let before = server.keys(BUCKET, "");
+    for command in [&["validate"][..], &["run", "--quiet"]] {
+        let out = trustflow(&server).args(command).arg(&p).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {}", text(&out));
+        assert_contains(
+            &text(&out),
+            &[
+                "s3://no-such-bucket/out",
+                "bucket `no-such-bucket` does not exist",
+            ],
+        );
+    }
+    // Nothing of the run reached the store: only the inputs are there.
+    assert_eq!(server.keys(BUCKET, ""), before);
+}

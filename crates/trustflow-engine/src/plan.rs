@@ -163,6 +163,10 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
         .map(|s| (s.stem.clone(), s.path.clone()))
         .collect();
     crate::sink::safety::check_outputs(&out_dir, &inputs, &source.search_roots)?;
+    if crate::storage::is_remote(&out_dir) {
+        let prefix = crate::storage::ObjectUri::of_path(&out_dir)?;
+        source.storage.check_listable(&prefix)?;
+    }
     // Model files are part of what a shard's output depends on.
     let digests: Vec<String> = stages
         .iter()

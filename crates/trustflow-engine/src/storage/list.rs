@@ -83,7 +83,7 @@ impl BucketLister {
         let mut token: Option<String> = None;
         loop {
             let page = self
-                .page_with_retries(store, prefix, token.as_deref())
+                .page_with_retries(store, prefix, token.as_deref(), None)
                 .await?;
             found.extend(page.contents.into_iter().map(|c| Listed {
                 key: c.key,
@@ -97,6 +97,14 @@ impl BucketLister {
         }
     }
 
+    /// One request for at most one key: fails when the bucket does not exist or these
+    /// credentials may not list it.
+    pub(super) async fn probe(&self, store: &AmazonS3, prefix: &str) -> Result<(), ListError> {
+        self.page_with_retries(store, prefix, None, Some("1"))
+            .await
+            .map(|_| ())
+    }
+
     /// One page, retried as object_store retries its requests: throttling, 5xx and
     /// broken connections, with exponential backoff from 100 ms to 15 s, up to
     /// `max_retries` times and `retry_timeout` in all.
@@ -105,12 +113,13 @@ impl BucketLister {
         store: &AmazonS3,
         prefix: &str,
         token: Option<&str>,
+        max_keys: Option<&str>,
     ) -> Result<ListBucketResult, ListError> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut retries = 0;
         loop {
-            match self.page(store, prefix, token).await {
+            match self.page(store, prefix, token, max_keys).await {
                 Err(e)
                     if e.retryable
                         && retries < self.max_retries
@@ -130,6 +139,7 @@ impl BucketLister {
         store: &AmazonS3,
         prefix: &str,
         token: Option<&str>,
+        max_keys: Option<&str>,
     ) -> Result<ListBucketResult, ListError> {
         let fail = |message: String, retryable| ListError {
             message,
@@ -142,6 +152,9 @@ impl BucketLister {
         }
         if let Some(token) = token {
             query.push(("continuation-token", token));
+        }
+        if let Some(max_keys) = max_keys {
+            query.push(("max-keys", max_keys));
         }
         let query: Vec<String> = query
             .iter()

@@ -503,22 +503,46 @@ impl Storage {
             .lister
             .list(&bucket.store, &key_prefix)
             .await
-            .map_err(|e| {
-                let hint = match e.status.is_some_and(|s| s == 401 || s == 403) {
-                    true => {
-                        " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY \
-                             or AWS_PROFILE)"
-                    }
-                    false => {
-                        " (check storage.endpoint or AWS_ENDPOINT_URL, and that the \
-                              bucket exists)"
-                    }
-                };
-                let reason = self.scrub(&one_line(&e.message));
-                Error::input(prefix.to_path(), format!("cannot list: {reason}{hint}"))
-            })?;
+            .map_err(|e| self.list_error(prefix, "cannot list", e))?;
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+
+    /// Check that `prefix`'s bucket exists and may be listed with these credentials,
+    /// with one request for one key: an output the run could not write is refused at
+    /// planning (by `validate` too), not after a shard's work.
+    pub fn check_listable(&self, prefix: &ObjectUri) -> Result<()> {
+        let bucket = self.bucket(prefix)?;
+        let key_prefix = match prefix.key.is_empty() {
+            true => String::new(),
+            false => format!("{}/", prefix.key),
+        };
+        self.block_on(bucket.lister.probe(&bucket.store, &key_prefix))?
+            .map_err(|e| match e.status {
+                Some(404) => Error::input(
+                    prefix.to_path(),
+                    format!(
+                        "bucket `{}` does not exist ({}); create it first, or check \
+                         storage.endpoint or AWS_ENDPOINT_URL",
+                        prefix.bucket,
+                        self.scrub(&one_line(&e.message))
+                    ),
+                ),
+                _ => self.list_error(prefix, "cannot list", e),
+            })
+    }
+
+    /// A failed listing as the engine's error, with what to check; no secret.
+    fn list_error(&self, prefix: &ObjectUri, what: &str, e: list::ListError) -> Error {
+        let hint = match e.status {
+            Some(401 | 403) => {
+                " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or \
+                 AWS_PROFILE, and that they may list this bucket)"
+            }
+            _ => " (check storage.endpoint or AWS_ENDPOINT_URL, and that the bucket exists)",
+        };
+        let reason = self.scrub(&one_line(&e.message));
+        Error::input(prefix.to_path(), format!("{what}: {reason}{hint}"))
     }
 
     /// Register every bucket's store on a DataFusion session, so that it reads
