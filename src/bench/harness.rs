@@ -2369,6 +2369,7 @@ mod tests {
             invariant_holds: true,
             shards_processed: 1,
             shards_skipped: 0,
+            cancelled: false,
             shards_below_group_size: 0,
             unreadable: Vec::new(),
             rows_per_s: 100.0,

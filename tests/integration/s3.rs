@@ -146,14 +146,12 @@ fn local_to_s3_and_back() {
     assert_eq!(report["invariant_holds"], true);
 }
 
-#[test]
-fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
-    let server = S3Server::start();
+/// A corpus whose output shards each need several 5 MiB parts (a multipart upload is
+/// in flight for a good while), its reference run to `s3://corpora/reference`, and the
+/// same pipeline writing to `s3://corpora/killed`.
+fn upload_heavy_corpus(server: &S3Server, dir: &Path) -> std::path::PathBuf {
     server.create_bucket(BUCKET);
-    let dir = tempfile::tempdir().unwrap();
-    let corpus_dir = dir.path().join("corpus");
-    // Large images keep the image bytes big: each output shard needs several 5 MiB
-    // parts, so a multipart upload is in flight for a good while.
+    let corpus_dir = dir.join("corpus");
     corpus_with(
         &corpus_dir,
         360,
@@ -165,14 +163,13 @@ fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
     );
     let storage = "storage:\n  part_bytes: 5242880\n";
     let reference = caption_pipeline(
-        dir.path(),
+        dir,
         corpus_dir.to_str().unwrap(),
         "s3://corpora/reference",
         storage,
     );
-    run_s3(&server, &["run", "--quiet", reference.to_str().unwrap()]);
-
-    let p = dir.path().join("killed.yaml");
+    run_s3(server, &["run", "--quiet", reference.to_str().unwrap()]);
+    let p = dir.join("killed.yaml");
     std::fs::write(
         &p,
         std::fs::read_to_string(&reference)
@@ -180,30 +177,48 @@ fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
             .replace("s3://corpora/reference", "s3://corpora/killed"),
     )
     .unwrap();
-    let mut child = trustflow(&server)
+    p
+}
+
+/// Start `p` and return once a multipart upload is in flight.
+fn spawn_until_mid_upload(server: &S3Server, p: &Path) -> std::process::Child {
+    let mut child = trustflow(server)
         .args(["run", "--quiet", p.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let started = Instant::now();
-    let mut mid_upload = false;
     while started.elapsed() < Duration::from_secs(120) {
         if !server.pending_uploads(BUCKET).is_empty() {
-            mid_upload = true;
-            break;
+            return child;
         }
         if child.try_wait().unwrap().is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the run ended before any multipart upload was seen");
+}
+
+/// The outputs under `killed/` equal the reference's.
+fn assert_same_outputs(server: &S3Server, dir: &Path) {
+    let (want, got) = (dir.join("want"), dir.join("got"));
+    server.get_dir(BUCKET, "reference", &want);
+    server.get_dir(BUCKET, "killed", &got);
+    assert_eq!(all_outputs(&got), all_outputs(&want));
+}
+
+#[test]
+fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let p = upload_heavy_corpus(&server, dir.path());
+    let mut child = spawn_until_mid_upload(&server, &p);
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        mid_upload,
-        "the run ended before any multipart upload was seen"
-    );
     assert!(
         !server.pending_uploads(BUCKET).is_empty(),
         "the kill left no upload to clean up"
@@ -215,10 +230,7 @@ fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
         "dangling multipart uploads: {:?}",
         server.pending_uploads(BUCKET)
     );
-    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
-    server.get_dir(BUCKET, "reference", &want);
-    server.get_dir(BUCKET, "killed", &got);
-    assert_eq!(all_outputs(&got), all_outputs(&want));
+    assert_same_outputs(&server, dir.path());
     assert!(
         !server
             .keys(BUCKET, "killed/")
@@ -226,6 +238,61 @@ fn kill_9_mid_upload_then_rerun_is_identical_and_leaves_no_upload_behind() {
             .any(|k| k.contains(".trustflow/")),
         "upload records left"
     );
+}
+
+/// SIGTERM while an upload is in flight: exit 130, and `_report.json` says the run was
+/// stopped and lists exactly the shards whose manifests were committed; a rerun
+/// skips those and ends with the reference's outputs.
+#[test]
+fn sigterm_mid_upload_writes_the_report_of_what_was_kept() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let p = upload_heavy_corpus(&server, dir.path());
+    let mut child = spawn_until_mid_upload(&server, &p);
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let report: serde_json::Value = serde_json::from_slice(
+        &server
+            .get(BUCKET, "killed/_report.json")
+            .expect("a stopped run writes its report"),
+    )
+    .unwrap();
+    assert_eq!(report["cancelled"], true, "{report:#}");
+    let manifests = server
+        .keys(BUCKET, "killed/")
+        .into_iter()
+        .filter(|k| k.ends_with(".manifest.json"))
+        .count();
+    assert_eq!(report["shards_processed"], manifests, "{report:#}");
+    assert_eq!(report["shards"].as_array().unwrap().len(), manifests);
+    assert!(manifests < 3, "the stop came too late to test anything");
+    let rows: u64 = report["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rows_in"].as_u64().unwrap())
+        .sum();
+    assert_eq!(report["rows_in"], rows);
+    assert!(
+        server.pending_uploads(BUCKET).is_empty(),
+        "a clean stop leaves no upload: {:?}",
+        server.pending_uploads(BUCKET)
+    );
+
+    run_s3(&server, &["run", "--quiet", p.to_str().unwrap()]);
+    let rerun: serde_json::Value =
+        serde_json::from_slice(&server.get(BUCKET, "killed/_report.json").unwrap()).unwrap();
+    assert_eq!(rerun["cancelled"], false);
+    assert_eq!(rerun["shards_skipped"], manifests);
+    assert_same_outputs(&server, dir.path());
 }
 
 #[test]

@@ -143,6 +143,11 @@ pub struct RunReport {
     pub invariant_holds: bool,
     pub shards_processed: usize,
     pub shards_skipped: usize,
+    /// Stopped by SIGINT or SIGTERM (exit 130): `shards_processed` and the row counts
+    /// cover the shards finished and kept before the stop; the others were discarded
+    /// and a rerun processes them.
+    #[serde(default)]
+    pub cancelled: bool,
     /// Shards with fewer rows than a stage's group (`uncertainty.group_size`): their
     /// rows are weighed among fewer captions than the group size (docs/method.md).
     #[serde(default)]
@@ -252,7 +257,6 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
         group_rows,
         shards: reports.into_iter().map(|(_, r)| r).collect(),
         skipped,
-        processed,
         stats,
         cpu_start,
     };
@@ -275,6 +279,15 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
         None => folder.put_small(&report_name(settings.part), text.as_bytes())?,
     }
     folder.finish();
+    if report.cancelled {
+        // The report says what was finished; the exit code says the run stopped.
+        tracing::warn!(
+            "stopped: {} shard(s) finished and kept; report at {}",
+            report.shards_processed,
+            report.report.display()
+        );
+        return Err(Error::Cancelled);
+    }
     Ok(report)
 }
 
@@ -397,7 +410,6 @@ struct Ran {
     /// Every shard of the run, done now or skipped, in index order.
     shards: Vec<ShardReport>,
     skipped: usize,
-    processed: usize,
     stats: runtime::RunStats,
     cpu_start: Option<f64>,
 }
@@ -439,7 +451,12 @@ fn build_report(
         rows_out: totals.rows_out,
         rows_quarantined: totals.rows_quarantined,
         invariant_holds: shards.iter().all(|s| s.invariant_holds),
-        shards_processed: ran.processed - ran.stats.unreadable.len(),
+        // Committed by this run: a stopped run's unfinished shards are not counted.
+        shards_processed: shards
+            .iter()
+            .filter(|s| s.status == ShardStatus::Done)
+            .count(),
+        cancelled: ran.stats.cancelled,
         shards_skipped: ran.skipped,
         shards_below_group_size: shards
             .iter()

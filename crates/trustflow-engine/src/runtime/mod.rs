@@ -249,6 +249,9 @@ pub struct RunStats {
     pub unreadable: Vec<Unreadable>,
     /// Queue fill samples over time: (seconds, fill 0..1 per queue in step order).
     pub queue_samples: Vec<(f64, Vec<f64>)>,
+    /// Stopped by the cancel token: the figures are those of the shards finished
+    /// before the stop (the others were discarded).
+    pub cancelled: bool,
 }
 
 struct Shared {
@@ -269,8 +272,9 @@ impl Shared {
     }
 }
 
-/// Run the topology to completion (or to the first error / cancellation). `on_progress`
-/// is called about every `progress_every` from a monitor thread.
+/// Run the topology to completion, to the first error, or to a cancellation (then `Ok`
+/// with [`RunStats::cancelled`] set, so the caller can report what was finished).
+/// `on_progress` is called about every `progress_every` from a monitor thread.
 pub fn run(
     topology: Topology,
     sink: &mut dyn Sink,
@@ -477,14 +481,12 @@ pub fn run(
     {
         return Err(e);
     }
-    if cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
     Ok(RunStats {
         snapshot: snapshot(&steps, &fills),
         shards: shard_counts,
         unreadable,
         queue_samples,
+        cancelled: cancel.is_cancelled(),
     })
 }
 
