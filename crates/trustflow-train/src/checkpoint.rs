@@ -187,3 +187,48 @@ pub struct EpochSums {
     pub wall_s: f64,
     pub rows_dropped: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed epoch continues its loss sums from the checkpoint, so they must come
+    /// back from the state file bit for bit: serde_json's default float parsing may be
+    /// one ulp off (hence its `float_roundtrip` feature, enabled in Cargo.toml).
+    #[test]
+    fn epoch_sums_round_trip_bit_for_bit() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut sums = EpochSums::default();
+        for step in 0..20_000 {
+            sums.steps += 1;
+            sums.total += 3.0 * next();
+            sums.src += next();
+            sums.tgt += 0.5 * next();
+            sums.self_train += next() * 1e-3;
+            sums.ctr += next() / 7.0;
+            sums.wall_s += next() * 0.1;
+            let text = serde_json::to_vec_pretty(&sums).unwrap();
+            let back: EpochSums = serde_json::from_slice(&text).unwrap();
+            for (name, a, b) in [
+                ("total", sums.total, back.total),
+                ("src", sums.src, back.src),
+                ("tgt", sums.tgt, back.tgt),
+                ("self_train", sums.self_train, back.self_train),
+                ("ctr", sums.ctr, back.ctr),
+                ("wall_s", sums.wall_s, back.wall_s),
+            ] {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name} at step {step}: {a:?} read as {b:?}"
+                );
+            }
+        }
+    }
+}
