@@ -398,6 +398,68 @@ class ConnectTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 60)
 
 
+def can_unshare_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+class OwnDiskTest(unittest.TestCase):
+    """A head, and a second node started in a mount namespace of its own with an empty
+    tmpfs over the output's parent folder: the same path is a different folder there,
+    as a local disk on another machine would be. Both are started by `ray start` with
+    an environment of their own (a fresh HOME: no auth token of an earlier cluster)."""
+
+    def setUp(self):
+        if not can_unshare_mounts():
+            self.skipTest("needs `unshare -m` (root or user namespaces) to give one node "
+                          "a disk of its own")
+        self.work = tempfile.mkdtemp(prefix="case-", dir=ROOT)
+        self.own_disk = os.path.join(self.work, "disk")
+        home = os.path.join(self.work, "home")
+        os.makedirs(self.own_disk)
+        os.makedirs(home)
+        ray_dir = os.path.dirname(os.path.dirname(os.path.abspath(ray.__file__)))
+        self.env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+                    "HOME": home, "PYTHONPATH": f"{ray_dir}{os.pathsep}{PYTHON_DIR}",
+                    "LANG": "C.UTF-8", "RAY_USAGE_STATS_ENABLED": "0"}
+        ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        # Cleanups, unlike tearDown, also run when setUp fails half-way.
+        self.addCleanup(subprocess.run, [*ray_cli, "stop", "--force"], env=self.env,
+                        capture_output=True, timeout=120)
+        subprocess.run([*ray_cli, "start", "--head", "--port", str(port),
+                        "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                        "--include-dashboard", "false"],
+                       env=self.env, check=True, capture_output=True, timeout=120)
+        p = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -t tmpfs tmpfs "$1" && shift && exec "$@"', "sh", self.own_disk,
+             *ray_cli, "start", "--address", self.address, "--node-ip-address",
+             "127.0.0.1", "--num-cpus", "2"],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+
+    def test_a_node_that_sees_another_output_folder_is_refused_by_name(self):
+        out = os.path.join(self.own_disk, "out")
+        p = subprocess.run(
+            [sys.executable, "-m", "trustflow_ray", "run", PIPELINE, "--address",
+             self.address, "--binary", BIN, "--input", CORPUS, "--out", out],
+            env=self.env, capture_output=True, text=True, timeout=300)
+        text = p.stdout + p.stderr
+        self.assertEqual(p.returncode, 1, text)
+        self.assertIn("1 of 2 node(s) cannot run trustflow", text)
+        self.assertIn(f"does not see the output folder {out} as the driver does", text)
+        # One node is named: the one that joined from its own namespace.
+        refused = [line for line in text.splitlines() if "does not see the output" in line]
+        self.assertEqual(len(refused), 1, text)
+        self.assertIn("node ", refused[0])
+        # No part ran, and the driver's check file is gone.
+        self.assertEqual(os.listdir(out), [])
+
+
 class ClusterTest(Base):
     """Runs on one shared two-node cluster: local disk, S3, missing libraries."""
 

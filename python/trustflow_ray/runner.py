@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -330,14 +331,20 @@ def _probe(argv: List[str]) -> Tuple[Optional[str], Optional[str]]:
     return p.stdout, None
 
 
-def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
+def preflight_node(binary: str, pipeline: str,
+                   marker: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
     """What a node lacks to run parts: the binary (one that takes `run --shards`), its
     shared libraries (libtorch for the full binary), ONNX Runtime at ORT_DYLIB_PATH,
-    the pipeline file."""
+    the pipeline file, and, for a local output folder, the driver's view of it
+    (`marker`: the file the driver wrote there, and its content)."""
     ctx = node_context()
     problems: List[str] = []
     warnings: List[str] = []
     version = None
+    if marker is not None:
+        problem = output_folder_problem(*marker)
+        if problem:
+            problems.append(problem)
     try:
         binary, _ = shipping.resolve(binary)
     except (FileNotFoundError, PermissionError) as e:
@@ -373,7 +380,37 @@ def preflight_node(binary: str, pipeline: str) -> Dict[str, Any]:
     return dict(ctx, version=version, problems=problems, warnings=warnings, found=seen)
 
 
+def output_folder_problem(path: str, token: str) -> Optional[str]:
+    """Why this node does not see the output folder the driver sees: the file the
+    driver wrote there is missing or holds something else. Each node would then write
+    its own disk, and the outputs would be scattered with no complete copy anywhere."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == token:
+                return None
+    except OSError:
+        pass
+    return (f"does not see the output folder {os.path.dirname(path)} as the driver does "
+            f"(the driver's check file {os.path.basename(path)} is not there): a local "
+            "--out must be one folder shared by the driver and every node, mounted at the "
+            "same path (NFS or a cluster file system); otherwise use an s3:// output")
+
+
 # ---------------------------------------------------------------- on the driver
+
+
+def place_output_marker(out_dir: str) -> Tuple[str, str]:
+    """A file only this job writes, in the local output folder as the driver sees it:
+    the preflight asks every node to read it back (see output_folder_problem)."""
+    token = uuid.uuid4().hex
+    path = os.path.join(out_dir, f".trustflow-preflight-{token}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(token)
+    except OSError as e:
+        raise JobError(f"cannot write to the output folder {out_dir}: {e}") from None
+    return path, token
 
 
 def resolve_binary(binary: Optional[str]) -> str:
@@ -420,6 +457,7 @@ def choose_parts(shards: int, nodes: List[Dict[str, Any]], num_cpus: float,
 
 
 def run_preflight(binary: str, pipeline: str, nodes: List[Dict[str, Any]],
+                  marker: Optional[Tuple[str, str]] = None,
                   timeout_s: float = PREFLIGHT_TIMEOUT_S) -> List[Dict[str, Any]]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -429,7 +467,8 @@ def run_preflight(binary: str, pipeline: str, nodes: List[Dict[str, Any]],
     for n in nodes:
         strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
         refs[n["NodeID"]] = check.options(num_cpus=0, max_retries=0,
-                                          scheduling_strategy=strategy).remote(binary, pipeline)
+                                          scheduling_strategy=strategy).remote(binary, pipeline,
+                                                                              marker)
     results = []
     deadline = time.monotonic() + timeout_s
     for node_id, ref in refs.items():
@@ -675,8 +714,18 @@ def cluster_nodes(job: Job) -> List[Dict[str, Any]]:
 
 
 def check_nodes(job: Job, nodes: List[Dict[str, Any]]) -> None:
-    """The preflight: stop before any part runs when a node cannot run trustflow."""
-    checks = run_preflight(job.binary, job.pipeline, nodes)
+    """The preflight: stop before any part runs when a node cannot run trustflow, or
+    does not see a local output folder as the driver does."""
+    out_dir = str(job.plan["out_dir"])
+    marker = None if is_remote(out_dir) else place_output_marker(out_dir)
+    try:
+        checks = run_preflight(job.binary, job.pipeline, nodes, marker)
+    finally:
+        if marker is not None:
+            try:
+                os.remove(marker[0])
+            except OSError:
+                pass
     bad = [c for c in checks if c["problems"]]
     versions = {c["version"] for c in checks if c.get("version")}
     for c in checks:
