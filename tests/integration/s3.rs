@@ -402,7 +402,9 @@ fn validate_reads_only_footers_from_the_store() {
         &message,
         &[
             "source: 3 shard(s), 60 rows",
-            "1 listing(s), 3 GET(s) of which 3 ranged (footers)",
+            // One listing of the source, one of at most one key under the output
+            // prefix (its bucket must exist), and the footers.
+            "2 listing(s), 3 GET(s) of which 3 ranged (footers)",
         ],
     );
     // Nothing was written.

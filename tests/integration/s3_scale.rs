@@ -262,9 +262,10 @@ fn a_part_given_its_shards_reads_only_their_footers_and_lists_no_source() {
         serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     assert_eq!(report["shards_processed"], 2, "{report}");
     let storage = &report["storage"];
-    // Two listings, neither of the source nor of the whole output: the writers' leases
-    // (docs/safety.md, 5) and the upload records; a part asks for its own shards' files.
-    assert_eq!(storage["lists"], 2, "{storage}");
+    // Three listings, neither of the source nor of the whole output: one key under the
+    // output prefix at planning (the bucket exists), the writers' leases (docs/safety.md,
+    // 5) and the upload records; a part asks for its own shards' files.
+    assert_eq!(storage["lists"], 3, "{storage}");
     // One ranged GET per own shard: its footer (the data comes in one whole GET).
     assert_eq!(storage["ranged_gets"], 2, "{storage}");
     let inputs: Vec<&str> = report["shards"]
