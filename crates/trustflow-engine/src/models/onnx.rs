@@ -14,6 +14,7 @@
 //! file that is not ONNX, inputs or outputs that do not match, or an execution provider
 //! that is not available all stop the run before any data is read, with the file named.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -172,19 +173,24 @@ fn init_environment() -> std::result::Result<Environment, String> {
         })
 }
 
-/// A tensor a stage feeds to or reads from a model, for the start-up check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A tensor a stage feeds to or reads from a model, for the start-up check. The name
+/// is a fixed one (`input_ids`) or one the pipeline file sets (an output's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub element: TensorElementType,
     /// Expected rank.
     pub rank: usize,
 }
 
 impl TensorSpec {
-    pub const fn new(name: &'static str, element: TensorElementType, rank: usize) -> Self {
+    pub fn new(
+        name: impl Into<Cow<'static, str>>,
+        element: TensorElementType,
+        rank: usize,
+    ) -> Self {
         Self {
-            name,
+            name: name.into(),
             element,
             rank,
         }
@@ -395,7 +401,7 @@ impl OnnxModel {
                 }
             };
             for spec in required {
-                match s.inputs().iter().find(|o| o.name() == spec.name) {
+                match s.inputs().iter().find(|o| o.name() == spec.name.as_ref()) {
                     None => {
                         return Some(format!(
                             "expected an input `{}`, found inputs: {}",
@@ -411,15 +417,24 @@ impl OnnxModel {
                 }
             }
             for outlet in s.inputs() {
-                match optional.iter().find(|spec| spec.name == outlet.name()) {
+                match optional
+                    .iter()
+                    .find(|spec| spec.name.as_ref() == outlet.name())
+                {
                     Some(spec) => {
                         if let Some(p) = mismatch("input", spec, outlet.dtype()) {
                             return Some(p);
                         }
                     }
-                    None if !required.iter().any(|spec| spec.name == outlet.name()) => {
-                        let known: Vec<&str> =
-                            required.iter().chain(optional).map(|s| s.name).collect();
+                    None if !required
+                        .iter()
+                        .any(|spec| spec.name.as_ref() == outlet.name()) =>
+                    {
+                        let known: Vec<&str> = required
+                            .iter()
+                            .chain(optional)
+                            .map(|s| s.name.as_ref())
+                            .collect();
                         return Some(format!(
                             "has an input `{}` that this stage cannot feed (it feeds: {})",
                             outlet.name(),
@@ -430,7 +445,7 @@ impl OnnxModel {
                 }
             }
             for spec in outputs {
-                match s.outputs().iter().find(|o| o.name() == spec.name) {
+                match s.outputs().iter().find(|o| o.name() == spec.name.as_ref()) {
                     None => {
                         return Some(format!(
                             "expected an output `{}`, found outputs: {}",

@@ -109,7 +109,6 @@ impl SentenceEncoder {
         // one probe call then gives its width (declared shapes may be dynamic).
         let names = enc.model.output_names();
         let float_of_rank = |name: &str, rank: usize| {
-            let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
             enc.model
                 .check(
                     &[TensorSpec::new("input_ids", TensorElementType::Int64, 2)],
@@ -117,7 +116,11 @@ impl SentenceEncoder {
                         TensorSpec::new("attention_mask", TensorElementType::Int64, 2),
                         TensorSpec::new("token_type_ids", TensorElementType::Int64, 2),
                     ],
-                    &[TensorSpec::new(leaked, TensorElementType::Float32, rank)],
+                    &[TensorSpec::new(
+                        name.to_string(),
+                        TensorElementType::Float32,
+                        rank,
+                    )],
                 )
                 .is_ok()
         };

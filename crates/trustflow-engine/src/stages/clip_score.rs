@@ -7,7 +7,7 @@
 //! `uncertainty` stage turns into weights.
 
 use crate::models::files::{self, ModelFiles, model_files};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -227,8 +227,6 @@ pub struct ClipScoreStage {
     vision: OnnxModel,
     text: OnnxModel,
     text_has_mask: bool,
-    /// The text model's embedding output (`text_output`).
-    text_output: &'static str,
     tokenizer: TextTokenizer,
     image: ClipImageConfig,
     /// (height, width) of `pixel_values`.
@@ -239,166 +237,196 @@ pub struct ClipScoreStage {
     digest: String,
 }
 
+/// The five files of a CLIP export, resolved from the stage's settings.
+struct ClipFiles {
+    vision: PathBuf,
+    text: PathBuf,
+    tokenizer: PathBuf,
+    config: PathBuf,
+    preprocessor: PathBuf,
+}
+
+impl ClipFiles {
+    fn resolve(paths: &ClipScoreFiles) -> Result<Self> {
+        paths.check_folder(
+            "an export folder holding vision_model.onnx, text_model.onnx, \
+             tokenizer.json, config.json, preprocessor_config.json",
+        )?;
+        let files = ClipFiles {
+            vision: paths.file_or_name("vision_model"),
+            text: paths.file_or_name("text_model"),
+            tokenizer: paths.file_or_name("tokenizer"),
+            config: paths.file_or_name("config"),
+            preprocessor: paths.file_or_name("preprocessor_config"),
+        };
+        if let Some(folder) = &paths.model
+            && !files.vision.exists()
+            && Path::new(folder).join("model.onnx").is_file()
+        {
+            return Err(Error::input(
+                &files.vision,
+                "not found; the folder holds a combined model.onnx, but clip_score needs the \
+                 separate vision_model.onnx and text_model.onnx (or set vision_model and \
+                 text_model)",
+            ));
+        }
+        Ok(files)
+    }
+
+    /// Every file the outputs depend on (for the stage's content digest).
+    fn all(&self) -> [PathBuf; 5] {
+        [
+            self.vision.clone(),
+            self.text.clone(),
+            self.tokenizer.clone(),
+            self.config.clone(),
+            self.preprocessor.clone(),
+        ]
+    }
+}
+
+/// (height, width) of every preprocessed image: batching needs one size for all.
+fn batch_pixel_size(image: &ClipImageConfig, preprocessor: &Path) -> Result<(usize, usize)> {
+    match (image.do_center_crop, image.do_resize, image.size) {
+        (true, _, _) => Ok((image.crop_size.0 as usize, image.crop_size.1 as usize)),
+        (false, true, ResizeTarget::Exact { height, width }) => {
+            Ok((height as usize, width as usize))
+        }
+        _ => Err(Error::input(
+            preprocessor,
+            "images would keep different sizes (no centre crop and no fixed size), so they \
+             cannot be batched; clip_score needs do_center_crop or a {height, width} size",
+        )),
+    }
+}
+
+/// The vision and text models, loaded and checked against the tensors the stage feeds
+/// and reads.
+fn load_towers(files: &ClipFiles, config: &ClipScoreConfig) -> Result<(OnnxModel, OnnxModel)> {
+    let vision = OnnxModel::load(&files.vision, &config.session)?;
+    vision.check(
+        &[TensorSpec::new("pixel_values", TensorElementType::Float32, 4)],
+        &[],
+        &[TensorSpec::new("image_embeds", TensorElementType::Float32, 2)],
+    )?;
+    let text = OnnxModel::load(&files.text, &config.session)?;
+    text.check(
+        &[TensorSpec::new("input_ids", TensorElementType::Int64, 2)],
+        &[TensorSpec::new("attention_mask", TensorElementType::Int64, 2)],
+        &[TensorSpec::new(
+            config.text_output.clone(),
+            TensorElementType::Float32,
+            2,
+        )],
+    )?;
+    Ok((vision, text))
+}
+
+/// A static `pixel_values` shape in the vision model must be the preprocessor's size.
+fn check_pixel_shape(
+    vision: &OnnxModel,
+    (height, width): (usize, usize),
+    files: &ClipFiles,
+) -> Result<()> {
+    let Some(shape) = vision.shape_of("pixel_values") else {
+        return Ok(());
+    };
+    let want = [3, height as i64, width as i64];
+    for (axis, (&have, want)) in shape[1..].iter().zip(want).enumerate() {
+        if have > 0 && have != want {
+            let preprocessor = files.preprocessor.file_name().map_or_else(
+                || files.preprocessor.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            return Err(Error::input(
+                &files.vision,
+                format!(
+                    "input `pixel_values` has shape {shape:?} but {preprocessor} gives \
+                     [_, 3, {height}, {width}] (axis {} differs)",
+                    axis + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The embedding size D: config.json's `projection_dim`, else a static size of the
+/// models' outputs; static sizes must agree with it.
+fn embedding_dim(
+    vision: &OnnxModel,
+    text: &OnnxModel,
+    text_output: &str,
+    facts: &ModelFacts,
+    files: &ClipFiles,
+) -> Result<usize> {
+    let static_dim = |model: &OnnxModel, output: &str| {
+        model
+            .shape_of(output)
+            .and_then(|s| s.last().copied())
+            .filter(|&d| d > 0)
+            .map(|d| d as usize)
+    };
+    let image_dim = static_dim(vision, "image_embeds");
+    let text_dim = static_dim(text, text_output);
+    let dim = facts
+        .projection_dim
+        .or(image_dim)
+        .or(text_dim)
+        .ok_or_else(|| {
+            Error::input(
+                &files.config,
+                "no `projection_dim`, and the models' embedding sizes are dynamic; cannot \
+                 tell the embedding size",
+            )
+        })?;
+    for (path, output, have) in [
+        (&files.vision, "image_embeds", image_dim),
+        (&files.text, text_output, text_dim),
+    ] {
+        if let Some(have) = have
+            && have != dim
+        {
+            return Err(Error::input(
+                path,
+                format!(
+                    "output `{output}` has {have} values per row but config.json's \
+                     projection_dim is {dim}"
+                ),
+            ));
+        }
+    }
+    Ok(dim)
+}
+
 impl ClipScoreStage {
     /// Load and check the models, tokenizer and settings. Every problem (a missing
     /// folder or file, a file that is not ONNX, inputs or outputs that do not match, an
     /// execution provider that is not available) is an error naming the file.
     pub fn new(name: String, config: ClipScoreConfig) -> Result<Self> {
         let err = |e: Error| Error::stage(&name, e);
-        let paths = &config.files;
-        paths
-            .check_folder(
-                "an export folder holding vision_model.onnx, text_model.onnx, \
-                 tokenizer.json, config.json, preprocessor_config.json",
-            )
+        let files = ClipFiles::resolve(&config.files).map_err(err)?;
+        let facts = read_model_config(&files.config).map_err(err)?;
+        let image = ClipImageConfig::load(&files.preprocessor).map_err(err)?;
+        let pixel_size = batch_pixel_size(&image, &files.preprocessor).map_err(err)?;
+        let tokenizer =
+            TextTokenizer::load(&files.tokenizer, facts.context, Some(CLIP_CAPTION_CHARS))
+                .map_err(err)?;
+        let (vision, text) = load_towers(&files, &config).map_err(err)?;
+        check_pixel_shape(&vision, pixel_size, &files).map_err(err)?;
+        let dim = embedding_dim(&vision, &text, &config.text_output, &facts, &files)
             .map_err(err)?;
-        let vision_path = paths.file_or_name("vision_model");
-        let text_path = paths.file_or_name("text_model");
-        if let Some(folder) = &paths.model
-            && !vision_path.exists()
-            && Path::new(folder).join("model.onnx").is_file()
-        {
-            return Err(err(Error::input(
-                &vision_path,
-                "not found; the folder holds a combined model.onnx, but clip_score needs the \
-                 separate vision_model.onnx and text_model.onnx (or set vision_model and \
-                 text_model)",
-            )));
-        }
-        let facts = read_model_config(&paths.file_or_name("config")).map_err(err)?;
-        let preprocessor_path = paths.file_or_name("preprocessor_config");
-        let image = ClipImageConfig::load(&preprocessor_path).map_err(err)?;
-        let pixel_size = match (image.do_center_crop, image.do_resize, image.size) {
-            (true, _, _) => (image.crop_size.0 as usize, image.crop_size.1 as usize),
-            (false, true, ResizeTarget::Exact { height, width }) => {
-                (height as usize, width as usize)
-            }
-            _ => {
-                return Err(err(Error::input(
-                    &preprocessor_path,
-                    "images would keep different sizes (no centre crop and no fixed size), \
-                     so they cannot be batched; clip_score needs do_center_crop or a \
-                     {height, width} size",
-                )));
-            }
-        };
-        let tokenizer = TextTokenizer::load(
-            &paths.file_or_name("tokenizer"),
-            facts.context,
-            Some(CLIP_CAPTION_CHARS),
-        )
-        .map_err(err)?;
-
-        let session = config.session;
-        let vision = OnnxModel::load(&vision_path, &session).map_err(err)?;
-        vision
-            .check(
-                &[TensorSpec::new(
-                    "pixel_values",
-                    TensorElementType::Float32,
-                    4,
-                )],
-                &[],
-                &[TensorSpec::new(
-                    "image_embeds",
-                    TensorElementType::Float32,
-                    2,
-                )],
-            )
-            .map_err(err)?;
-        let text = OnnxModel::load(&text_path, &session).map_err(err)?;
-        let ids = TensorSpec::new("input_ids", TensorElementType::Int64, 2);
-        let mask = TensorSpec::new("attention_mask", TensorElementType::Int64, 2);
-        // TensorSpec names are `&'static str`; the configured output name is leaked
-        // once per stage build (a few bytes), as pseudo_label does.
-        let text_output: &'static str = Box::leak(config.text_output.clone().into_boxed_str());
-        text.check(
-            &[ids],
-            &[mask],
-            &[TensorSpec::new(text_output, TensorElementType::Float32, 2)],
-        )
-        .map_err(err)?;
-        let text_has_mask = text.input_names().iter().any(|n| n == "attention_mask");
-
-        // Static sizes in the models must agree with the configuration.
-        let file_name = |p: &Path| {
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        };
-        if let Some(shape) = vision.shape_of("pixel_values") {
-            let want = [3, pixel_size.0 as i64, pixel_size.1 as i64];
-            for (axis, (&have, want)) in shape[1..].iter().zip(want).enumerate() {
-                if have > 0 && have != want {
-                    return Err(err(Error::input(
-                        &vision_path,
-                        format!(
-                            "input `pixel_values` has shape {shape:?} but {} gives \
-                             [_, 3, {}, {}] (axis {} differs)",
-                            file_name(&preprocessor_path),
-                            pixel_size.0,
-                            pixel_size.1,
-                            axis + 1
-                        ),
-                    )));
-                }
-            }
-        }
-        let static_dim = |model: &OnnxModel, output: &str| {
-            model
-                .shape_of(output)
-                .and_then(|s| s.last().copied())
-                .filter(|&d| d > 0)
-                .map(|d| d as usize)
-        };
-        let image_dim = static_dim(&vision, "image_embeds");
-        let text_dim = static_dim(&text, text_output);
-        let dim = facts
-            .projection_dim
-            .or(image_dim)
-            .or(text_dim)
-            .ok_or_else(|| {
-                err(Error::input(
-                    paths.file_or_name("config"),
-                    "no `projection_dim`, and the models' embedding sizes are dynamic; cannot \
-                 tell the embedding size",
-                ))
-            })?;
-        for (path, output, have) in [
-            (&vision_path, "image_embeds", image_dim),
-            (&text_path, text_output, text_dim),
-        ] {
-            if let Some(have) = have
-                && have != dim
-            {
-                return Err(err(Error::input(
-                    path,
-                    format!(
-                        "output `{output}` has {have} values per row but config.json's \
-                         projection_dim is {dim}"
-                    ),
-                )));
-            }
-        }
         let logit_scale = config
             .logit_scale
             .unwrap_or_else(|| facts.logit_scale_init.exp());
-        let digest = crate::digest::files_digest([
-            vision_path.clone(),
-            text_path.clone(),
-            paths.file_or_name("tokenizer"),
-            paths.file_or_name("config"),
-            preprocessor_path.clone(),
-        ]).map_err(err)?;
+        let digest = crate::digest::files_digest(files.all()).map_err(err)?;
         Ok(Self {
             digest,
             name,
+            text_has_mask: text.input_names().iter().any(|n| n == "attention_mask"),
             config,
             vision,
             text,
-            text_has_mask,
-            text_output,
             tokenizer,
             image,
             pixel_size,
@@ -617,7 +645,7 @@ impl ClipScoreStage {
                 },
             ));
         }
-        let text = self.text.run(inputs, &[self.text_output])?;
+        let text = self.text.run(inputs, &[&self.config.text_output])?;
         let [image] = <[_; 1]>::try_from(image)
             .map_err(|_| Error::stage(&self.name, "vision model output missing"))?;
         let [text] = <[_; 1]>::try_from(text)

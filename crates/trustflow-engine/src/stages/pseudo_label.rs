@@ -317,6 +317,156 @@ pub struct PseudoLabelStage {
     digest: String,
 }
 
+/// The files of an exported classifier, resolved from the stage's settings.
+struct ClassifierFiles {
+    model: PathBuf,
+    tokenizer: PathBuf,
+    /// config.json, when there is one (class count and context length).
+    config: Option<PathBuf>,
+}
+
+impl ClassifierFiles {
+    fn resolve(paths: &PseudoLabelFiles) -> Result<Self> {
+        paths.check_folder("an export folder holding model.onnx, tokenizer.json and config.json")?;
+        let needs = |field: &str| {
+            Error::Invalid(format!(
+                "`{field}` is required when `model` (an export folder) is not given"
+            ))
+        };
+        Ok(ClassifierFiles {
+            model: paths
+                .file("classifier_model")
+                .ok_or_else(|| needs("classifier_model"))?,
+            tokenizer: paths.file("tokenizer").ok_or_else(|| needs("tokenizer"))?,
+            config: paths.file("config"),
+        })
+    }
+
+    /// config.json's path, or its name, for messages about it.
+    fn config_name(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("config.json"))
+    }
+}
+
+/// Tokens per caption: `max_length` if set (within the model's positions), else the
+/// model's positions capped at [`MAX_LENGTH_CAP`].
+fn max_length(set: Option<usize>, facts: &ModelFacts, files: &ClassifierFiles) -> Result<usize> {
+    match (set, facts.max_positions) {
+        (Some(n), Some(positions)) if n > positions => Err(Error::input(
+            files.config_name(),
+            format!("max_length {n} exceeds the model's max_position_embeddings ({positions})"),
+        )),
+        (Some(n), _) => Ok(n),
+        (None, Some(positions)) => Ok(positions.min(MAX_LENGTH_CAP)),
+        (None, None) => Err(Error::input(
+            files.config_name(),
+            "no `max_position_embeddings`; set `max_length`",
+        )),
+    }
+}
+
+/// The classifier, loaded and checked against the tensors the stage feeds and reads.
+fn load_classifier(path: &Path, config: &PseudoLabelConfig) -> Result<OnnxModel> {
+    let model = OnnxModel::load(path, &config.session)?;
+    let output = |name: &str| TensorSpec::new(name.to_string(), TensorElementType::Float32, 2);
+    model
+        .check(
+            &[TensorSpec::new("input_ids", TensorElementType::Int64, 2)],
+            &[TensorSpec::new("attention_mask", TensorElementType::Int64, 2)],
+            &[output(&config.logits_output), output(&config.feature_output)],
+        )
+        .map_err(|e| {
+            let hint = if config.feature_output == default_features()
+                && model.output_names() == [config.logits_output.clone()]
+            {
+                " (a plain Optimum export gives only the logits: export the pooled feature \
+                 before the last linear layer as a second output, or set `feature_output` \
+                 to its name)"
+            } else {
+                ""
+            };
+            Error::Invalid(format!("{e}{hint}"))
+        })?;
+    Ok(model)
+}
+
+/// (classes, feature size): from the declared shapes, else from one probe call on an
+/// empty caption ("[CLS] [SEP]").
+fn output_sizes(
+    model: &OnnxModel,
+    has_mask: bool,
+    tokenizer: &TextTokenizer,
+    files: &ClassifierFiles,
+    config: &PseudoLabelConfig,
+) -> Result<(usize, usize)> {
+    let (logits, features) = (&config.logits_output, &config.feature_output);
+    let static_dim = |output: &str| {
+        model
+            .shape_of(output)
+            .and_then(|s| s.last().copied())
+            .filter(|&d| d > 0)
+            .map(|d| d as usize)
+    };
+    match (static_dim(logits), static_dim(features)) {
+        (Some(c), Some(d)) => Ok((c, d)),
+        (c, d) => {
+            let probe = tokenizer
+                .encode("")
+                .map_err(|e| Error::input(&files.tokenizer, format!("cannot encode: {e}")))?;
+            let (l, f) = run_model(model, has_mask, tokenizer, &[probe], logits, features)?;
+            Ok((
+                c.unwrap_or(l.shape.last().copied().unwrap_or(0)),
+                d.unwrap_or(f.shape.last().copied().unwrap_or(0)),
+            ))
+        }
+    }
+}
+
+/// The class count agrees with config.json's labels and the stage's `labels`.
+fn check_classes(
+    classes: usize,
+    dim: usize,
+    facts: &ModelFacts,
+    files: &ClassifierFiles,
+    config: &PseudoLabelConfig,
+) -> Result<()> {
+    let (logits, features) = (&config.logits_output, &config.feature_output);
+    if classes < 2 || dim == 0 {
+        return Err(Error::input(
+            &files.model,
+            format!(
+                "output `{logits}` has {classes} classes and `{features}` {dim} values per \
+                 row; expected at least 2 classes and 1 value"
+            ),
+        ));
+    }
+    if let Some(n) = facts.num_labels
+        && n != classes
+    {
+        return Err(Error::input(
+            &files.model,
+            format!(
+                "output `{logits}` has {classes} classes but {} has {n} labels",
+                files.config_name().display()
+            ),
+        ));
+    }
+    if let Some(labels) = &config.labels
+        && labels.len() != classes
+    {
+        return Err(Error::input(
+            &files.model,
+            format!(
+                "output `{logits}` has {classes} classes but `labels` names {}",
+                labels.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl PseudoLabelStage {
     /// Load and check the classifier, tokenizer and settings. Every problem (a missing
     /// folder or file, a file that is not ONNX, inputs or outputs that do not match, an
@@ -327,151 +477,27 @@ impl PseudoLabelStage {
             return Self::new_head(name, config);
         }
         let err = |e: Error| Error::stage(&name, e);
-        let paths = &config.files;
-        paths
-            .check_folder(
-                "an export folder holding model.onnx, tokenizer.json and config.json",
-            )
-            .map_err(err)?;
-        let needs = |field: &str| {
-            err(Error::Invalid(format!(
-                "`{field}` is required when `model` (an export folder) is not given"
-            )))
-        };
-        let model_path = paths
-            .file("classifier_model")
-            .ok_or_else(|| needs("classifier_model"))?;
-        let tokenizer_path = paths
-            .file("tokenizer")
-            .ok_or_else(|| needs("tokenizer"))?;
-        let config_path = paths.file("config");
-        let facts = match &config_path {
+        let files = ClassifierFiles::resolve(&config.files).map_err(err)?;
+        let facts = match &files.config {
             Some(path) => read_model_config(path).map_err(err)?,
             None => ModelFacts {
                 max_positions: None,
                 num_labels: None,
             },
         };
-        let config_name = config_path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("config.json"));
-        let max_length = match (config.max_length, facts.max_positions) {
-            (Some(n), Some(positions)) if n > positions => {
-                return Err(err(Error::input(
-                    &config_name,
-                    format!(
-                        "max_length {n} exceeds the model's max_position_embeddings \
-                         ({positions})"
-                    ),
-                )));
-            }
-            (Some(n), _) => n,
-            (None, Some(positions)) => positions.min(MAX_LENGTH_CAP),
-            (None, None) => {
-                return Err(err(Error::input(
-                    &config_name,
-                    "no `max_position_embeddings`; set `max_length`",
-                )));
-            }
-        };
-        let tokenizer = TextTokenizer::load(&tokenizer_path, max_length, None).map_err(err)?;
-
-        let session = config.session;
-        let model = OnnxModel::load(&model_path, &session).map_err(err)?;
-        // TensorSpec names are `&'static str`; the two configured output names are
-        // leaked once per stage build (a few bytes).
-        let logits_name: &'static str = Box::leak(config.logits_output.clone().into_boxed_str());
-        let feature_name: &'static str = Box::leak(config.feature_output.clone().into_boxed_str());
-        model
-            .check(
-                &[TensorSpec::new("input_ids", TensorElementType::Int64, 2)],
-                &[TensorSpec::new(
-                    "attention_mask",
-                    TensorElementType::Int64,
-                    2,
-                )],
-                &[
-                    TensorSpec::new(logits_name, TensorElementType::Float32, 2),
-                    TensorSpec::new(feature_name, TensorElementType::Float32, 2),
-                ],
-            )
-            .map_err(|e| {
-                let hint = if config.feature_output == default_features()
-                    && model.output_names() == [config.logits_output.clone()]
-                {
-                    " (a plain Optimum export gives only the logits: export the pooled \
-                     feature before the last linear layer as a second output, or set \
-                     `feature_output` to its name)"
-                } else {
-                    ""
-                };
-                err(Error::Invalid(format!("{e}{hint}")))
-            })?;
+        let max_length = max_length(config.max_length, &facts, &files).map_err(err)?;
+        let tokenizer = TextTokenizer::load(&files.tokenizer, max_length, None).map_err(err)?;
+        let model = load_classifier(&files.model, &config).map_err(err)?;
         let has_mask = model.input_names().iter().any(|n| n == "attention_mask");
-
-        // Sizes: from the declared shapes, else from one probe call on "[CLS] [SEP]".
-        let static_dim = |output: &str| {
-            model
-                .shape_of(output)
-                .and_then(|s| s.last().copied())
-                .filter(|&d| d > 0)
-                .map(|d| d as usize)
-        };
-        let (classes, dim) = match (static_dim(logits_name), static_dim(feature_name)) {
-            (Some(c), Some(d)) => (c, d),
-            (c, d) => {
-                let probe = tokenizer.encode("").map_err(|e| {
-                    err(Error::input(&tokenizer_path, format!("cannot encode: {e}")))
-                })?;
-                let (logits, features) = run_model(
-                    &model,
-                    has_mask,
-                    &tokenizer,
-                    &[probe],
-                    logits_name,
-                    feature_name,
-                )
-                .map_err(err)?;
-                (
-                    c.unwrap_or(logits.shape.last().copied().unwrap_or(0)),
-                    d.unwrap_or(features.shape.last().copied().unwrap_or(0)),
-                )
-            }
-        };
-        if classes < 2 || dim == 0 {
-            return Err(err(Error::input(
-                &model_path,
-                format!(
-                    "output `{logits_name}` has {classes} classes and `{feature_name}` {dim} \
-                     values per row; expected at least 2 classes and 1 value"
-                ),
-            )));
-        }
-        if let Some(n) = facts.num_labels
-            && n != classes
-        {
-            return Err(err(Error::input(
-                &model_path,
-                format!(
-                    "output `{logits_name}` has {classes} classes but {} has {n} labels",
-                    config_name.display()
-                ),
-            )));
-        }
-        if let Some(labels) = &config.labels
-            && labels.len() != classes
-        {
-            return Err(err(Error::input(
-                &model_path,
-                format!(
-                    "output `{logits_name}` has {classes} classes but `labels` names {}",
-                    labels.len()
-                ),
-            )));
-        }
-        let digest = crate::digest::files_digest(std::iter::once(model_path.clone())
-            .chain(std::iter::once(tokenizer_path.clone()))
-            .chain(config_path.clone())).map_err(err)?;
+        let (classes, dim) =
+            output_sizes(&model, has_mask, &tokenizer, &files, &config).map_err(err)?;
+        check_classes(classes, dim, &facts, &files, &config).map_err(err)?;
+        let digest = crate::digest::files_digest(
+            [files.model.clone(), files.tokenizer.clone()]
+                .into_iter()
+                .chain(files.config.clone()),
+        )
+        .map_err(err)?;
         Ok(Self {
             name,
             config,
