@@ -32,6 +32,15 @@ impl StepMetrics {
         }
     }
 
+    /// One batch through this step: `rows_in` rows came, `rows_out` went on and
+    /// `quarantined` were set aside.
+    pub fn count_batch(&self, rows_in: u64, rows_out: u64, quarantined: u64) {
+        self.rows_in.fetch_add(rows_in, Relaxed);
+        self.rows_out.fetch_add(rows_out, Relaxed);
+        self.rows_quarantined.fetch_add(quarantined, Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+    }
+
     pub fn add(counter: &AtomicU64, d: Duration) {
         counter.fetch_add(d.as_nanos() as u64, Relaxed);
     }

@@ -262,6 +262,15 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(cancel: CancelToken, in_flight: Arc<InFlight>) -> Self {
+        Shared {
+            cancel,
+            first_error: Mutex::new(None),
+            in_flight,
+            shards_done: Default::default(),
+        }
+    }
+
     fn fail(&self, e: Error) {
         if let Ok(mut slot) = self.first_error.lock()
             && slot.is_none()
@@ -290,49 +299,124 @@ pub fn run(
         min_tail_rows,
         feed,
     } = topology;
-    let shared = Shared {
-        cancel: cancel.clone(),
-        first_error: Mutex::new(None),
-        in_flight: feed
-            .as_ref()
-            .map_or_else(Default::default, |f| f.in_flight.clone()),
-        shards_done: Default::default(),
+    // A feed's rows count in the run's rows in flight.
+    let in_flight = feed.as_ref().map(|f| f.in_flight.clone());
+    let shared = Shared::new(cancel.clone(), in_flight.unwrap_or_default());
+    let steps = step_metrics(&stages);
+    let (senders, receivers, gauges) = queues(&stages, queue_depth);
+    let view = RunView {
+        started: Instant::now(),
+        steps: &steps,
+        shared: &shared,
+        feed: feed.as_deref(),
+        shards_total: shards.len() as u64,
     };
+    let threads = Threads {
+        source: source.as_ref(),
+        shards: &shards,
+        min_tail_rows,
+        stages: &stages,
+        gauges: &gauges,
+        steps: &steps,
+        shared: &shared,
+    };
+    let done = AtomicBool::new(false);
+    let monitor = Monitor {
+        view: &view,
+        gauges: &gauges,
+        on_progress,
+        every: progress_every,
+        done: &done,
+    };
+    let ((shard_counts, unreadable), (queue_samples, fills)) = std::thread::scope(|scope| {
+        let monitoring = scope.spawn(|| monitor.run());
+        let (workers, sink_rx) = threads.start(scope, senders, receivers);
+        let outcome = sink_worker(
+            sink,
+            &sink_rx,
+            source.as_ref(),
+            &steps[steps.len() - 1],
+            &shared,
+        );
+        drop(sink_rx);
+        for worker in workers {
+            let _ = worker.join();
+        }
+        done.store(true, Relaxed);
+        let monitored = monitoring.join().unwrap_or_default();
+        (outcome, monitored)
+    });
+
+    if let Ok(mut slot) = shared.first_error.lock()
+        && let Some(e) = slot.take()
+    {
+        return Err(e);
+    }
+    Ok(RunStats {
+        snapshot: view.snapshot(&fills),
+        shards: shard_counts,
+        unreadable,
+        queue_samples,
+        cancelled: cancel.is_cancelled(),
+    })
+}
+
+/// One [`StepMetrics`] per step: the source, each stage, the sink.
+fn step_metrics(stages: &[StageSlot]) -> Vec<StepMetrics> {
     let mut steps = vec![StepMetrics::new("source", 1)];
-    for slot in &stages {
+    for slot in stages {
         steps.push(StepMetrics::new(slot.stage.name(), slot.workers.max(1)));
     }
     steps.push(StepMetrics::new("sink", 1));
-    let steps: Vec<StepMetrics> = steps;
+    steps
+}
 
-    // Queue i feeds step i+1 (stage i, or the sink after the last stage).
-    let mut senders: Vec<Sender<Message>> = Vec::new();
-    let mut receivers: Vec<Receiver<Message>> = Vec::new();
+/// The bounded queues between the steps, with a fill gauge each: queue i feeds step
+/// i+1 (stage i, or the sink after the last stage). Fill is counted beside the channels
+/// because holding a Sender clone to ask for `len()` would keep a queue open after its
+/// producers ended.
+fn queues(
+    stages: &[StageSlot],
+    queue_depth: usize,
+) -> (
+    Vec<Sender<Message>>,
+    Vec<Receiver<Message>>,
+    Vec<QueueGauge>,
+) {
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let mut gauges = Vec::new();
     for i in 0..=stages.len() {
         let depth = stages.get(i).map_or(queue_depth, |s| s.queue_depth).max(1);
         let (tx, rx) = bounded(depth);
         senders.push(tx);
         receivers.push(rx);
+        gauges.push(QueueGauge::new(depth));
     }
-    // Queue fill is counted beside the channels: holding a Sender clone to ask for
-    // `len()` would keep a queue open after its producers ended.
-    let gauges: Vec<QueueGauge> = senders
-        .iter()
-        .map(|s| QueueGauge::new(s.capacity().unwrap_or(1)))
-        .collect();
-    let probes = &gauges;
+    (senders, receivers, gauges)
+}
 
-    let started = Instant::now();
-    let snapshot = |steps: &[StepMetrics], fills: &[(f64, f64)]| {
-        let elapsed = started.elapsed();
-        let mut reports: Vec<StepReport> = steps.iter().map(|s| s.snapshot(elapsed)).collect();
+/// What the live figures of a run are made of.
+struct RunView<'a> {
+    started: Instant,
+    steps: &'a [StepMetrics],
+    shared: &'a Shared,
+    feed: Option<&'a feed::FeedShared>,
+    shards_total: u64,
+}
+
+impl RunView<'_> {
+    /// The run as of now, with each queue's (mean, max) fill so far.
+    fn snapshot(&self, fills: &[(f64, f64)]) -> RunSnapshot {
+        let elapsed = self.started.elapsed();
+        let mut reports: Vec<StepReport> = self.steps.iter().map(|s| s.snapshot(elapsed)).collect();
         for (i, (mean, max)) in fills.iter().enumerate() {
             if let Some(r) = reports.get_mut(i + 1) {
                 r.queue_fill_mean = *mean;
                 r.queue_fill_max = *max;
             }
         }
-        if let Some(feed) = &feed {
+        if let Some(feed) = self.feed {
             with_feed(&mut reports, feed, elapsed, fills.last());
         }
         let bottleneck = reports
@@ -340,90 +424,119 @@ pub fn run(
             .max_by(|a, b| a.busy_fraction.total_cmp(&b.busy_fraction))
             .filter(|r| r.busy_fraction > 0.0)
             .map(|r| r.name.clone());
+        let in_flight = &self.shared.in_flight;
         RunSnapshot {
             elapsed_s: elapsed.as_secs_f64(),
             steps: reports,
-            rows_in_flight: shared.in_flight.rows.load(Relaxed),
-            bytes_in_flight: shared.in_flight.bytes.load(Relaxed),
-            peak_rows_in_flight: shared.in_flight.peak_rows.load(Relaxed),
-            peak_bytes_in_flight: shared.in_flight.peak_bytes.load(Relaxed),
-            shards_done: shared.shards_done.load(Relaxed),
-            shards_total: shards.len() as u64,
+            rows_in_flight: in_flight.rows.load(Relaxed),
+            bytes_in_flight: in_flight.bytes.load(Relaxed),
+            peak_rows_in_flight: in_flight.peak_rows.load(Relaxed),
+            peak_bytes_in_flight: in_flight.peak_bytes.load(Relaxed),
+            shards_done: self.shared.shards_done.load(Relaxed),
+            shards_total: self.shards_total,
             bottleneck,
         }
-    };
+    }
+}
 
-    let done = AtomicBool::new(false);
-    let mut shard_counts = Vec::new();
-    let mut unreadable = Vec::new();
-    let mut queue_samples: Vec<(f64, Vec<f64>)> = Vec::new();
-    // The feed's queue, sampled after the pipeline's.
-    let sampled = probes.len() + usize::from(feed.is_some());
-    let mut fills = vec![(0.0f64, 0.0f64); sampled];
-    std::thread::scope(|scope| {
-        let steps = &steps;
-        let shared = &shared;
-        let source = &source;
-        let shards = &shards;
+/// Queue fill samples over time: (seconds, fill 0..1 per queue in step order).
+type QueueSamples = Vec<(f64, Vec<f64>)>;
 
-        // Monitor: samples queue fill, drives progress. Sleeps in short steps so the run
-        // ends promptly.
-        let monitor = scope.spawn(|| {
-            let mut samples = Vec::new();
-            let mut sums = vec![0.0f64; sampled];
-            let mut maxes = vec![0.0f64; sampled];
-            let mut count = 0u64;
-            let mut last_progress = Instant::now();
-            while !done.load(Relaxed) {
-                std::thread::sleep(Duration::from_millis(20));
-                let mut now: Vec<f64> = probes.iter().map(QueueGauge::fill).collect();
-                now.extend(feed.as_ref().map(|f| f.fill()));
-                for (i, f) in now.iter().enumerate() {
-                    sums[i] += f;
-                    maxes[i] = maxes[i].max(*f);
-                }
-                count += 1;
-                if count.is_multiple_of(5) {
-                    samples.push((started.elapsed().as_secs_f64(), now));
-                }
-                if let Some(cb) = on_progress
-                    && last_progress.elapsed() >= progress_every
-                {
-                    last_progress = Instant::now();
-                    let fills: Vec<(f64, f64)> = sums
-                        .iter()
-                        .zip(&maxes)
-                        .map(|(s, m)| (s / count as f64, *m))
-                        .collect();
-                    cb(&snapshot(steps, &fills));
-                }
-            }
+/// Samples every queue's fill (the feed's last) and drives the progress callback, on a
+/// thread of its own until `done`.
+struct Monitor<'a> {
+    view: &'a RunView<'a>,
+    gauges: &'a [QueueGauge],
+    on_progress: Option<&'a (dyn Fn(&RunSnapshot) + Sync)>,
+    every: Duration,
+    done: &'a AtomicBool,
+}
+
+impl Monitor<'_> {
+    /// Sleeps in short steps so the run ends promptly; returns the samples and each
+    /// queue's (mean, max) fill.
+    fn run(&self) -> (QueueSamples, Vec<(f64, f64)>) {
+        let sampled = self.gauges.len() + usize::from(self.view.feed.is_some());
+        let mut samples = Vec::new();
+        let mut sums = vec![0.0f64; sampled];
+        let mut maxes = vec![0.0f64; sampled];
+        let mut count = 0u64;
+        let mut last_progress = Instant::now();
+        let fills = |sums: &[f64], maxes: &[f64], count: u64| -> Vec<(f64, f64)> {
             let n = count.max(1) as f64;
-            let fills: Vec<(f64, f64)> =
-                sums.iter().zip(&maxes).map(|(s, m)| (s / n, *m)).collect();
-            (samples, fills)
-        });
+            sums.iter().zip(maxes).map(|(s, m)| (s / n, *m)).collect()
+        };
+        while !self.done.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut now: Vec<f64> = self.gauges.iter().map(QueueGauge::fill).collect();
+            now.extend(self.view.feed.map(|f| f.fill()));
+            for (i, f) in now.iter().enumerate() {
+                sums[i] += f;
+                maxes[i] = maxes[i].max(*f);
+            }
+            count += 1;
+            if count.is_multiple_of(5) {
+                samples.push((self.view.started.elapsed().as_secs_f64(), now));
+            }
+            if let Some(callback) = self.on_progress
+                && last_progress.elapsed() >= self.every
+            {
+                last_progress = Instant::now();
+                callback(&self.view.snapshot(&fills(&sums, &maxes, count)));
+            }
+        }
+        (samples, fills(&sums, &maxes, count))
+    }
+}
 
+/// The reader and the stage workers, and what they share.
+struct Threads<'a> {
+    source: &'a dyn BatchSource,
+    shards: &'a [usize],
+    min_tail_rows: usize,
+    stages: &'a [StageSlot],
+    gauges: &'a [QueueGauge],
+    steps: &'a [StepMetrics],
+    shared: &'a Shared,
+}
+
+impl<'a> Threads<'a> {
+    /// Start the reader and every stage worker on `scope`; returns their handles and
+    /// the sink's end of the last queue. The queue ends passed in are dropped here, so
+    /// from now on only the threads hold them and a queue closes when its producers end.
+    /// A thread that cannot start fails the run.
+    fn start<'scope>(
+        &self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        senders: Vec<Sender<Message>>,
+        receivers: Vec<Receiver<Message>>,
+    ) -> (Vec<std::thread::ScopedJoinHandle<'scope, ()>>, Inlet<'a>)
+    where
+        'a: 'scope,
+    {
+        let Threads {
+            source,
+            shards,
+            min_tail_rows,
+            stages,
+            gauges,
+            steps,
+            shared,
+        } = *self;
+        let mut handles = Vec::new();
         let reader_tx = Outlet {
             tx: senders[0].clone(),
             gauge: &gauges[0],
         };
-        let reader = spawn_scoped(scope, "trustflow-reader", move || {
-            if let Err(e) = read_all(
-                source.as_ref(),
-                min_tail_rows,
-                shards,
-                &reader_tx,
-                &steps[0],
-                shared,
-            ) {
+        let reader = move || {
+            if let Err(e) = read_all(source, min_tail_rows, shards, &reader_tx, &steps[0], shared) {
                 shared.fail(e);
             }
-        })
-        .map_err(|e| shared.fail(e))
-        .ok();
-
-        let mut workers = Vec::new();
+        };
+        match spawn_scoped(scope, "trustflow-reader", reader) {
+            Ok(handle) => handles.push(handle),
+            Err(e) => shared.fail(e),
+        }
         for (i, slot) in stages.iter().enumerate() {
             for _ in 0..slot.workers.max(1) {
                 let rx = Inlet {
@@ -437,57 +550,19 @@ pub fn run(
                 let stage = slot.stage.clone();
                 let metrics = &steps[i + 1];
                 let name = format!("trustflow-{}", stage.name());
-                match spawn_scoped(scope, &name, move || {
-                    stage_worker(stage.as_ref(), &rx, &tx, metrics, shared)
-                }) {
-                    Ok(worker) => workers.push(worker),
+                let work = move || stage_worker(stage.as_ref(), &rx, &tx, metrics, shared);
+                match spawn_scoped(scope, &name, work) {
+                    Ok(handle) => handles.push(handle),
                     Err(e) => shared.fail(e),
                 }
             }
         }
-        // Only the threads hold queue ends now, so a queue closes when its producers end.
         let sink_rx = Inlet {
             rx: receivers[stages.len()].clone(),
             gauge: &gauges[stages.len()],
         };
-        senders.clear();
-        receivers.clear();
-
-        let (counts, failed) = sink_worker(
-            sink,
-            &sink_rx,
-            source.as_ref(),
-            &steps[steps.len() - 1],
-            shared,
-        );
-        drop(sink_rx);
-        if let Some(reader) = reader {
-            let _ = reader.join();
-        }
-        for w in workers {
-            let _ = w.join();
-        }
-        done.store(true, Relaxed);
-        if let Ok((samples, f)) = monitor.join() {
-            queue_samples = samples;
-            fills = f;
-        }
-        shard_counts = counts;
-        unreadable = failed;
-    });
-
-    if let Ok(mut slot) = shared.first_error.lock()
-        && let Some(e) = slot.take()
-    {
-        return Err(e);
+        (handles, sink_rx)
     }
-    Ok(RunStats {
-        snapshot: snapshot(&steps, &fills),
-        shards: shard_counts,
-        unreadable,
-        queue_samples,
-        cancelled: cancel.is_cancelled(),
-    })
 }
 
 /// The feed's consumer as the last step, and the sink's time blocked on the feed
@@ -641,10 +716,7 @@ fn read_shard(
             let (ok, bad) = reader.convert(&batch, rows_in)?;
             StepMetrics::add(&metrics.busy_ns, t0.elapsed());
             let quarantined = bad.as_ref().map_or(0, |b| b.num_rows() as u64);
-            metrics.rows_in.fetch_add(rows, Relaxed);
-            metrics.rows_out.fetch_add(rows - quarantined, Relaxed);
-            metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
-            metrics.batches.fetch_add(1, Relaxed);
+            metrics.count_batch(rows, rows - quarantined, quarantined);
             // Measured after conversion: DataFusion's batches are slices sharing a row
             // group's buffers, so their own size would count those buffers many times.
             let bytes = (ok.get_array_memory_size()
@@ -752,10 +824,7 @@ fn stage_worker(
                     Ok((ok, bad)) => {
                         let rows = env.batch.num_rows() as u64;
                         let quarantined = bad.as_ref().map_or(0, |b| b.num_rows() as u64);
-                        metrics.rows_in.fetch_add(rows, Relaxed);
-                        metrics.rows_out.fetch_add(rows - quarantined, Relaxed);
-                        metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
-                        metrics.batches.fetch_add(1, Relaxed);
+                        metrics.count_batch(rows, rows - quarantined, quarantined);
                         env.batch = ok;
                         env.quarantine.extend(bad);
                     }
@@ -833,6 +902,47 @@ struct ShardProgress {
     ending: ShardEnding,
 }
 
+/// Write `shard`'s batches that are next in sequence; once every batch it read is
+/// written, check its row accounting and finish it (true).
+fn write_in_order(
+    sink: &mut dyn Sink,
+    shard: usize,
+    progress: &mut ShardProgress,
+    source: &dyn BatchSource,
+    metrics: &StepMetrics,
+    shared: &Shared,
+) -> Result<bool> {
+    while let Some(env) = progress.pending.remove(&progress.next_seq) {
+        let quarantined: u64 = env.quarantine.iter().map(|b| b.num_rows() as u64).sum();
+        let rows_out = env.batch.num_rows() as u64;
+        sink.write(shard, &env.batch, &env.quarantine)?;
+        progress.counts.rows_in += env.rows_in;
+        progress.counts.rows_out += rows_out;
+        progress.counts.rows_quarantined += quarantined;
+        metrics.count_batch(env.rows_in, rows_out, quarantined);
+        shared.in_flight.leave(env.rows_in, env.bytes_in);
+        progress.next_seq += 1;
+    }
+    let Some((batches, rows_in)) = progress.expected else {
+        return Ok(false);
+    };
+    if progress.next_seq != batches {
+        return Ok(false);
+    }
+    let counts = progress.counts;
+    if counts.rows_in != rows_in || counts.rows_in != counts.rows_out + counts.rows_quarantined {
+        return Err(Error::Internal(format!(
+            "{}: row accounting broken: read {rows_in}, received {}, wrote {} + quarantined {}",
+            source.shard_label(shard),
+            counts.rows_in,
+            counts.rows_out,
+            counts.rows_quarantined
+        )));
+    }
+    sink.finish_shard(shard, counts, &progress.ending)?;
+    Ok(true)
+}
+
 fn sink_worker(
     sink: &mut dyn Sink,
     rx: &Inlet<'_>,
@@ -888,37 +998,8 @@ fn sink_worker(
             let Some(progress) = open.get_mut(&shard_index) else {
                 continue;
             };
-            while let Some(env) = progress.pending.remove(&progress.next_seq) {
-                let quarantined: u64 = env.quarantine.iter().map(|b| b.num_rows() as u64).sum();
-                let rows_out = env.batch.num_rows() as u64;
-                sink.write(shard_index, &env.batch, &env.quarantine)?;
-                progress.counts.rows_in += env.rows_in;
-                progress.counts.rows_out += rows_out;
-                progress.counts.rows_quarantined += quarantined;
-                metrics.rows_in.fetch_add(env.rows_in, Relaxed);
-                metrics.rows_out.fetch_add(rows_out, Relaxed);
-                metrics.rows_quarantined.fetch_add(quarantined, Relaxed);
-                metrics.batches.fetch_add(1, Relaxed);
-                shared.in_flight.leave(env.rows_in, env.bytes_in);
-                progress.next_seq += 1;
-            }
-            if let Some((batches, rows_in)) = progress.expected
-                && progress.next_seq == batches
-            {
+            if write_in_order(sink, shard_index, progress, source, metrics, shared)? {
                 let counts = progress.counts;
-                if counts.rows_in != rows_in
-                    || counts.rows_in != counts.rows_out + counts.rows_quarantined
-                {
-                    return Err(Error::Internal(format!(
-                        "{}: row accounting broken: read {rows_in}, received {}, wrote {} + \
-                         quarantined {}",
-                        source.shard_label(shard_index),
-                        counts.rows_in,
-                        counts.rows_out,
-                        counts.rows_quarantined
-                    )));
-                }
-                sink.finish_shard(shard_index, counts, &progress.ending)?;
                 open.remove(&shard_index);
                 finished.push((shard_index, counts));
                 shared.shards_done.fetch_add(1, Relaxed);
