@@ -190,12 +190,11 @@ fn shard_report(stem: &str, input: &Path, status: ShardStatus, m: &Manifest) -> 
 
 /// Run `plan` to completion. On error or cancellation, shards already finished keep
 /// their outputs and manifests; the others leave nothing under a final name.
-pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
+pub fn execute(mut plan: Plan, mut options: RunOptions) -> Result<RunReport> {
     let feed = options.feed.take();
     // A driver's list names the part and holds only its shards.
-    let settings = &mut options.settings;
-    let filter_part = settings.part.filter(|_| plan.listed_part.is_none());
-    settings.part = settings.part.or(plan.listed_part);
+    let filter_part = options.settings.part.filter(|_| plan.listed_part.is_none());
+    options.settings.part = options.settings.part.or(plan.listed_part);
     let settings = &options.settings;
     let folder = OutputFolder::new(&plan.out_dir, plan.source.storage.clone())?;
     folder.prepare()?;
@@ -206,63 +205,104 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
 
     let resume = decide_resume(&plan, &folder, settings.force, filter_part)?;
     let skipped = resume.done.len();
-    let processed = resume.todo.len();
-    tracing::info!("{processed} shard(s) to process, {skipped} already done");
+    tracing::info!(
+        "{} shard(s) to process, {skipped} already done",
+        resume.todo.len()
+    );
     let feed_order = feed_order(&plan, &resume);
     let mut sink = parquet_sink(&plan, folder.clone(), resume.fingerprints);
-    // A stage working on groups of rows gets a group's worth in a shard's last batch.
-    let group_rows = plan
-        .pipeline
+    let group_rows = group_rows(&plan);
+    let topology = Topology {
+        source: Box::new(plan.source.clone()),
+        shards: resume.todo,
+        stages: std::mem::take(&mut plan.stages),
+        queue_depth: plan.pipeline.spec.runtime.queue_depth,
+        min_tail_rows: group_rows,
+        feed: feed.as_ref().map(|f| f.shared().clone()),
+    };
+    let stats = drive(topology, &mut sink, feed, feed_order, &options)?;
+    let ran = Ran {
+        group_rows,
+        shards: shard_reports(&plan, resume.done, sink.take_finished()),
+        skipped,
+        stats,
+        cpu_start,
+    };
+    let report = write_report(&plan, &folder, &options.settings, ran)?;
+    folder.finish();
+    if report.cancelled {
+        // The report says what was finished; the exit code says the run stopped.
+        tracing::warn!(
+            "stopped: {} shard(s) finished and kept; report at {}",
+            report.shards_processed,
+            report.report.display()
+        );
+        return Err(Error::Cancelled);
+    }
+    Ok(report)
+}
+
+/// The largest group of rows a stage works on (0: none): a shard's last batch gets at
+/// least that many rows.
+fn group_rows(plan: &Plan) -> usize {
+    plan.pipeline
         .spec
         .stages
         .iter()
         .filter_map(|s| s.kind.config().batch_multiple())
         .max()
-        .unwrap_or(0);
-    let topology = Topology {
-        source: Box::new(plan.source.clone()),
-        shards: resume.todo,
-        stages: plan.stages,
-        queue_depth: plan.pipeline.spec.runtime.queue_depth,
-        min_tail_rows: group_rows,
-        feed: feed.as_ref().map(|f| f.shared().clone()),
-    };
-    let stats = match feed {
-        Some(feed) => runtime::run(
-            topology,
-            &mut FeedingSink::new(&mut sink, feed, feed_order),
-            options.cancel.clone(),
-            Duration::from_millis(250),
-            options.on_progress.as_deref(),
-        ),
-        None => runtime::run(
-            topology,
-            &mut sink,
-            options.cancel.clone(),
-            Duration::from_millis(250),
-            options.on_progress.as_deref(),
-        ),
-    }?;
-    let mut reports = resume.done;
-    for (index, manifest) in sink.take_finished() {
+        .unwrap_or(0)
+}
+
+/// Run the topology into the sink, through the one-pass trainer's feed when there is
+/// one.
+fn drive(
+    topology: Topology,
+    sink: &mut sink::ParquetSink,
+    feed: Option<runtime::feed::FeedSender>,
+    feed_order: Vec<FeedShard>,
+    options: &RunOptions,
+) -> Result<runtime::RunStats> {
+    let every = Duration::from_millis(250);
+    let progress = options.on_progress.as_deref();
+    let cancel = options.cancel.clone();
+    match feed {
+        Some(feed) => {
+            let mut feeding = FeedingSink::new(sink, feed, feed_order);
+            runtime::run(topology, &mut feeding, cancel, every, progress)
+        }
+        None => runtime::run(topology, sink, cancel, every, progress),
+    }
+}
+
+/// Every shard of the run in index order: those done before (from their manifests)
+/// and those this run committed.
+fn shard_reports(
+    plan: &Plan,
+    mut reports: Vec<(usize, ShardReport)>,
+    committed: Vec<(usize, Manifest)>,
+) -> Vec<ShardReport> {
+    for (index, manifest) in committed {
         if let Some(shard) = plan.source.shards.get(index) {
-            reports.push((
-                index,
-                shard_report(&shard.stem, &shard.path, ShardStatus::Done, &manifest),
-            ));
+            let report = shard_report(&shard.stem, &shard.path, ShardStatus::Done, &manifest);
+            reports.push((index, report));
         }
     }
     reports.sort_by_key(|(i, _)| *i);
-    let ran = Ran {
-        group_rows,
-        shards: reports.into_iter().map(|(_, r)| r).collect(),
-        skipped,
-        stats,
-        cpu_start,
-    };
+    reports.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Build the run's report and write it: to `--report`, else beside the outputs.
+fn write_report(
+    plan: &Plan,
+    folder: &OutputFolder,
+    settings: &RunSettings,
+    ran: Ran,
+) -> Result<RunReport> {
+    let name = report_name(settings.part);
     let report_path = match &settings.report_path {
         Some(path) => path.clone(),
-        None => folder.display(&report_name(settings.part)),
+        None => folder.display(&name),
     };
     let report = build_report(
         &plan.pipeline,
@@ -276,17 +316,7 @@ pub fn execute(plan: Plan, mut options: RunOptions) -> Result<RunReport> {
         serde_json::to_string_pretty(&report).map_err(|e| Error::output(&report.report, e))?;
     match &settings.report_path {
         Some(path) => std::fs::write(path, text).map_err(|e| Error::io(path, e))?,
-        None => folder.put_small(&report_name(settings.part), text.as_bytes())?,
-    }
-    folder.finish();
-    if report.cancelled {
-        // The report says what was finished; the exit code says the run stopped.
-        tracing::warn!(
-            "stopped: {} shard(s) finished and kept; report at {}",
-            report.shards_processed,
-            report.report.display()
-        );
-        return Err(Error::Cancelled);
+        None => folder.put_small(&name, text.as_bytes())?,
     }
     Ok(report)
 }
