@@ -425,39 +425,69 @@ pub fn paths_as_list(section: &mut Value) {
 pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
     let locations = Locations::index(text);
     let issue = |field: &str, message: String| locations.issue(file, field, message);
+    let top = parse_yaml(text, file, &locations)?;
 
+    // Each section is read on its own so that one run reports a problem in every
+    // section, not just the first serde meets.
+    let mut problems = Vec::new();
+    let sections = Sections::read(top, &mut problems);
+    let mut issues: Vec<SpecIssue> = problems.into_iter().map(|(f, m)| issue(&f, m)).collect();
+    match sections.complete() {
+        Some(spec) if issues.is_empty() => Ok(LoadedPipeline {
+            file: file.to_path_buf(),
+            spec,
+            locations,
+        }),
+        _ => {
+            // The semantic checks of `validate` on what did parse: one run reports a
+            // range error beside a type error instead of after it is fixed.
+            let base = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            check(&sections.parsed(), base, &mut |field, message| {
+                issues.push(issue(field, message))
+            });
+            issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
+            Err(spec_error(issues))
+        }
+    }
+}
+
+/// The YAML of a pipeline file as a mapping, with `${NAME}` replaced.
+fn parse_yaml(
+    text: &str,
+    file: &Path,
+    locations: &Locations,
+) -> Result<serde_json::Map<String, Value>, Error> {
     // YAML 1.2 booleans only: `lowercase: yes` is an error, `name: no` a string.
     let options = serde_saphyr::options! { with_snippet: false, strict_booleans: true };
-    let value: Value = match serde_saphyr::from_str_with_options(text, options) {
-        Ok(v) => v,
-        Err(e) => {
-            let (line, column) = e.location().map_or((None, None), |l| {
-                (Some(l.line() as usize), Some(l.column() as usize))
-            });
-            return Err(Error::Spec(SpecIssues(vec![SpecIssue {
-                location: SpecLocation {
-                    file: file.to_path_buf(),
-                    field: String::new(),
-                    line,
-                    column,
-                },
-                message: format!(
-                    "invalid YAML: {}{}",
-                    friendly_yaml_error(&e.to_string()),
-                    unquoted_variable_hint(text, line, column)
-                ),
-            }])));
-        }
-    };
+    let mut value: Value = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let (line, column) = e.location().map_or((None, None), |l| {
+            (Some(l.line() as usize), Some(l.column() as usize))
+        });
+        spec_error(vec![SpecIssue {
+            location: SpecLocation {
+                file: file.to_path_buf(),
+                field: String::new(),
+                line,
+                column,
+            },
+            message: format!(
+                "invalid YAML: {}{}",
+                friendly_yaml_error(&e.to_string()),
+                unquoted_variable_hint(text, line, column)
+            ),
+        }])
+    })?;
     // `${NAME}` is replaced in the parsed values, never in the text: a comment cannot
     // fail, and a value holding a line break or `key: x` stays inside its string.
-    let mut value = value;
     let mut env_problems = Vec::new();
     interpolate_value(
         &mut value,
         "",
         text,
-        &locations,
+        locations,
         &env_lookup,
         &mut env_problems,
     );
@@ -467,162 +497,163 @@ pub fn parse_str(text: &str, file: &Path) -> Result<LoadedPipeline, Error> {
             env_problems.into_iter().map(|p| p.issue(file)).collect(),
         ));
     }
-    let Value::Object(mut top) = value else {
-        let what = if value.is_null() {
-            "empty"
-        } else {
-            "not a mapping"
-        };
-        return Err(spec_error(vec![issue(
-            "",
-            format!(
-                "pipeline file is {what}; expected a mapping with `source`, `stages` and `sink`"
-            ),
-        )]));
-    };
-
-    // Each section is read on its own so that one run reports a problem in every
-    // section, not just the first serde meets.
-    let mut issues = Vec::new();
-    let mut misspelt = Vec::new();
-    for key in top.keys() {
-        if !TOP_KEYS.contains(&key.as_str()) {
-            let hint = match closest(key, &TOP_KEYS) {
-                Some(near) => {
-                    misspelt.push(near);
-                    format!("did you mean `{near}`?")
-                }
-                None => format!(
-                    "expected one of {}",
-                    TOP_KEYS.map(|k| format!("`{k}`")).join(", ")
-                ),
+    match value {
+        Value::Object(top) => Ok(top),
+        other => {
+            let what = if other.is_null() {
+                "empty"
+            } else {
+                "not a mapping"
             };
-            issues.push(issue(key, format!("unknown field `{key}`; {hint}")));
+            Err(spec_error(vec![locations.issue(
+                file,
+                "",
+                format!(
+                    "pipeline file is {what}; expected a mapping with `source`, `stages` and \
+                     `sink`"
+                ),
+            )]))
         }
     }
-    let mut section = |key: &str, required: bool| -> Option<Value> {
-        match top.remove(key) {
-            Some(v) => Some(v),
+}
+
+/// The top-level sections of a pipeline file, each typed on its own (`None`: missing
+/// where required, or not of its type; the problem is reported).
+struct Sections {
+    name: Option<Option<String>>,
+    source: Option<SourceSpec>,
+    stages: Vec<StageEntry>,
+    sink: Option<SinkSpec>,
+    runtime: Option<RuntimeSpec>,
+    resume: Option<ResumeSpec>,
+    storage: Option<StorageSpec>,
+}
+
+impl Sections {
+    /// Type every section of `top`, adding (field, message) for each problem: unknown
+    /// top-level keys (with the nearest known one), missing required sections, type
+    /// errors, and each stage entry's own problems.
+    fn read(mut top: serde_json::Map<String, Value>, problems: &mut Vec<(String, String)>) -> Self {
+        let mut misspelt = Vec::new();
+        for key in top.keys() {
+            if !TOP_KEYS.contains(&key.as_str()) {
+                let hint = match closest(key, &TOP_KEYS) {
+                    Some(near) => {
+                        misspelt.push(near);
+                        format!("did you mean `{near}`?")
+                    }
+                    None => format!(
+                        "expected one of {}",
+                        TOP_KEYS.map(|k| format!("`{k}`")).join(", ")
+                    ),
+                };
+                problems.push((key.clone(), format!("unknown field `{key}`; {hint}")));
+            }
+        }
+        let mut required = |key: &str, problems: &mut Vec<(String, String)>| {
+            let value = top.remove(key);
             // A misspelling was reported already; "missing" would say it twice.
-            None if required && misspelt.contains(&key) => None,
-            None if required => {
-                issues.push(issue(
-                    "",
+            if value.is_none() && !misspelt.contains(&key) {
+                problems.push((
+                    String::new(),
                     format!("missing field `{key}`: a pipeline needs `source` and `sink`"),
                 ));
-                None
             }
-            None => None,
+            value
+        };
+        let source = required("source", problems);
+        let sink = required("sink", problems);
+        let mut optional = |key: &str| top.remove(key);
+        let (name, stages) = (optional("name"), optional("stages"));
+        let (runtime, resume, storage) =
+            (optional("runtime"), optional("resume"), optional("storage"));
+        Sections {
+            name: or_default(name, "name", problems),
+            source: source.and_then(|mut v| {
+                paths_as_list(&mut v);
+                typed(v, "source", problems)
+            }),
+            stages: stage_entries(stages, problems),
+            sink: sink.and_then(|v| typed(v, "sink", problems)),
+            runtime: or_default(runtime, "runtime", problems),
+            resume: or_default(resume, "resume", problems),
+            storage: or_default(storage, "storage", problems),
         }
-    };
-    let name = section("name", false);
-    let source = section("source", true);
-    let stages_value = section("stages", false);
-    let sink = section("sink", true);
-    let runtime = section("runtime", false);
-    let resume = section("resume", false);
-    let storage = section("storage", false);
-
-    let mut typed_issues = Vec::new();
-    let name: Option<Option<String>> = match name {
-        Some(v) => typed(v, "name", &mut typed_issues),
-        None => Some(None),
-    };
-    let source: Option<SourceSpec> = source.and_then(|mut v| {
-        paths_as_list(&mut v);
-        typed(v, "source", &mut typed_issues)
-    });
-    let sink: Option<SinkSpec> = sink.and_then(|v| typed(v, "sink", &mut typed_issues));
-    let runtime: Option<RuntimeSpec> = match runtime {
-        Some(v) => typed(v, "runtime", &mut typed_issues),
-        None => Some(RuntimeSpec::default()),
-    };
-    let resume: Option<ResumeSpec> = match resume {
-        Some(v) => typed(v, "resume", &mut typed_issues),
-        None => Some(ResumeSpec::default()),
-    };
-    let storage: Option<StorageSpec> = match storage {
-        Some(v) => typed(v, "storage", &mut typed_issues),
-        None => Some(StorageSpec::default()),
-    };
-    for (field, message) in typed_issues {
-        issues.push(issue(&field, message));
     }
 
-    let mut entries = Vec::new();
-    match stages_value {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let mut problems = Vec::new();
-                entries.push(parse_stage(item, i, &mut problems));
-                for (field, message) in problems {
-                    issues.push(issue(&field, message));
-                }
-            }
-        }
-        Some(other) => issues.push(issue(
-            "stages",
-            format!("expected a list of stages, found {}", kind_of(&other)),
-        )),
+    /// The whole spec, when every section parsed.
+    fn complete(&self) -> Option<PipelineSpec> {
+        let stages = self
+            .stages
+            .iter()
+            .map(|e| {
+                Some(StageSpec {
+                    common: e.common.clone()?,
+                    kind: e.kind.clone()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PipelineSpec {
+            name: self.name.clone()?,
+            source: self.source.clone()?,
+            stages,
+            sink: self.sink.clone()?,
+            runtime: self.runtime.clone()?,
+            resume: self.resume?,
+            storage: self.storage.clone()?,
+        })
     }
 
-    match (name, source, sink, runtime, resume, storage) {
-        (Some(name), Some(source), Some(sink), Some(runtime), Some(resume), Some(storage))
-            if issues.is_empty() =>
-        {
-            let stages = entries
-                .into_iter()
+    /// What did parse, for the semantic checks.
+    fn parsed(&self) -> Parsed<'_> {
+        Parsed {
+            source: self.source.as_ref(),
+            stages: self
+                .stages
+                .iter()
                 .filter_map(|e| {
-                    Some(StageSpec {
-                        common: e.common?,
-                        kind: e.kind?,
+                    Some(ParsedStage {
+                        index: e.index,
+                        common: e.common.as_ref()?,
+                        type_name: e.type_name,
+                        kind: e.kind.as_ref(),
                     })
                 })
-                .collect();
-            Ok(LoadedPipeline {
-                file: file.to_path_buf(),
-                spec: PipelineSpec {
-                    name,
-                    source,
-                    stages,
-                    sink,
-                    runtime,
-                    resume,
-                    storage,
-                },
-                locations,
-            })
+                .collect(),
+            sink: self.sink.as_ref(),
+            runtime: self.runtime.as_ref(),
+            storage: self.storage.as_ref(),
         }
-        (_, source, sink, runtime, _, storage) => {
-            // The semantic checks of `validate` on what did parse: one run reports a
-            // range error beside a type error instead of after it is fixed.
-            let parsed = Parsed {
-                source: source.as_ref(),
-                stages: entries
-                    .iter()
-                    .filter_map(|e| {
-                        Some(ParsedStage {
-                            index: e.index,
-                            common: e.common.as_ref()?,
-                            type_name: e.type_name,
-                            kind: e.kind.as_ref(),
-                        })
-                    })
-                    .collect(),
-                sink: sink.as_ref(),
-                runtime: runtime.as_ref(),
-                storage: storage.as_ref(),
-            };
-            let base = match file.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            check(&parsed, base, &mut |field, message| {
-                issues.push(issue(field, message))
-            });
-            issues.sort_by_key(|i| (i.location.line.unwrap_or(usize::MAX), i.location.column));
-            Err(spec_error(issues))
+    }
+}
+
+/// An optional section: its default when absent, else typed (`None` on a type error).
+fn or_default<T: DeserializeOwned + Default>(
+    value: Option<Value>,
+    at: &str,
+    problems: &mut Vec<(String, String)>,
+) -> Option<T> {
+    match value {
+        Some(v) => typed(v, at, problems),
+        None => Some(T::default()),
+    }
+}
+
+/// The `stages:` list, each entry split into its common keys and its type's config.
+fn stage_entries(value: Option<Value>, problems: &mut Vec<(String, String)>) -> Vec<StageEntry> {
+    match value {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| parse_stage(item, i, problems))
+            .collect(),
+        Some(other) => {
+            problems.push((
+                "stages".into(),
+                format!("expected a list of stages, found {}", kind_of(&other)),
+            ));
+            Vec::new()
         }
     }
 }
