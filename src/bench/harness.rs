@@ -927,175 +927,44 @@ pub fn run_spec_with(
     let loaded = load_spec(spec_file)?;
     let spec = &loaded.spec;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let pipeline_file = loaded.resolve(&spec.pipeline);
+    let setup = Setup::prepare(&loaded, out_dir, options)?;
     let repetitions = options.repetitions.unwrap_or(spec.repetitions).max(1);
-
-    // The corpus first: planning needs its shards.
-    let corpus_dir = loaded.resolve(&spec.corpus.path);
-    let gen_options = spec
-        .corpus
-        .generate
-        .as_ref()
-        .map(|g| gen_options(g, &corpus_dir))
-        .transpose()?;
-    let corpus = ensure_corpus(&corpus_dir, gen_options.as_ref(), options)?;
-    let inputs = vec![corpus_dir.to_string_lossy().into_owned()];
-
-    let engine_out = out_dir.join("engine");
-    let probe = plan::load_and_plan(
-        &pipeline_file,
-        &Overrides {
-            inputs: Some(inputs.clone()),
-            out_dir: Some(engine_out.clone()),
-            ..Overrides::default()
-        },
-    )?;
-    let step_names = step_names(&probe);
-    let baselines = match &spec.baseline {
-        Some(b) if b.enabled && !options.skip_baseline => b
-            .decoders
-            .iter()
-            .map(|d| prepare_baseline(&loaded, b, *d, &probe, options))
-            .collect::<Result<Vec<_>>>()?,
-        _ => Vec::new(),
-    };
-    let ceiling = match &spec.ceiling {
-        Some(c) if c.enabled && !options.skip_ceiling => Some(prepare_ceiling(&loaded, c, &probe)?),
-        _ => None,
-    };
-    drop(probe);
-
-    if spec.warmup {
-        options.say("warm-up run of the engine");
-        engine_run(&pipeline_file, &inputs, &engine_out, 0)?;
-    }
-    let mut engine_runs = Vec::new();
-    let mut baseline_runs: Vec<Vec<BaselineRun>> = baselines.iter().map(|_| Vec::new()).collect();
-    let mut ceiling_values = Vec::new();
-    // The first peer keeps the folder name it always had.
-    let baseline_out = |i: usize, b: &BaselineSetup| {
-        out_dir.join(if i == 0 {
-            "baseline".to_string()
-        } else {
-            format!("baseline-{}", b.decoder.name())
-        })
-    };
-    for rep in 1..=repetitions {
-        if let Some(c) = &ceiling {
-            let v = ceiling_once(c)?;
-            options.say(&format!(
-                "repetition {rep}/{repetitions}: ceiling {v:.1} rows/s"
-            ));
-            ceiling_values.push(v);
-        }
-        let run = engine_run(&pipeline_file, &inputs, &engine_out, rep)?;
-        options.say(&format!(
-            "repetition {rep}/{repetitions}: engine {:.1} rows/s ({} rows in {:.2} s)",
-            run.rows_per_s, run.rows_in, run.wall_s
-        ));
-        engine_runs.push(run);
-        for (i, b) in baselines.iter().enumerate() {
-            let run = baseline_run(b, &corpus_dir, &baseline_out(i, b), rep)?;
-            options.say(&format!(
-                "repetition {rep}/{repetitions}: python baseline ({}) {:.1} rows/s ({} rows in {:.2} s)",
-                b.decoder.name(),
-                run.rows_per_s,
-                run.rows_in,
-                run.wall_s
-            ));
-            baseline_runs[i].push(run);
-        }
-    }
-
-    let engine_rps = Stats::of(engine_runs.iter().map(|r| r.rows_per_s).collect());
-    let mut summaries = baselines
-        .iter()
-        .zip(baseline_runs)
-        .enumerate()
-        .map(|(i, (b, runs))| {
-            let rps = Stats::of(runs.iter().map(|r| r.rows_per_s).collect());
-            let ratio_per_repetition = engine_runs
-                .iter()
-                .zip(&runs)
-                .map(|(e, p)| ratio(e.rows_per_s, p.rows_per_s))
-                .collect();
-            let agreement =
-                match compare_outputs(&engine_out, &baseline_out(i, b), &b.value_columns) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        tracing::warn!(
-                            "cannot compare the engine's and the baseline's outputs: {e}"
-                        );
-                        None
-                    }
-                };
-            BaselineSummary {
-                python: b.python.clone(),
-                script: b.script.clone(),
-                mode: b.mode.to_string(),
-                pool: b.pool,
-                decoder: b.decoder,
-                runs,
-                engine_over_baseline: ratio(engine_rps.mean, rps.mean),
-                rows_per_s: rps,
-                ratio_per_repetition,
-                agreement,
-            }
-        });
+    let runs = setup.repeat(repetitions, options)?;
+    let engine_rps = Stats::of(runs.engine.iter().map(|r| r.rows_per_s).collect());
+    let mut summaries = setup.baseline_summaries(&runs, &engine_rps);
     let baseline = summaries.next();
     let peers: Vec<BaselineSummary> = summaries.collect();
-    let ceiling = ceiling.map(|c| {
-        let rps = Stats::of(std::mem::take(&mut ceiling_values));
-        let scored = Stats::of(
-            engine_runs
-                .iter()
-                .map(|r| super::ceiling::scored_rows_per_s(&r.steps, &c.stage_name, r.wall_s))
-                .collect(),
-        );
-        CeilingSummary {
-            stage: c.stage_name.clone(),
-            batch_size: c.batch_size,
-            workers: c.workers,
-            intra_op_threads: c.config.session.intra_op_threads,
-            calls: c.effort.min_calls,
-            min_seconds: c.effort.min_seconds,
-            end_to_end_over_ceiling: ratio(scored.mean, rps.mean),
-            end_to_end_scored_rows_per_s: scored,
-            rows_per_s: rps,
-        }
-    });
-
+    let ceiling = setup.ceiling_summary(&runs);
     let scaling = match &spec.scaling {
         Some(s) if s.enabled && !options.skip_scaling => Some(run_scaling(
             &loaded,
             s,
-            &pipeline_file,
-            &corpus_dir,
+            &setup.pipeline_file,
+            &setup.corpus_dir,
             out_dir,
             options,
         )?),
         _ => None,
     };
-
     let engine = EngineSummary {
         rows_per_s: engine_rps,
-        wall_s: Stats::of(engine_runs.iter().map(|r| r.wall_s).collect()),
-        peak_rss_bytes: engine_runs.iter().filter_map(|r| r.peak_rss_bytes).max(),
-        runs: engine_runs,
+        wall_s: Stats::of(runs.engine.iter().map(|r| r.wall_s).collect()),
+        peak_rss_bytes: runs.engine.iter().filter_map(|r| r.peak_rss_bytes).max(),
+        runs: runs.engine,
     };
-    let mut report = HarnessReport {
+    let report = HarnessReport {
         name: loaded.name(),
         spec_file: spec_file.to_path_buf(),
         spec: spec.clone(),
-        pipeline_file,
+        pipeline_file: setup.pipeline_file,
         out_dir: out_dir.to_path_buf(),
         machine: Machine {
             load_average_end: load_average(),
             ..machine
         },
-        corpus,
+        corpus: setup.corpus,
         repetitions,
-        steps: step_names,
+        steps: setup.step_names,
         engine,
         baseline,
         peers,
@@ -1105,9 +974,14 @@ pub fn run_spec_with(
         plot_error: None,
         total_s: started.elapsed().as_secs_f64(),
     };
+    write_with_plots(report, out_dir)
+}
+
+/// Write `harness.json`, draw the plots, and write it again with them: the figures are
+/// safe on disk before any plot is tried, and a plot failure is recorded, never fatal.
+fn write_with_plots(mut report: HarnessReport, out_dir: &Path) -> Result<HarnessReport> {
     let json_path = out_dir.join("harness.json");
     write_json(&json_path, &report)?;
-    // Plots after the JSON is safe on disk; a failure is recorded, never fatal.
     let (plots, errors) = draw_plots(&report, out_dir);
     report.plots = plots;
     if !errors.is_empty() {
@@ -1117,6 +991,193 @@ pub fn run_spec_with(
     }
     write_json(&json_path, &report)?;
     Ok(report)
+}
+
+/// What a harness run measures, ready before the first repetition: the corpus, the
+/// engine's pipeline and output folder, the peers and the ceiling.
+struct Setup {
+    pipeline_file: PathBuf,
+    corpus_dir: PathBuf,
+    corpus: CorpusInfo,
+    inputs: Vec<String>,
+    engine_out: PathBuf,
+    out_dir: PathBuf,
+    step_names: Vec<String>,
+    baselines: Vec<BaselineSetup>,
+    ceiling: Option<CeilingSetup>,
+    warmup: bool,
+}
+
+/// Every repetition's figures.
+struct Runs {
+    engine: Vec<EngineRun>,
+    /// One list per peer, in the spec's order.
+    baselines: Vec<Vec<BaselineRun>>,
+    ceiling: Vec<f64>,
+}
+
+impl Setup {
+    fn prepare(loaded: &LoadedBenchSpec, out_dir: &Path, options: &HarnessOptions) -> Result<Self> {
+        let spec = &loaded.spec;
+        // The corpus first: planning needs its shards.
+        let corpus_dir = loaded.resolve(&spec.corpus.path);
+        let gen_options = spec
+            .corpus
+            .generate
+            .as_ref()
+            .map(|g| gen_options(g, &corpus_dir))
+            .transpose()?;
+        let corpus = ensure_corpus(&corpus_dir, gen_options.as_ref(), options)?;
+        let inputs = vec![corpus_dir.to_string_lossy().into_owned()];
+        let pipeline_file = loaded.resolve(&spec.pipeline);
+        let engine_out = out_dir.join("engine");
+        let probe = plan::load_and_plan(
+            &pipeline_file,
+            &Overrides {
+                inputs: Some(inputs.clone()),
+                out_dir: Some(engine_out.clone()),
+                ..Overrides::default()
+            },
+        )?;
+        let baselines = match &spec.baseline {
+            Some(b) if b.enabled && !options.skip_baseline => b
+                .decoders
+                .iter()
+                .map(|d| prepare_baseline(loaded, b, *d, &probe, options))
+                .collect::<Result<Vec<_>>>()?,
+            _ => Vec::new(),
+        };
+        let ceiling = match &spec.ceiling {
+            Some(c) if c.enabled && !options.skip_ceiling => {
+                Some(prepare_ceiling(loaded, c, &probe)?)
+            }
+            _ => None,
+        };
+        Ok(Setup {
+            step_names: step_names(&probe),
+            pipeline_file,
+            corpus_dir,
+            corpus,
+            inputs,
+            engine_out,
+            out_dir: out_dir.to_path_buf(),
+            baselines,
+            ceiling,
+            warmup: spec.warmup,
+        })
+    }
+
+    /// The output folder of peer `i` (the first keeps the name it always had).
+    fn baseline_out(&self, i: usize) -> PathBuf {
+        self.out_dir.join(match i {
+            0 => "baseline".to_string(),
+            _ => format!("baseline-{}", self.baselines[i].decoder.name()),
+        })
+    }
+
+    /// The warm-up, then each repetition: the ceiling, the engine, every peer.
+    fn repeat(&self, repetitions: usize, options: &HarnessOptions) -> Result<Runs> {
+        if self.warmup {
+            options.say("warm-up run of the engine");
+            engine_run(&self.pipeline_file, &self.inputs, &self.engine_out, 0)?;
+        }
+        let mut runs = Runs {
+            engine: Vec::new(),
+            baselines: self.baselines.iter().map(|_| Vec::new()).collect(),
+            ceiling: Vec::new(),
+        };
+        for rep in 1..=repetitions {
+            let say =
+                |what: String| options.say(&format!("repetition {rep}/{repetitions}: {what}"));
+            if let Some(c) = &self.ceiling {
+                let v = ceiling_once(c)?;
+                say(format!("ceiling {v:.1} rows/s"));
+                runs.ceiling.push(v);
+            }
+            let run = engine_run(&self.pipeline_file, &self.inputs, &self.engine_out, rep)?;
+            say(format!(
+                "engine {:.1} rows/s ({} rows in {:.2} s)",
+                run.rows_per_s, run.rows_in, run.wall_s
+            ));
+            runs.engine.push(run);
+            for (i, b) in self.baselines.iter().enumerate() {
+                let run = baseline_run(b, &self.corpus_dir, &self.baseline_out(i), rep)?;
+                say(format!(
+                    "python baseline ({}) {:.1} rows/s ({} rows in {:.2} s)",
+                    b.decoder.name(),
+                    run.rows_per_s,
+                    run.rows_in,
+                    run.wall_s
+                ));
+                runs.baselines[i].push(run);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Each peer's figures beside the engine's, with the outputs compared.
+    fn baseline_summaries<'a>(
+        &'a self,
+        runs: &'a Runs,
+        engine_rps: &'a Stats,
+    ) -> impl Iterator<Item = BaselineSummary> + 'a {
+        self.baselines
+            .iter()
+            .zip(&runs.baselines)
+            .enumerate()
+            .map(move |(i, (b, peer_runs))| {
+                let rps = Stats::of(peer_runs.iter().map(|r| r.rows_per_s).collect());
+                let ratio_per_repetition = runs
+                    .engine
+                    .iter()
+                    .zip(peer_runs)
+                    .map(|(e, p)| ratio(e.rows_per_s, p.rows_per_s))
+                    .collect();
+                let agreement =
+                    compare_outputs(&self.engine_out, &self.baseline_out(i), &b.value_columns)
+                        .map_err(|e| {
+                            tracing::warn!(
+                                "cannot compare the engine's and the baseline's outputs: {e}"
+                            )
+                        })
+                        .ok();
+                BaselineSummary {
+                    python: b.python.clone(),
+                    script: b.script.clone(),
+                    mode: b.mode.to_string(),
+                    pool: b.pool,
+                    decoder: b.decoder,
+                    runs: peer_runs.clone(),
+                    engine_over_baseline: ratio(engine_rps.mean, rps.mean),
+                    rows_per_s: rps,
+                    ratio_per_repetition,
+                    agreement,
+                }
+            })
+    }
+
+    /// The ceiling's figures beside the engine's scored rows/s.
+    fn ceiling_summary(&self, runs: &Runs) -> Option<CeilingSummary> {
+        let c = self.ceiling.as_ref()?;
+        let rps = Stats::of(runs.ceiling.clone());
+        let scored = Stats::of(
+            runs.engine
+                .iter()
+                .map(|r| super::ceiling::scored_rows_per_s(&r.steps, &c.stage_name, r.wall_s))
+                .collect(),
+        );
+        Some(CeilingSummary {
+            stage: c.stage_name.clone(),
+            batch_size: c.batch_size,
+            workers: c.workers,
+            intra_op_threads: c.config.session.intra_op_threads,
+            calls: c.effort.min_calls,
+            min_seconds: c.effort.min_seconds,
+            end_to_end_over_ceiling: ratio(scored.mean, rps.mean),
+            end_to_end_scored_rows_per_s: scored,
+            rows_per_s: rps,
+        })
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
