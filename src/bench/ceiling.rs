@@ -189,6 +189,16 @@ fn scored_rows(steps: &[StepReport], stage: &str) -> u64 {
         .map_or(0, |s| s.rows_out)
 }
 
+/// Rows that reached the step `stage` per second of the run's wall time: the figure a
+/// decode ceiling bounds (an image the stage refuses was decoded too).
+pub(crate) fn stage_rows_in_per_s(steps: &[StepReport], stage: &str, wall_s: f64) -> f64 {
+    let rows = steps
+        .iter()
+        .find(|s| s.name == stage)
+        .map_or(0, |s| s.rows_in);
+    rows as f64 / wall_s.max(1e-9)
+}
+
 /// Rows the step `stage` passed on per second of the run's wall time: the end-to-end
 /// figure a model-only ceiling bounds.
 pub(crate) fn scored_rows_per_s(steps: &[StepReport], stage: &str, wall_s: f64) -> f64 {

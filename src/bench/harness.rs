@@ -53,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::bench::corpus::{self, GenLayout, GenOptions};
+use crate::bench::decode_ceiling::{DecodeCeiling, DecodeCeilingSpec};
 use crate::bench::plot::{self, Series};
 use trustflow_engine::error::{Error, Result, SpecIssue, SpecIssues};
 use trustflow_engine::plan::{self, Overrides, Plan};
@@ -107,6 +108,10 @@ pub struct BenchSpec {
     /// The model-only ceiling (`clip_score` pipelines); absent: not measured.
     #[serde(default)]
     pub ceiling: Option<CeilingSpec>,
+    /// The decode ceiling (a `decode` or `clip_score` stage's per-image work alone, on
+    /// images held in memory); absent: not measured.
+    #[serde(default)]
+    pub decode_ceiling: Option<DecodeCeilingSpec>,
     /// The scaling series; absent: not run.
     #[serde(default)]
     pub scaling: Option<ScalingSpec>,
@@ -556,6 +561,7 @@ pub struct HarnessReport {
     /// The other peers of `baseline.decoders` (the same script with another decoder).
     pub peers: Vec<BaselineSummary>,
     pub ceiling: Option<CeilingSummary>,
+    pub decode_ceiling: Option<DecodeCeilingSummary>,
     pub scaling: Option<ScalingSummary>,
     /// Plots written (PNG).
     pub plots: Vec<PathBuf>,
@@ -768,6 +774,21 @@ pub struct CeilingSummary {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct DecodeCeilingSummary {
+    /// The stage whose per-image work was measured, and its workers (the threads).
+    pub stage: String,
+    pub workers: usize,
+    /// Images held in memory and taken in turn.
+    pub images: usize,
+    /// Decode-only rows/s per repetition.
+    pub rows_per_s: Stats,
+    /// Rows the stage handled per second of the engine's wall time, per repetition.
+    pub end_to_end_rows_per_s: Stats,
+    /// Mean end to end / mean decode ceiling (1.0: the rest of the pipeline is free).
+    pub end_to_end_over_decode_ceiling: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct ScalingSummary {
     pub isolation: Isolation,
     /// Why the isolation differs from the spec's, if it does.
@@ -878,6 +899,14 @@ impl HarnessReport {
                 c.rows_per_s.mean, c.end_to_end_over_ceiling
             );
         }
+        if let Some(d) = &self.decode_ceiling {
+            let _ = writeln!(
+                s,
+                "  decode ceiling: {:.1} rows/s ({} alone, {} thread(s), {} images); end to \
+                 end / decode ceiling = {:.2}",
+                d.rows_per_s.mean, d.stage, d.workers, d.images, d.end_to_end_over_decode_ceiling
+            );
+        }
         if let Some(sc) = &self.scaling {
             let _ = writeln!(
                 s,
@@ -935,6 +964,7 @@ pub fn run_spec_with(
     let baseline = summaries.next();
     let peers: Vec<BaselineSummary> = summaries.collect();
     let ceiling = setup.ceiling_summary(&runs);
+    let decode_ceiling = setup.decode_ceiling_summary(&runs);
     let scaling = match &spec.scaling {
         Some(s) if s.enabled && !options.skip_scaling => Some(run_scaling(
             &loaded,
@@ -969,6 +999,7 @@ pub fn run_spec_with(
         baseline,
         peers,
         ceiling,
+        decode_ceiling,
         scaling,
         plots: Vec::new(),
         plot_error: None,
@@ -1005,6 +1036,7 @@ struct Setup {
     step_names: Vec<String>,
     baselines: Vec<BaselineSetup>,
     ceiling: Option<CeilingSetup>,
+    decode_ceiling: Option<DecodeCeiling>,
     warmup: bool,
 }
 
@@ -1014,6 +1046,7 @@ struct Runs {
     /// One list per peer, in the spec's order.
     baselines: Vec<Vec<BaselineRun>>,
     ceiling: Vec<f64>,
+    decode_ceiling: Vec<f64>,
 }
 
 impl Setup {
@@ -1053,7 +1086,14 @@ impl Setup {
             }
             _ => None,
         };
+        let decode_ceiling = match &spec.decode_ceiling {
+            Some(d) if d.enabled && !options.skip_ceiling => {
+                Some(DecodeCeiling::prepare(&probe, d)?)
+            }
+            _ => None,
+        };
         Ok(Setup {
+            decode_ceiling,
             step_names: step_names(&probe),
             pipeline_file,
             corpus_dir,
@@ -1085,6 +1125,7 @@ impl Setup {
             engine: Vec::new(),
             baselines: self.baselines.iter().map(|_| Vec::new()).collect(),
             ceiling: Vec::new(),
+            decode_ceiling: Vec::new(),
         };
         for rep in 1..=repetitions {
             let say =
@@ -1093,6 +1134,11 @@ impl Setup {
                 let v = ceiling_once(c)?;
                 say(format!("ceiling {v:.1} rows/s"));
                 runs.ceiling.push(v);
+            }
+            if let Some(d) = &self.decode_ceiling {
+                let v = d.rows_per_s()?;
+                say(format!("decode ceiling {v:.1} rows/s"));
+                runs.decode_ceiling.push(v);
             }
             let run = engine_run(&self.pipeline_file, &self.inputs, &self.engine_out, rep)?;
             say(format!(
@@ -1154,6 +1200,26 @@ impl Setup {
                     agreement,
                 }
             })
+    }
+
+    /// The decode ceiling's figures beside the rows/s the stage handled end to end.
+    fn decode_ceiling_summary(&self, runs: &Runs) -> Option<DecodeCeilingSummary> {
+        let d = self.decode_ceiling.as_ref()?;
+        let rps = Stats::of(runs.decode_ceiling.clone());
+        let end_to_end = Stats::of(
+            runs.engine
+                .iter()
+                .map(|r| super::ceiling::stage_rows_in_per_s(&r.steps, &d.stage, r.wall_s))
+                .collect(),
+        );
+        Some(DecodeCeilingSummary {
+            stage: d.stage.clone(),
+            workers: d.workers,
+            images: d.images(),
+            end_to_end_over_decode_ceiling: ratio(end_to_end.mean, rps.mean),
+            end_to_end_rows_per_s: end_to_end,
+            rows_per_s: rps,
+        })
     }
 
     /// The ceiling's figures beside the engine's scored rows/s.

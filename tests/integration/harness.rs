@@ -59,6 +59,7 @@ fn write_spec(dir: &Path, stage: &str, batch: usize, baseline: &str, ceiling: bo
     if ceiling {
         spec.push_str("ceiling:\n  calls: 1\n  min_seconds: 0\n");
     }
+    spec.push_str("decode_ceiling:\n  min_seconds: 0.2\n");
     let path = dir.join("bench.yaml");
     std::fs::write(&path, spec).unwrap();
     path
@@ -80,6 +81,40 @@ fn arr<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
     v[key]
         .as_array()
         .unwrap_or_else(|| panic!("`{key}` is not a list in {v}"))
+}
+
+/// The decode ceiling: measured once per repetition on the stage's own work, with the
+/// stage's workers, over the images that reach it; its ratio is end to end / ceiling.
+fn check_decode_ceiling(r: &Value, stage: &str) {
+    let d = &r["decode_ceiling"];
+    assert_eq!(d["stage"], stage, "{d}");
+    assert_eq!(u(d, "workers"), 2);
+    assert_eq!(arr(&d["rows_per_s"], "values").len(), 1);
+    assert!(f(&d["rows_per_s"], "mean") > 0.0, "{d}");
+    let run = &arr(&r["engine"], "runs")[0];
+    let step = arr(run, "steps")
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap_or_else(|| panic!("no step {stage} in {run}"));
+    // Every row that reached the stage with image bytes is held (a null image is not).
+    let reached = u(step, "rows_in");
+    let images = u(d, "images");
+    assert!(
+        images > 0 && images <= reached,
+        "{images} images, {reached} rows"
+    );
+    assert!(
+        images as f64 >= 0.8 * reached as f64,
+        "{images} of {reached}"
+    );
+    let end_to_end = f(&d["end_to_end_rows_per_s"], "mean");
+    let expected = reached as f64 / f(run, "wall_s");
+    assert!(
+        (end_to_end - expected).abs() <= 1e-6 * expected,
+        "{end_to_end} vs {expected}"
+    );
+    let ratio = f(d, "end_to_end_over_decode_ceiling");
+    assert!((ratio - end_to_end / f(&d["rows_per_s"], "mean")).abs() < 1e-9);
 }
 
 fn share(what: &str, x: f64) {
@@ -268,6 +303,7 @@ fn decode_only_spec_gives_a_complete_report() {
     let report = run_spec_with(&spec, &out, &options()).unwrap();
     assert!(report.ceiling.is_none());
     let r = check_report(&out, "decode", baseline);
+    check_decode_ceiling(&r, "decode");
     if baseline {
         // Pillow and the engine's decoders agree on every planted corruption and size.
         let a = &r["baseline"]["agreement"];
@@ -302,7 +338,9 @@ fn tiny_clip_spec_gives_a_complete_report_with_the_ceiling() {
         "{text}"
     );
     eprintln!("{text}");
+    assert!(text.contains("decode ceiling:"), "{text}");
     let r = check_report(&out, "clip_score", baseline);
+    check_decode_ceiling(&r, "clip_score");
     let c = &r["ceiling"];
     assert_eq!(c["stage"], "clip_score");
     assert_eq!(u(c, "batch_size"), 8);

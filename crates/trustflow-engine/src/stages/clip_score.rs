@@ -466,8 +466,9 @@ impl ClipScoreStage {
         )
     }
 
-    /// Preprocess one row's image; the reason when it cannot be used.
-    fn pixels(&self, bytes: &[u8], out: &mut Vec<f32>) -> std::result::Result<(), String> {
+    /// Preprocess one row's image, appending the model's input to `out`; the reason
+    /// when it cannot be used. (Public for the bench's decode ceiling.)
+    pub fn pixels(&self, bytes: &[u8], out: &mut Vec<f32>) -> std::result::Result<(), String> {
         let limits = self.config.image.limits();
         let target = |w, h| self.image.resized_size(w, h);
         let draft = self.config.jpeg_draft.then_some(&target as TargetSize<'_>);
