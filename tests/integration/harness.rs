@@ -1,7 +1,7 @@
 //! The benchmark harness (`trustflow::bench::harness::run_spec_with`) on tiny specs:
 //! the decode-only and tiny-CLIP pipelines over 60 generated rows, one repetition, a
 //! scaling series of 1 and 2 shards in child `trustflow run` processes, the ceiling
-//! for CLIP, and the Python baseline when its interpreter can import numpy, Pillow,
+//! for CLIP, the decode ceiling for both, and the Python baseline when its interpreter can import numpy, Pillow,
 //! pyarrow, onnxruntime and tokenizers (skipped with a message otherwise). Checks the
 //! schema and invariants of `harness.json`, never timings.
 //!
@@ -400,6 +400,17 @@ fn baseline_and_ceiling_refuse_pipelines_they_cannot_mirror() {
         .to_string();
     assert!(
         err.contains("ceiling") && err.contains("clip_score"),
+        "{err}"
+    );
+
+    // The decode ceiling needs a stage that decodes images.
+    let spec = write_spec(dir.path(), "  - type: clean_caption\n", 16, "", false);
+    let err = run_spec_with(&spec, &dir.path().join("out"), &options())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the decode ceiling needs a decode or clip_score stage")
+            && err.contains("pipeline.yaml"),
         "{err}"
     );
 }
