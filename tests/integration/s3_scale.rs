@@ -389,3 +389,67 @@ fn one_file_reached_by_a_folder_and_a_glob_is_one_shard() {
     let run = run_ok(&["run", "--quiet", p.to_str().unwrap()]);
     assert_contains(&text(&run), &["2 shard(s) processed"]);
 }
+
+/// Listings are the engine's own ListObjectsV2 requests: a prefix of more than one page
+/// (1,000 keys) is followed to its end with continuation tokens, and a listing that
+/// fails (503 SlowDown, or a reset connection) is retried, not fatal.
+#[test]
+fn listings_follow_every_page_and_retry_failures() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("corpus");
+    corpus(&local, 40, 2, 5, 48);
+    // 1,001 other objects sort before the shards, so these are on the second page.
+    for i in 0..1001 {
+        server.put(BUCKET, &format!("paged/a-{i:04}.txt"), b"x");
+    }
+    server.put_dir(BUCKET, "paged/z", &local);
+    let p = caption_pipeline(
+        dir.path(),
+        "p.yaml",
+        "s3://corpora/paged",
+        "s3://corpora/out",
+    );
+    let listings = |message: &str| -> u64 {
+        let at = message
+            .find(" listing(s)")
+            .unwrap_or_else(|| panic!("no listing count in {message}"));
+        let digits: String = message[..at]
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.chars().rev().collect::<String>().parse().unwrap()
+    };
+    let out = run_ok_with(trustflow(&server), &["validate", p.to_str().unwrap()]);
+    let message = text(&out);
+    assert_contains(&message, &["source: 2 shard(s), 40 rows"]);
+    // Two pages of the source, one request for the output prefix.
+    assert_eq!(listings(&message), 3, "{message}");
+
+    // Seed 1 fails the first request through the proxy (the source's first page) and
+    // lets its retry through.
+    for kind in ["slowdown", "reset"] {
+        let mut proxy = server.behind_proxy(&ProxyOptions {
+            delay_ms: 1,
+            fail_share: 0.5,
+            fail_kinds: kind.into(),
+            seed: 1,
+        });
+        let mut command = bin();
+        proxy.configure(&mut command);
+        let out = run_ok_with(command, &["validate", p.to_str().unwrap()]);
+        let stats = proxy.stop();
+        let message = text(&out);
+        assert_contains(&message, &["source: 2 shard(s), 40 rows"]);
+        assert!(
+            listings(&message) > 3,
+            "{kind}: no listing retried: {message}"
+        );
+        assert!(
+            stats[format!("failed_{kind}")].as_u64().unwrap_or(0) > 0,
+            "{stats}"
+        );
+    }
+}
