@@ -378,8 +378,9 @@ class Base(unittest.TestCase):
 
 
 class ConnectTest(unittest.TestCase):
-    """No cluster at all: `ray.init` would retry for minutes; the runner gives up after
-    --connect-timeout with what to check."""
+    """No cluster at the address: `ray.init` would retry for minutes; the runner gives
+    up after --connect-timeout with what to check. No address at all: a local cluster
+    is started and runs the job."""
 
     def test_an_unreachable_head_times_out_saying_what_to_check(self):
         out = tempfile.mkdtemp(prefix="trustflow-ray-connect-")
@@ -396,6 +397,25 @@ class ConnectTest(unittest.TestCase):
                       p.stderr)
         self.assertIn("--node-ip-address", p.stderr)
         self.assertLess(time.monotonic() - started, 60)
+
+    def test_without_an_address_a_local_cluster_runs_the_job(self):
+        # ray.init starts the cluster then; its processes die with the thread that
+        # started them, so it must not be a connecting thread that ends.
+        out = tempfile.mkdtemp(prefix="trustflow-ray-local-")
+        self.addCleanup(shutil.rmtree, out, True)
+        env = {k: v for k, v in driver_env().items() if k != "RAY_ADDRESS"}
+        p = subprocess.run(
+            [sys.executable, "-m", "trustflow_ray", "run", PIPELINE, "--binary", BIN,
+             "--input", CORPUS, "--out", out, "--parts", "2", "--quiet"],
+            env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        with open(os.path.join(out, "_report.json")) as f:
+            report = json.load(f)
+        self.assertTrue(report["complete"], report)
+        self.assertEqual(report["rows_in"], REFERENCE_REPORT["rows_in"])
+        self.assertEqual(
+            sorted(n for n in os.listdir(out) if n.endswith(".manifest.json")),
+            sorted(n for n in os.listdir(REFERENCE) if n.endswith(".manifest.json")))
 
 
 def can_unshare_mounts() -> bool:

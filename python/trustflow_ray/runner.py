@@ -662,6 +662,12 @@ def _run_job(args, t0: float, ship_engine: bool, workdir: str) -> int:
 def connect(ray, init_kwargs: Dict[str, Any], timeout: float) -> None:
     """`ray.init`, given up after `timeout` seconds with what to check: with no head
     reachable at the address it retries for minutes, printing little."""
+    if not (init_kwargs.get("address") or os.environ.get("RAY_ADDRESS")):
+        # No address: ray.init starts a local cluster, with nothing to wait for. It must
+        # run on this thread: Ray ties the processes it starts to the thread that
+        # starts them (PR_SET_PDEATHSIG), and a connecting thread would end.
+        ray.init(**init_kwargs)
+        return
     done = threading.Event()
     failure: List[BaseException] = []
 
