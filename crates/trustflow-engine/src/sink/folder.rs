@@ -393,18 +393,11 @@ fn names_under(
     root: &ObjectUri,
     listed: &ObjectUri,
 ) -> Result<HashMap<String, u64>> {
-    let prefix = format!("{}/", root.key);
+    let prefix = root.folder_key();
     Ok(storage
         .block_on(storage.list(listed))??
         .into_iter()
-        .filter_map(|m| {
-            let key = m.key.as_str();
-            let name = match root.key.is_empty() {
-                true => key,
-                false => key.strip_prefix(prefix.as_str())?,
-            };
-            Some((name.to_string(), m.size))
-        })
+        .filter_map(|m| Some((m.key.strip_prefix(prefix.as_str())?.to_string(), m.size)))
         .collect())
 }
 

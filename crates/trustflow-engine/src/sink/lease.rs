@@ -241,7 +241,7 @@ struct Survey {
 
 fn survey(storage: &Storage, uri: &ObjectUri, me: &Writer, timing: Timing) -> Result<Survey> {
     let prefix = uri.join(WRITERS);
-    let folder_key = format!("{}/", prefix.key);
+    let folder_key = prefix.folder_key();
     let mut starts = std::collections::HashMap::new();
     let mut beats = std::collections::HashMap::new();
     for meta in storage.block_on(storage.list(&prefix))?? {

@@ -240,11 +240,8 @@ fn find_remote(storage: &Storage, pattern: &str) -> Result<Vec<FoundShard>> {
             name: stem_of(Path::new(uri.name())),
         });
     } else {
-        // object_store lists a key prefix as a folder: the keys under `key/`.
-        let folder = match uri.key.is_empty() {
-            true => String::new(),
-            false => format!("{}/", uri.key),
-        };
+        // A key prefix is listed as a folder: the keys under `key/`.
+        let folder = uri.folder_key();
         for object in storage.block_on(storage.list(&uri))?? {
             let key = object.key.as_str();
             let Some(relative) = key.strip_prefix(folder.as_str()) else {

@@ -84,6 +84,15 @@ impl ObjectUri {
         })
     }
 
+    /// The key prefix of the objects under this URI taken as a folder: `key/`, or empty
+    /// for the whole bucket (a listing of `a` must not return `ab`).
+    pub fn folder_key(&self) -> String {
+        match self.key.is_empty() {
+            true => String::new(),
+            false => format!("{}/", self.key),
+        }
+    }
+
     /// `self/name`.
     pub fn join(&self, name: &str) -> ObjectUri {
         let key = match self.key.is_empty() {
@@ -495,13 +504,9 @@ impl Storage {
     /// cannot address are listed too (see [`list`]); reading one fails for that object.
     pub async fn list(&self, prefix: &ObjectUri) -> Result<Vec<Listed>> {
         let bucket = self.bucket(prefix)?;
-        let key_prefix = match prefix.key.is_empty() {
-            true => String::new(),
-            false => format!("{}/", prefix.key),
-        };
         let mut found = bucket
             .lister
-            .list(&bucket.store, &key_prefix)
+            .list(&bucket.store, &prefix.folder_key())
             .await
             .map_err(|e| self.list_error(prefix, "cannot list", e))?;
         found.sort_by(|a, b| a.key.cmp(&b.key));
@@ -513,11 +518,7 @@ impl Storage {
     /// planning (by `validate` too), not after a shard's work.
     pub fn check_listable(&self, prefix: &ObjectUri) -> Result<()> {
         let bucket = self.bucket(prefix)?;
-        let key_prefix = match prefix.key.is_empty() {
-            true => String::new(),
-            false => format!("{}/", prefix.key),
-        };
-        self.block_on(bucket.lister.probe(&bucket.store, &key_prefix))?
+        self.block_on(bucket.lister.probe(&bucket.store, &prefix.folder_key()))?
             .map_err(|e| match e.status {
                 Some(404) => Error::input(
                     prefix.to_path(),
@@ -565,4 +566,17 @@ impl Storage {
 /// Object-store messages can span lines (XML bodies); a report line cannot.
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_is_listed_as_a_folder() {
+        let uri = ObjectUri::parse("s3://b/data/part").unwrap();
+        assert_eq!(uri.folder_key(), "data/part/");
+        assert_eq!(ObjectUri::parse("s3://b").unwrap().folder_key(), "");
+        assert_eq!(ObjectUri::parse("s3://b/").unwrap().folder_key(), "");
+    }
 }
