@@ -18,13 +18,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow::array::{Array, AsArray};
-use futures::StreamExt;
+use arrow::array::{Array, AsArray, RecordBatch};
 use serde::Serialize;
 
 use trustflow_engine::error::{Error, Result};
 use trustflow_engine::plan::{self, Overrides};
 use trustflow_engine::run::{RunOptions, RunSettings, execute};
+use trustflow_engine::runtime::BatchSource;
 use trustflow_engine::runtime::metrics::StepReport;
 use trustflow_engine::stages::StageKind;
 use trustflow_engine::stages::clip_score::ClipScoreStage;
@@ -88,28 +88,39 @@ fn mean(v: &[f64]) -> f64 {
     }
 }
 
+/// Hand the canonical batches of the plan's shards `shards` (as the engine's reader
+/// makes them: mapped, filtered, rows the source quarantines left out) to `take`, in
+/// order, until it returns true (enough) or the shards end.
+pub(crate) fn read_canonical(
+    plan: &plan::Plan,
+    shards: std::ops::Range<usize>,
+    mut take: impl FnMut(&RecordBatch) -> Result<bool>,
+) -> Result<()> {
+    let source = &plan.source;
+    for index in shards.filter(|&i| i < source.shards.len()) {
+        let mut reader = source.open_shard(index)?;
+        let mut first_row = 0u64;
+        while let Some(rows) = reader.next_rows() {
+            let rows = rows?;
+            let (canonical, _) = reader.convert(&rows, first_row)?;
+            first_row += rows.num_rows() as u64;
+            if take(&canonical)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Captions of the first shard's first rows (real token lengths for the ceiling),
 /// cycled to a full batch of `rows`.
 pub(crate) fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<String>> {
-    let source = &plan.source;
-    let Some(shard) = source.shards.first() else {
+    if plan.source.shards.is_empty() {
         return Err(Error::Invalid("the pipeline has no shards".into()));
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start a reader: {e}")))?;
-    let converter = source.converter(shard)?;
-    let mut stream = rt.block_on(source.open(shard))?;
+    }
     let mut captions = Vec::with_capacity(rows);
-    let mut first_row = 0u64;
-    while captions.len() < rows {
-        let Some(batch) = rt.block_on(stream.next()) else {
-            break;
-        };
-        let batch = batch.map_err(|e| Error::input(&shard.path, e.to_string()))?;
-        let (ok, _) = converter.convert(&batch, first_row)?;
-        first_row += batch.num_rows() as u64;
-        if let Some(col) = ok.column_by_name(trustflow_engine::columns::CAPTION) {
+    read_canonical(plan, 0..1, |batch| {
+        if let Some(col) = batch.column_by_name(trustflow_engine::columns::CAPTION) {
             let col = col.as_string::<i32>();
             for i in 0..col.len() {
                 if col.is_valid(i) && captions.len() < rows {
@@ -117,7 +128,8 @@ pub(crate) fn sample_captions(plan: &plan::Plan, rows: usize) -> Result<Vec<Stri
                 }
             }
         }
-    }
+        Ok(captions.len() >= rows)
+    })?;
     if captions.is_empty() {
         captions.push("a photo".into());
     }
@@ -182,21 +194,19 @@ pub(crate) fn models_rows_per_s(
 }
 
 /// Rows the step `stage` passed on (0 when the run has no such step).
+/// The step named `stage`'s report.
+fn step<'a>(steps: &'a [StepReport], stage: &str) -> Option<&'a StepReport> {
+    steps.iter().find(|s| s.name == stage)
+}
+
 fn scored_rows(steps: &[StepReport], stage: &str) -> u64 {
-    steps
-        .iter()
-        .find(|s| s.name == stage)
-        .map_or(0, |s| s.rows_out)
+    step(steps, stage).map_or(0, |s| s.rows_out)
 }
 
 /// Rows that reached the step `stage` per second of the run's wall time: the figure a
 /// decode ceiling bounds (an image the stage refuses was decoded too).
 pub(crate) fn stage_rows_in_per_s(steps: &[StepReport], stage: &str, wall_s: f64) -> f64 {
-    let rows = steps
-        .iter()
-        .find(|s| s.name == stage)
-        .map_or(0, |s| s.rows_in);
-    rows as f64 / wall_s.max(1e-9)
+    step(steps, stage).map_or(0, |s| s.rows_in) as f64 / wall_s.max(1e-9)
 }
 
 /// Rows the step `stage` passed on per second of the run's wall time: the end-to-end

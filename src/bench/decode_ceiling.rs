@@ -19,7 +19,6 @@ use trustflow_engine::columns::IMAGE;
 use trustflow_engine::error::{Error, Result};
 use trustflow_engine::models::image::{ImageSettings, decode_check};
 use trustflow_engine::plan::Plan;
-use trustflow_engine::runtime::BatchSource;
 use trustflow_engine::stages::StageKind;
 use trustflow_engine::stages::clip_score::ClipScoreStage;
 
@@ -164,37 +163,27 @@ impl DecodeCeiling {
 /// stored column mapped to `image`), up to `max` of them. Rows the source quarantines
 /// never reach a stage, so they are left out here too.
 fn corpus_images(plan: &Plan, max: usize) -> Result<Vec<Vec<u8>>> {
-    let source = &plan.source;
     let mut images = Vec::new();
-    for index in 0..source.shards.len() {
-        let mut reader = source.open_shard(index)?;
-        let mut first_row = 0u64;
-        while let Some(rows) = reader.next_rows() {
-            let rows = rows?;
-            let (canonical, _) = reader.convert(&rows, first_row)?;
-            first_row += rows.num_rows() as u64;
-            let Some(column) = canonical.column_by_name(IMAGE) else {
-                return Err(Error::Invalid(
-                    "the decode ceiling needs image bytes; this corpus has image paths".into(),
-                ));
-            };
-            let bytes: Vec<Option<&[u8]>> = match column.data_type() {
-                DataType::LargeBinary => column.as_binary::<i64>().iter().collect(),
-                DataType::Binary => column.as_binary::<i32>().iter().collect(),
-                DataType::BinaryView => column.as_binary_view().iter().collect(),
-                other => {
-                    return Err(Error::Invalid(format!(
-                        "the decode ceiling needs image bytes; `image` is {other}"
-                    )));
-                }
-            };
-            images.extend(bytes.into_iter().flatten().map(<[u8]>::to_vec));
-            if images.len() >= max {
-                images.truncate(max);
-                return Ok(images);
+    super::ceiling::read_canonical(plan, 0..plan.source.shards.len(), |batch| {
+        let Some(column) = batch.column_by_name(IMAGE) else {
+            return Err(Error::Invalid(
+                "the decode ceiling needs image bytes; this corpus has image paths".into(),
+            ));
+        };
+        let bytes: Vec<Option<&[u8]>> = match column.data_type() {
+            DataType::LargeBinary => column.as_binary::<i64>().iter().collect(),
+            DataType::Binary => column.as_binary::<i32>().iter().collect(),
+            DataType::BinaryView => column.as_binary_view().iter().collect(),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "the decode ceiling needs image bytes; `image` is {other}"
+                )));
             }
-        }
-    }
+        };
+        images.extend(bytes.into_iter().flatten().map(<[u8]>::to_vec));
+        images.truncate(max);
+        Ok(images.len() >= max)
+    })?;
     Ok(images)
 }
 
