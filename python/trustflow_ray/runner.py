@@ -662,7 +662,8 @@ def _run_job(args, t0: float, ship_engine: bool, workdir: str) -> int:
 def connect(ray, init_kwargs: Dict[str, Any], timeout: float) -> None:
     """`ray.init`, given up after `timeout` seconds with what to check: with no head
     reachable at the address it retries for minutes, printing little."""
-    if not (init_kwargs.get("address") or os.environ.get("RAY_ADDRESS")):
+    address = init_kwargs.get("address") or os.environ.get("RAY_ADDRESS")
+    if not address:
         # No address: ray.init starts a local cluster, with nothing to wait for. It must
         # run on this thread: Ray ties the processes it starts to the thread that
         # starts them (PR_SET_PDEATHSIG), and a connecting thread would end.
@@ -681,7 +682,6 @@ def connect(ray, init_kwargs: Dict[str, Any], timeout: float) -> None:
 
     threading.Thread(target=init, name="trustflow-ray-connect", daemon=True).start()
     if not done.wait(timeout):
-        address = init_kwargs.get("address") or os.environ.get("RAY_ADDRESS") or "auto"
         raise ConnectTimeout(
             f"could not connect to the Ray cluster at {address} within {timeout:g} s. Check "
             "that the head runs there (`ray status --address ADDRESS`) and that this machine "
