@@ -29,6 +29,7 @@ use std::path::Path;
 use image::RgbImage;
 use serde_json::Value;
 
+use super::image::{ImagePart, Window};
 use crate::error::{Error, Result};
 
 /// Pillow's convolution filters (`PIL.Image.Resampling`); NEAREST (0) is not supported.
@@ -146,27 +147,52 @@ struct Coefficients {
     fixed: Vec<i32>,
 }
 
+/// Where each output pixel of a resize along one axis reads (`precompute_coeffs`'s
+/// first half): its centre in the input, and the input range the filter reaches.
+struct Sampling {
+    in_size: usize,
+    scale: f64,
+    filterscale: f64,
+    support: f64,
+}
+
+impl Sampling {
+    fn new(in_size: usize, out_size: usize, filter: PilFilter) -> Self {
+        // Pillow passes the box as C floats; `(double)(in1 - in0)` subtracts in float.
+        let (in0, in1) = (0f32, in_size as f32);
+        let scale = f64::from(in1 - in0) / out_size as f64;
+        let filterscale = if scale < 1.0 { 1.0 } else { scale };
+        Sampling {
+            in_size,
+            scale,
+            filterscale,
+            support: filter.support() * filterscale,
+        }
+    }
+
+    /// Output pixel `xx`'s centre, first input index and number of taps.
+    fn reach(&self, xx: usize) -> (f64, usize, usize) {
+        let center = (xx as f64 + 0.5) * self.scale;
+        // `(int)` truncates toward zero, as `as` does.
+        let xmin = ((center - self.support + 0.5) as i64).max(0);
+        let xmax = ((center + self.support + 0.5) as i64).min(self.in_size as i64) - xmin;
+        (center, xmin as usize, xmax.max(0) as usize)
+    }
+}
+
 /// `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the box `0..in_size`.
 fn coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Coefficients {
-    // Pillow passes the box as C floats; `(double)(in1 - in0)` subtracts in float.
-    let (in0, in1) = (0f32, in_size as f32);
-    let scale = f64::from(in1 - in0) / out_size as f64;
-    let filterscale = if scale < 1.0 { 1.0 } else { scale };
-    let support = filter.support() * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
+    let sampling = Sampling::new(in_size, out_size, filter);
+    let ksize = sampling.support.ceil() as usize * 2 + 1;
+    let ss = 1.0 / sampling.filterscale;
     let mut bounds = Vec::with_capacity(out_size);
     let mut fixed = vec![0i32; out_size * ksize];
     let mut k = vec![0f64; ksize];
     for xx in 0..out_size {
-        let center = f64::from(in0) + (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // `(int)` truncates toward zero, as `as` does.
-        let xmin = ((center - support + 0.5) as i64).max(0);
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
-        let taps = xmax.max(0) as usize;
+        let (center, xmin, taps) = sampling.reach(xx);
         let mut ww = 0.0;
         for (x, slot) in k.iter_mut().enumerate().take(taps) {
-            let w = filter.eval(((x as i64 + xmin) as f64 - center + 0.5) * ss);
+            let w = filter.eval(((x + xmin) as f64 - center + 0.5) * ss);
             *slot = w;
             ww += w;
         }
@@ -183,13 +209,32 @@ fn coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Coefficie
                 (0.5 + scaled) as i32
             };
         }
-        bounds.push((xmin as usize, taps));
+        bounds.push((xmin, taps));
     }
     Coefficients {
         ksize,
         bounds,
         fixed,
     }
+}
+
+/// The input range `start..end` that output pixels `first..first + count` of a resize
+/// along one axis read (all of it when the size does not change: no resampling).
+fn input_span(
+    in_size: usize,
+    out_size: usize,
+    filter: PilFilter,
+    first: usize,
+    count: usize,
+) -> (usize, usize) {
+    if in_size == out_size || count == 0 {
+        return (first, first + count);
+    }
+    let sampling = Sampling::new(in_size, out_size, filter);
+    // Both ends move right with the output pixel.
+    let (_, start, _) = sampling.reach(first);
+    let (_, last, taps) = sampling.reach(first + count - 1);
+    (start, (last + taps).max(start))
 }
 
 /// `clip8`: the 22-bit fixed-point sum to a byte.
@@ -432,32 +477,43 @@ pub fn resize_rgb(
     new_height: usize,
     filter: PilFilter,
 ) -> Vec<u8> {
-    let full = Window {
-        left: 0,
-        top: 0,
-        width: new_width,
-        height: new_height,
-    };
-    resize_rgb_window(pixels, width, height, new_width, new_height, filter, full)
-}
-
-/// A rectangle of a resized image, in its output pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub left: usize,
-    pub top: usize,
-    pub width: usize,
-    pub height: usize,
+    let full = Window::whole(new_width, new_height);
+    let source = ImagePart::whole(pixels, width, height);
+    resize_rgb_window(source, new_width, new_height, filter, full)
 }
 
 impl Coefficients {
-    /// The coefficients of output pixels `first..first + count` only.
-    fn window(&self, first: usize, count: usize) -> Coefficients {
+    /// The coefficients of output pixels `first..first + count` only, with their
+    /// input indices counted from input pixel `offset` (the first one held).
+    fn window(&self, first: usize, count: usize, offset: usize) -> Coefficients {
         Coefficients {
             ksize: self.ksize,
-            bounds: self.bounds[first..first + count].to_vec(),
+            bounds: self.bounds[first..first + count]
+                .iter()
+                .map(|&(start, taps)| (start - offset, taps))
+                .collect(),
             fixed: self.fixed[first * self.ksize..(first + count) * self.ksize].to_vec(),
         }
+    }
+}
+
+/// The rectangle of a `width` x `height` image that [`resize_rgb_window`] reads to
+/// compute `window` of its resize to `new_width` x `new_height`: the output pixels'
+/// filter reach along each axis, whatever the pass order (each pass's output pixel
+/// depends on its own taps alone).
+pub fn resize_source_window(
+    (width, height): (usize, usize),
+    (new_width, new_height): (usize, usize),
+    filter: PilFilter,
+    window: Window,
+) -> Window {
+    let (left, right) = input_span(width, new_width, filter, window.left, window.width);
+    let (top, bottom) = input_span(height, new_height, filter, window.top, window.height);
+    Window {
+        left,
+        top,
+        width: right - left,
+        height: bottom - top,
     }
 }
 
@@ -473,44 +529,59 @@ fn crop_columns(pixels: &[u8], width: usize, left: usize, count: usize) -> Vec<u
 /// The `window` of [`resize_rgb`]'s output, byte for byte, computing only the output
 /// pixels inside it (and only the source rows they read): every output pixel of a pass
 /// depends on its own coefficients alone, so a center crop after the resize need not
-/// pay for the pixels it throws away. The pass order is decided on the full sizes, as
-/// Pillow does. The window must lie inside `new_width` x `new_height` and be non-empty.
+/// pay for the pixels it throws away. The source may hold only part of its image, as
+/// long as that part covers [`resize_source_window`]'s rectangle. The pass order is
+/// decided on the full sizes, as Pillow does. The window must lie inside `new_width` x
+/// `new_height` and be non-empty.
 pub fn resize_rgb_window(
-    pixels: &[u8],
-    width: usize,
-    height: usize,
+    source: ImagePart<'_>,
     new_width: usize,
     new_height: usize,
     filter: PilFilter,
     window: Window,
 ) -> Vec<u8> {
-    assert_eq!(pixels.len(), width * height * 3, "RGB buffer size");
+    let ImagePart {
+        pixels,
+        width,
+        height,
+        held,
+    } = source;
+    assert_eq!(
+        pixels.len(),
+        held.width * held.height * 3,
+        "RGB buffer size"
+    );
     assert!(width > 0 && height > 0 && new_width > 0 && new_height > 0);
     assert!(
-        window.width > 0
-            && window.height > 0
-            && window.left + window.width <= new_width
-            && window.top + window.height <= new_height,
+        window.width > 0 && Window::whole(new_width, new_height).contains(&window),
         "window inside the resized image"
+    );
+    let reads = resize_source_window((width, height), (new_width, new_height), filter, window);
+    assert!(
+        held.contains(&reads),
+        "the source holds what the window reads"
     );
     let need_horizontal = new_width != width;
     let need_vertical = new_height != height;
-    let vertical = || coefficients(height, new_height, filter).window(window.top, window.height);
-    let horizontal = || coefficients(width, new_width, filter).window(window.left, window.width);
-    // An unchanged dimension is cropped, not resampled.
-    let rows = |pixels: &[u8], w: usize| -> Vec<u8> {
-        pixels[window.top * w * 3..(window.top + window.height) * w * 3].to_vec()
-    };
+    // Over the full sizes, with indices into the held pixels.
+    let vertical =
+        || coefficients(height, new_height, filter).window(window.top, window.height, held.top);
+    let horizontal =
+        || coefficients(width, new_width, filter).window(window.left, window.width, held.left);
+    // An unchanged dimension is cropped, not resampled: its window is in source
+    // pixels too.
+    let (left, top) = (|| window.left - held.left, || window.top - held.top);
     match (need_horizontal, need_vertical) {
         (false, false) => {
-            return crop_columns(&rows(pixels, width), width, window.left, window.width);
+            let rows = &pixels[top() * held.width * 3..(top() + window.height) * held.width * 3];
+            return crop_columns(rows, held.width, left(), window.width);
         }
         (false, true) => {
-            let tall = vertical_pass(pixels, width, 0, &vertical());
-            return crop_columns(&tall, width, window.left, window.width);
+            let tall = vertical_pass(pixels, held.width, 0, &vertical());
+            return crop_columns(&tall, held.width, left(), window.width);
         }
         (true, false) => {
-            return horizontal_pass(pixels, width, window.top, window.height, &horizontal());
+            return horizontal_pass(pixels, held.width, top(), window.height, &horizontal());
         }
         (true, true) => {}
     }
@@ -518,14 +589,14 @@ pub fn resize_rgb_window(
     let dx = width as i64 - new_width as i64;
     let (vertical, horizontal) = (vertical(), horizontal());
     if dy > 0 && dy > 2 * dx {
-        let tall = vertical_pass(pixels, width, 0, &vertical);
-        horizontal_pass(&tall, width, 0, window.height, &horizontal)
+        let tall = vertical_pass(pixels, held.width, 0, &vertical);
+        horizontal_pass(&tall, held.width, 0, window.height, &horizontal)
     } else {
-        // Rows of the source the vertical pass reads.
+        // Rows of the held pixels the vertical pass reads.
         let first_row = vertical.bounds[0].0;
         let (start, taps) = vertical.bounds[window.height - 1];
         let rows = start + taps - first_row;
-        let wide = horizontal_pass(pixels, width, first_row, rows, &horizontal);
+        let wide = horizontal_pass(pixels, held.width, first_row, rows, &horizontal);
         vertical_pass(&wide, window.width, first_row, &vertical)
     }
 }
@@ -575,6 +646,18 @@ impl Default for ClipImageConfig {
             image_std: OPENAI_CLIP_STD.map(|v| v as f32),
         }
     }
+}
+
+/// The geometry of one image's resize and centre crop.
+struct CropPlan {
+    /// (width, height) after the resize.
+    resized: (usize, usize),
+    /// (height, width) of the output.
+    out: (i64, i64),
+    /// (top, left) of the crop in the resized image; negative where it pads.
+    offset: (i64, i64),
+    /// The part of the resized image the crop keeps.
+    window: Window,
 }
 
 impl ClipImageConfig {
@@ -716,15 +799,35 @@ impl ClipImageConfig {
     pub fn preprocess_sized_into(
         &self,
         image: &RgbImage,
-        (header_w, header_h): (u32, u32),
+        header: (u32, u32),
         out: &mut Vec<f32>,
     ) -> std::result::Result<(usize, usize), String> {
         let (w, h) = image.dimensions();
+        let source = ImagePart::whole(image.as_raw(), w as usize, h as usize);
+        self.preprocess_part_into(source, header, out)
+    }
+
+    /// The rectangle of a decoded image (`decoded` pixels, from a header of `header`)
+    /// that [`Self::preprocess_part_into`] reads: what the centre crop keeps of the
+    /// resize, widened by the resize filter's reach. All of it when the image cannot be
+    /// preprocessed (the preprocessing then says why).
+    pub fn source_window(&self, decoded: (usize, usize), header: (u32, u32)) -> Window {
+        let whole = Window::whole(decoded.0, decoded.1);
+        match self.crop_plan(header) {
+            Ok(plan) if plan.window.width > 0 && plan.window.height > 0 && whole.width > 0 => {
+                resize_source_window(decoded, plan.resized, self.resample, plan.window)
+            }
+            _ => whole,
+        }
+    }
+
+    /// Where the resize and crop of an image with a header of `header` go.
+    fn crop_plan(&self, (header_w, header_h): (u32, u32)) -> std::result::Result<CropPlan, String> {
         let (new_w, new_h) = self.resized_size(header_w, header_h);
         if new_w == 0 || new_h == 0 {
             return Err(format!(
-                "image of {w}x{h} pixels would be resized to {new_w}x{new_h}; too thin to \
-                 preprocess"
+                "image of {header_w}x{header_h} pixels would be resized to {new_w}x{new_h}; \
+                 too thin to preprocess"
             ));
         }
         let (rw, rh) = (i64::from(new_w), i64::from(new_h));
@@ -736,26 +839,40 @@ impl ClipImageConfig {
         // transformers' center_crop: offsets `(orig - crop) // 2` (floor), zeros outside.
         let top = (rh - out_h).div_euclid(2);
         let left = (rw - out_w).div_euclid(2);
-        // Only the part of the resized image the crop keeps is computed (identical bytes).
         let (wl, wt) = (left.max(0), top.max(0));
-        let window = Window {
-            left: wl as usize,
-            top: wt as usize,
-            width: ((left + out_w).min(rw) - wl).max(0) as usize,
-            height: ((top + out_h).min(rh) - wt).max(0) as usize,
-        };
+        Ok(CropPlan {
+            resized: (new_w as usize, new_h as usize),
+            out: (out_h, out_w),
+            offset: (top, left),
+            window: Window {
+                left: wl as usize,
+                top: wt as usize,
+                width: ((left + out_w).min(rw) - wl).max(0) as usize,
+                height: ((top + out_h).min(rh) - wt).max(0) as usize,
+            },
+        })
+    }
+
+    /// [`Self::preprocess_sized_into`] for the part of a decoded image its decoder
+    /// kept, which must hold [`Self::source_window`]'s rectangle.
+    pub fn preprocess_part_into(
+        &self,
+        source: ImagePart<'_>,
+        header: (u32, u32),
+        out: &mut Vec<f32>,
+    ) -> std::result::Result<(usize, usize), String> {
+        let CropPlan {
+            resized: (new_w, new_h),
+            out: (out_h, out_w),
+            offset: (top, left),
+            window,
+        } = self.crop_plan(header)?;
+        let (wl, wt) = (window.left as i64, window.top as i64);
+        // Only the part of the resized image the crop keeps is computed (identical bytes).
         let kept = if window.width == 0 || window.height == 0 {
             Vec::new()
         } else {
-            resize_rgb_window(
-                image.as_raw(),
-                w as usize,
-                h as usize,
-                new_w as usize,
-                new_h as usize,
-                self.resample,
-                window,
-            )
+            resize_rgb_window(source, new_w, new_h, self.resample, window)
         };
         let (ww, wh) = (window.width as i64, window.height as i64);
         let start = out.len();
@@ -851,6 +968,7 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let mut orders = [0usize; 2];
+        let mut narrower = 0;
         for case in 0..400 {
             let (w, h) = (rng.random_range(1..48), rng.random_range(1..48));
             let (nw, nh) = (rng.random_range(1..64), rng.random_range(1..64));
@@ -873,9 +991,45 @@ mod tests {
                         .to_vec()
                 })
                 .collect();
-            let got = resize_rgb_window(&pixels, w, h, nw, nh, filter, window);
+            let whole = ImagePart::whole(&pixels, w, h);
+            let got = resize_rgb_window(whole, nw, nh, filter, window);
             assert_eq!(got, want, "{w}x{h} -> {nw}x{nh}, {window:?}, {filter:?}");
+            // From only the rectangle the window reads, or a random one around it.
+            let reads = resize_source_window((w, h), (nw, nh), filter, window);
+            let mut grow = |n: usize| rng.random_range(0..=n);
+            let (l, t) = (reads.left - grow(reads.left), reads.top - grow(reads.top));
+            let r = reads.left + reads.width;
+            let b = reads.top + reads.height;
+            for held in [
+                reads,
+                Window {
+                    left: l,
+                    top: t,
+                    width: r + grow(w - r) - l,
+                    height: b + grow(h - b) - t,
+                },
+            ] {
+                let part: Vec<u8> = (held.top..held.top + held.height)
+                    .flat_map(|y| {
+                        pixels[(y * w + held.left) * 3..(y * w + held.left + held.width) * 3]
+                            .to_vec()
+                    })
+                    .collect();
+                let source = ImagePart {
+                    pixels: &part,
+                    width: w,
+                    height: h,
+                    held,
+                };
+                let got = resize_rgb_window(source, nw, nh, filter, window);
+                assert_eq!(got, want, "{w}x{h} -> {nw}x{nh}, {window:?} from {held:?}");
+            }
+            narrower += usize::from(reads != Window::whole(w, h));
         }
+        assert!(
+            narrower > 100,
+            "{narrower} windows read less than the image"
+        );
         assert!(
             orders.iter().all(|&n| n > 20),
             "both pass orders: {orders:?}"

@@ -351,8 +351,8 @@ pub fn decode_check(
 ) -> Result<ImageInfo, ImageError> {
     let (info, layout) = probe_with_layout(bytes, limits, allowed)?;
     if let Some(layout) = layout {
-        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits, 1)?;
-        scratch::recycle(image.into_raw());
+        let part = libjpeg::decode(bytes, (info.width, info.height), &layout, limits, 1, None)?;
+        scratch::recycle(part.pixels);
         return Ok(info);
     }
     let pixels = guarded(info.format, || {
@@ -412,12 +412,125 @@ pub fn decode_rgb_draft(
     allowed: &[ImageFormatName],
     target: Option<TargetSize<'_>>,
 ) -> Result<(ImageInfo, RgbImage), ImageError> {
+    let (info, part) = decode_rgb_part(bytes, limits, allowed, target, None)?;
+    let (width, height) = (part.width as u32, part.height as u32);
+    let image = RgbImage::from_raw(width, height, part.pixels).ok_or(ImageError::Corrupt {
+        format: info.format,
+        message: "decoded buffer has the wrong size".to_string(),
+    })?;
+    Ok((info, image))
+}
+
+/// A rectangle of an image, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub left: usize,
+    pub top: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Window {
+    /// All of an image `width` x `height`.
+    pub fn whole(width: usize, height: usize) -> Self {
+        Window {
+            left: 0,
+            top: 0,
+            width,
+            height,
+        }
+    }
+
+    /// The part of this rectangle inside `outer`.
+    pub fn within(self, outer: Window) -> Window {
+        let left = self.left.clamp(outer.left, outer.left + outer.width);
+        let top = self.top.clamp(outer.top, outer.top + outer.height);
+        let right = (self.left + self.width).clamp(left, outer.left + outer.width);
+        let bottom = (self.top + self.height).clamp(top, outer.top + outer.height);
+        Window {
+            left,
+            top,
+            width: right - left,
+            height: bottom - top,
+        }
+    }
+
+    /// Whether `inner` lies inside this rectangle.
+    pub fn contains(&self, inner: &Window) -> bool {
+        inner.left >= self.left
+            && inner.top >= self.top
+            && inner.left + inner.width <= self.left + self.width
+            && inner.top + inner.height <= self.top + self.height
+    }
+}
+
+/// What a caller will read of an image, as a function of its decoded size (smaller
+/// than the header's for a JPEG draft) and its header's size: the rectangle of the
+/// decoded image.
+pub type ReadWindow<'a> = &'a dyn Fn((usize, usize), (u32, u32)) -> Window;
+
+/// A decoded image of `width` x `height` of which only the rectangle `held` is kept:
+/// `pixels` are its 8-bit RGB, `held.width * held.height * 3` bytes, equal byte for
+/// byte to that rectangle of the whole image's decode.
+#[derive(Debug)]
+pub struct DecodedPart {
+    pub width: usize,
+    pub height: usize,
+    pub held: Window,
+    pub pixels: Vec<u8>,
+}
+
+impl DecodedPart {
+    /// A borrowed view of the pixels.
+    pub fn view(&self) -> ImagePart<'_> {
+        ImagePart {
+            pixels: &self.pixels,
+            width: self.width,
+            height: self.height,
+            held: self.held,
+        }
+    }
+}
+
+/// 8-bit RGB pixels of the rectangle `held` of an image `width` x `height`
+/// (`held.width * held.height * 3` bytes, rows in order).
+#[derive(Debug, Clone, Copy)]
+pub struct ImagePart<'a> {
+    pub pixels: &'a [u8],
+    pub width: usize,
+    pub height: usize,
+    pub held: Window,
+}
+
+impl<'a> ImagePart<'a> {
+    /// All of an image's pixels.
+    pub fn whole(pixels: &'a [u8], width: usize, height: usize) -> Self {
+        ImagePart {
+            pixels,
+            width,
+            height,
+            held: Window::whole(width, height),
+        }
+    }
+}
+
+/// [`decode_rgb_draft`] for a caller that reads only part of the image: `reads` names
+/// that part, and a JPEG is decoded only over a rectangle holding it (libjpeg-turbo's
+/// crop and skip; the bytes in it are the whole decode's). Other formats, and JPEGs
+/// without `reads`, are held whole.
+pub fn decode_rgb_part(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    allowed: &[ImageFormatName],
+    target: Option<TargetSize<'_>>,
+    reads: Option<ReadWindow<'_>>,
+) -> Result<(ImageInfo, DecodedPart), ImageError> {
     let (info, layout) = probe_with_layout(bytes, limits, allowed)?;
     if let Some(layout) = layout {
         let header = (info.width, info.height);
         let scale = target.map_or(1, |t| draft_scale(header, t(info.width, info.height)));
-        let image = libjpeg::decode(bytes, (info.width, info.height), &layout, limits, scale)?;
-        return Ok((info, image));
+        let part = libjpeg::decode(bytes, header, &layout, limits, scale, reads)?;
+        return Ok((info, part));
     }
     let image = guarded(info.format, || {
         let mut reader =
@@ -442,7 +555,16 @@ pub fn decode_rgb_draft(
         ImageFormatName::Png => png_to_rgb8(image, png_ihdr_colour_type(bytes)),
         _ => image.into_rgb8(),
     };
-    Ok((info, rgb))
+    let (width, height) = (info.width as usize, info.height as usize);
+    Ok((
+        info,
+        DecodedPart {
+            width,
+            height,
+            held: Window::whole(width, height),
+            pixels: rgb.into_raw(),
+        },
+    ))
 }
 
 /// 8-bit RGB from a decoded PNG, as Pillow's `convert("RGB")` makes it. Pillow does

@@ -25,7 +25,7 @@ use super::{Stage, StageConfig, StageOutput, require_column};
 use crate::columns::{CAPTION, IMAGE};
 use crate::error::{Error, Result};
 use crate::models::clip_preprocess::{ClipImageConfig, ResizeTarget};
-use crate::models::image::{ImageSettings, TargetSize, decode_rgb_draft, scratch};
+use crate::models::image::{ImageSettings, ReadWindow, TargetSize, decode_rgb_part, scratch};
 use crate::models::onnx::{ExecutionProviderName, InputTensor, OnnxModel, SessionConfig, TensorSpec};
 use crate::models::text::{CLIP_CAPTION_CHARS, TextTokenizer};
 
@@ -472,8 +472,17 @@ impl ClipScoreStage {
         let limits = self.config.image.limits();
         let target = |w, h| self.image.resized_size(w, h);
         let draft = self.config.jpeg_draft.then_some(&target as TargetSize<'_>);
-        let (info, rgb) = decode_rgb_draft(bytes, &limits, &self.config.image.formats, draft)
-            .map_err(|e| e.to_string())?;
+        // Only the rows and columns the centre crop and the resize filter read are
+        // decoded (for JPEG; the bytes are the whole decode's).
+        let reads = |decoded, header| self.image.source_window(decoded, header);
+        let (info, part) = decode_rgb_part(
+            bytes,
+            &limits,
+            &self.config.image.formats,
+            draft,
+            Some(&reads as ReadWindow<'_>),
+        )
+        .map_err(|e| e.to_string())?;
         let (w, h) = self.image.resized_size(info.width, info.height);
         if u64::from(w) * u64::from(h) > self.config.image.max_pixels {
             return Err(format!(
@@ -484,8 +493,8 @@ impl ClipScoreStage {
         let start = out.len();
         let size = self
             .image
-            .preprocess_sized_into(&rgb, (info.width, info.height), out);
-        scratch::recycle(rgb.into_raw());
+            .preprocess_part_into(part.view(), (info.width, info.height), out);
+        scratch::recycle(part.pixels);
         let size = size?;
         if size != self.pixel_size {
             out.truncate(start);

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use trustflow_engine::models::image::{ImageFormatName, ImageLimits, decode_rgb};
+use trustflow_engine::models::image::{
+    ImageFormatName, ImageLimits, ReadWindow, Window, decode_rgb, decode_rgb_part,
+};
 
 fn fixtures() -> PathBuf {
     trustflow_testutil::repo_root().join("tests/fixtures")
@@ -134,6 +136,148 @@ fn draft_decodes_match_pillow_draft_byte_for_byte() {
     assert!(checked.values().all(|&n| n >= 15), "{checked:?}");
 }
 
+/// The rectangle `window` of an RGB image `width` pixels wide.
+fn crop(pixels: &[u8], width: usize, window: Window) -> Vec<u8> {
+    (window.top..window.top + window.height)
+        .flat_map(|y| {
+            let start = (y * width + window.left) * 3;
+            pixels[start..start + window.width * 3].iter().copied()
+        })
+        .collect()
+}
+
+/// Rectangles of a `width` x `height` image to ask for: ones that hug each edge and
+/// iMCU boundary (0, 1, 7, 8, 9, 15, 16, 17 from either side), a centre crop, and
+/// random ones.
+fn windows(width: usize, height: usize, next: &mut impl FnMut(usize) -> usize) -> Vec<Window> {
+    let near = |n: usize| -> Vec<usize> {
+        let mut at: Vec<usize> = [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33]
+            .into_iter()
+            .flat_map(|d| [d, n.saturating_sub(d + 1)])
+            .chain([n / 3, n / 2])
+            .filter(|&i| i < n)
+            .collect();
+        at.sort_unstable();
+        at.dedup();
+        at
+    };
+    let (xs, ys) = (near(width), near(height));
+    let mut out = vec![Window {
+        left: width / 5,
+        top: height / 5,
+        width: (width * 3 / 5).max(1),
+        height: (height * 3 / 5).max(1),
+    }];
+    for _ in 0..120 {
+        let (a, b) = (xs[next(xs.len())], xs[next(xs.len())]);
+        let (c, d) = (ys[next(ys.len())], ys[next(ys.len())]);
+        out.push(Window {
+            left: a.min(b),
+            top: c.min(d),
+            width: a.abs_diff(b) + 1,
+            height: c.abs_diff(d) + 1,
+        });
+    }
+    for _ in 0..40 {
+        let (left, top) = (next(width), next(height));
+        out.push(Window {
+            left,
+            top,
+            width: 1 + next(width - left),
+            height: 1 + next(height - top),
+        });
+    }
+    out
+}
+
+/// Decoding part of a JPEG (libjpeg-turbo's crop and skip, with the margin the decoder
+/// keeps) holds exactly the bytes of the same rectangle of the whole decode: against
+/// Pillow's pixels at full size, and at each draft scale against our whole draft
+/// decode (which `draft_decodes_match_pillow_draft_byte_for_byte` checks against
+/// Pillow). Every fixture case, every subsampling and scan kind, rectangles at every
+/// edge and iMCU boundary.
+#[test]
+fn decoding_part_of_a_jpeg_gives_the_whole_decodes_bytes() {
+    use trustflow_engine::models::image::decode_rgb_draft;
+    let dir = fixtures().join("jpeg");
+    let document: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % bound.max(1) as u64) as usize
+    };
+    let limits = ImageLimits::default();
+    let (mut checked, mut cropped, mut skipped) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for case in document["cases"].as_array().unwrap() {
+        let file = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let scales = std::iter::once(1).chain(
+            case["draft"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["scale"].as_u64().unwrap() as u32),
+        );
+        for scale in scales {
+            let target = move |w: u32, h: u32| (w / scale, h / scale);
+            let (width, height, whole) = if scale == 1 {
+                let (w, h, pillow) = decode(&dir.join(case["decoded"].as_str().unwrap()));
+                (w as usize, h as usize, pillow)
+            } else {
+                let (_, rgb) =
+                    decode_rgb_draft(&bytes, &limits, &ImageFormatName::ALL, Some(&target))
+                        .unwrap();
+                (rgb.width() as usize, rgb.height() as usize, rgb.into_raw())
+            };
+            for window in windows(width, height, &mut next) {
+                let reads = move |_: (usize, usize), _: (u32, u32)| window;
+                let (_, part) = decode_rgb_part(
+                    &bytes,
+                    &limits,
+                    &ImageFormatName::ALL,
+                    (scale > 1).then_some(&target as _),
+                    Some(&reads as ReadWindow<'_>),
+                )
+                .unwrap_or_else(|e| panic!("{file} at 1/{scale}, {window:?}: {e}"));
+                checked += 1;
+                assert_eq!(
+                    (part.width, part.height),
+                    (width, height),
+                    "{file} at 1/{scale}"
+                );
+                assert!(
+                    part.held.contains(&window),
+                    "{file}: {:?} misses {window:?}",
+                    part.held
+                );
+                cropped += usize::from(part.held.width < width);
+                skipped += usize::from(part.held.top > 0);
+                if part.pixels != crop(&whole, width, part.held) {
+                    failures.push(format!(
+                        "{file} at 1/{scale}: {window:?} held as {:?}",
+                        part.held
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{checked} parts: {cropped} cropped, {skipped} skipped rows above");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked}: {failures:#?}",
+        failures.len()
+    );
+    // The larger cases do make libjpeg crop and skip.
+    assert!(
+        cropped > checked / 10 && skipped > checked / 10,
+        "{cropped} {skipped} of {checked}"
+    );
+}
+
 #[test]
 fn clip_fixture_jpegs_match_pillow_byte_for_byte() {
     let dir = fixtures().join("clip");
@@ -200,7 +344,41 @@ fn damaged_fixture_jpegs_never_crash() {
                     bytes[i] = next(256) as u8;
                 }
             }
-            match decode_rgb(&bytes, &ImageLimits::default(), &ImageFormatName::ALL) {
+            let whole = decode_rgb(&bytes, &ImageLimits::default(), &ImageFormatName::ALL);
+            // A decode of the centre (crop and skip) reads all the data too: it accepts
+            // and refuses the same files, with the same bytes.
+            let centre = |(w, h): (usize, usize), _: (u32, u32)| Window {
+                left: w / 4,
+                top: h / 4,
+                width: (w / 2).max(1),
+                height: (h / 2).max(1),
+            };
+            let part = decode_rgb_part(
+                &bytes,
+                &ImageLimits::default(),
+                &ImageFormatName::ALL,
+                None,
+                Some(&centre as ReadWindow<'_>),
+            );
+            match (&whole, &part) {
+                (Ok((_, rgb)), Ok((_, part))) => {
+                    let width = rgb.width() as usize;
+                    assert_eq!(
+                        part.pixels,
+                        crop(rgb.as_raw(), width, part.held),
+                        "{}",
+                        path.display()
+                    );
+                }
+                (Err(a), Err(b)) => assert_eq!(a, b, "{}", path.display()),
+                _ => panic!(
+                    "{}: whole {:?}, part {:?}",
+                    path.display(),
+                    whole.as_ref().err(),
+                    part.as_ref().err()
+                ),
+            }
+            match whole {
                 Ok((info, rgb)) => {
                     assert_eq!(rgb.dimensions(), (info.width, info.height));
                     decoded += 1;
