@@ -960,6 +960,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The rectangle `window` of an RGB image `width` pixels wide.
+    fn rect(pixels: &[u8], width: usize, window: Window) -> Vec<u8> {
+        (window.top..window.top + window.height)
+            .flat_map(|y| {
+                let start = (y * width + window.left) * 3;
+                pixels[start..start + window.width * 3].iter().copied()
+            })
+            .collect()
+    }
+
     /// The windowed resize against a crop of the full resize (which
     /// `tests/engine/clip_score.rs` checks against Pillow), over random sizes that take
     /// every pass order.
@@ -985,12 +995,7 @@ mod tests {
                 height: rng.random_range(1..=nh - top),
             };
             let full = resize_rgb(&pixels, w, h, nw, nh, filter);
-            let want: Vec<u8> = (window.top..window.top + window.height)
-                .flat_map(|y| {
-                    full[(y * nw + window.left) * 3..(y * nw + window.left + window.width) * 3]
-                        .to_vec()
-                })
-                .collect();
+            let want = rect(&full, nw, window);
             let whole = ImagePart::whole(&pixels, w, h);
             let got = resize_rgb_window(whole, nw, nh, filter, window);
             assert_eq!(got, want, "{w}x{h} -> {nw}x{nh}, {window:?}, {filter:?}");
@@ -1009,12 +1014,7 @@ mod tests {
                     height: b + grow(h - b) - t,
                 },
             ] {
-                let part: Vec<u8> = (held.top..held.top + held.height)
-                    .flat_map(|y| {
-                        pixels[(y * w + held.left) * 3..(y * w + held.left + held.width) * 3]
-                            .to_vec()
-                    })
-                    .collect();
+                let part = rect(&pixels, w, held);
                 let source = ImagePart {
                     pixels: &part,
                     width: w,
@@ -1169,6 +1169,79 @@ mod tests {
                 assert!(out.iter().all(|&b| b == 77), "{filter:?} {w}x{h}");
             }
         }
+    }
+
+    /// What a decoder hands over when it keeps only `source_window`'s rectangle (or
+    /// a random one around it) gives the same preprocessing as the whole image, for
+    /// crops inside and larger than the resize, no crop, exact sizes, every filter,
+    /// and images decoded smaller than their header (a JPEG draft).
+    #[test]
+    fn preprocessing_part_of_an_image_equals_preprocessing_all_of_it() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut narrower = 0;
+        for case in 0..300 {
+            let config = ClipImageConfig {
+                size: if case % 5 == 4 {
+                    ResizeTarget::Exact {
+                        height: rng.random_range(1..40),
+                        width: rng.random_range(1..40),
+                    }
+                } else {
+                    ResizeTarget::ShortestEdge(rng.random_range(1..40))
+                },
+                resample: [PilFilter::Bicubic, PilFilter::Bilinear, PilFilter::Lanczos][case % 3],
+                do_center_crop: case % 7 != 6,
+                crop_size: (rng.random_range(1..48), rng.random_range(1..48)),
+                ..ClipImageConfig::default()
+            };
+            let header = (rng.random_range(1..120u32), rng.random_range(1..120u32));
+            // Decoded at full size, or at 1/2 or 1/4 (rounded up) as a draft would be.
+            let scale = [1, 1, 2, 4][case % 4];
+            let (w, h) = (
+                header.0.div_ceil(scale) as usize,
+                header.1.div_ceil(scale) as usize,
+            );
+            let pixels: Vec<u8> = (0..w * h * 3).map(|_| rng.random()).collect();
+            let image = RgbImage::from_raw(w as u32, h as u32, pixels.clone()).unwrap();
+            let mut want = Vec::new();
+            let Ok(shape) = config.preprocess_sized_into(&image, header, &mut want) else {
+                continue;
+            };
+            let reads = config.source_window((w, h), header);
+            assert!(Window::whole(w, h).contains(&reads), "{reads:?} in {w}x{h}");
+            narrower += usize::from(reads != Window::whole(w, h));
+            let around = Window {
+                left: rng.random_range(0..=reads.left),
+                top: rng.random_range(0..=reads.top),
+                width: 0,
+                height: 0,
+            };
+            let around = Window {
+                width: rng.random_range(reads.left + reads.width..=w) - around.left,
+                height: rng.random_range(reads.top + reads.height..=h) - around.top,
+                ..around
+            };
+            for held in [reads, around] {
+                let part = rect(&pixels, w, held);
+                let source = ImagePart {
+                    pixels: &part,
+                    width: w,
+                    height: h,
+                    held,
+                };
+                let mut got = Vec::new();
+                let got_shape = config
+                    .preprocess_part_into(source, header, &mut got)
+                    .unwrap();
+                assert_eq!(got_shape, shape);
+                assert!(
+                    got == want,
+                    "case {case}: {config:?}, {header:?} at 1/{scale}, {held:?}"
+                );
+            }
+        }
+        assert!(narrower > 100, "{narrower} cases read less than the image");
     }
 
     #[test]
