@@ -220,6 +220,69 @@ print(json.dumps({"out": {f.name: str(f.type) for f in t.schema}, "rows": t.num_
     assert_eq!(v["qrows"], r["rows_quarantined"]);
 }
 
+/// Each column's codec in the first row group of a Parquet file.
+fn codecs_of(path: &Path) -> std::collections::BTreeMap<String, String> {
+    use parquet::file::reader::FileReader;
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    let metadata = reader.metadata();
+    assert!(metadata.num_row_groups() > 0, "{} has rows", path.display());
+    metadata
+        .row_group(0)
+        .columns()
+        .iter()
+        .map(|c| (c.column_path().string(), format!("{:?}", c.compression())))
+        .collect()
+}
+
+/// Image bytes (JPEG, PNG, WebP) do not compress: binary columns are written
+/// uncompressed by default, in output and quarantine shards; `uncompressed_columns`
+/// names other columns or none; an unknown name is refused with the field's path.
+#[test]
+fn image_bytes_are_written_uncompressed_unless_the_sink_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_dir = dir.path().join("corpus");
+    corpus(&corpus_dir, 60, 1, 9, 96);
+    let run = |name: &str, sink_extra: &str| {
+        let out = dir.path().join(name);
+        let yaml = standard_pipeline(&corpus_dir, &out, "")
+            .replace("sink:\n", &format!("sink:\n{sink_extra}"));
+        let file = pipeline(dir.path(), &format!("{name}.yaml"), &yaml);
+        (
+            out,
+            bin()
+                .args(["run", "--quiet", file.to_str().unwrap()])
+                .output()
+                .unwrap(),
+        )
+    };
+    let (out, done) = run("default", "");
+    assert!(done.status.success(), "{}", text(&done));
+    assert!(report(&out)["rows_quarantined"].as_u64().unwrap() > 0);
+    for file in ["part-00000.parquet", "part-00000.quarantine.parquet"] {
+        let codecs = codecs_of(&out.join(file));
+        assert_eq!(codecs["image"], "UNCOMPRESSED", "{file}: {codecs:?}");
+        assert!(codecs["caption"].starts_with("ZSTD"), "{file}: {codecs:?}");
+    }
+    let (out, done) = run("none", "  uncompressed_columns: []\n");
+    assert!(done.status.success(), "{}", text(&done));
+    let codecs = codecs_of(&out.join("part-00000.parquet"));
+    assert!(codecs["image"].starts_with("ZSTD"), "{codecs:?}");
+    let (out, done) = run("caption", "  uncompressed_columns: [caption]\n");
+    assert!(done.status.success(), "{}", text(&done));
+    let codecs = codecs_of(&out.join("part-00000.parquet"));
+    assert_eq!(codecs["caption"], "UNCOMPRESSED", "{codecs:?}");
+    assert!(codecs["image"].starts_with("ZSTD"), "{codecs:?}");
+    let (out, refused) = run("unknown", "  uncompressed_columns: [caption, nope]\n");
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let message = text(&refused);
+    assert!(
+        message.contains("sink.uncompressed_columns[1]") && message.contains("no column `nope`"),
+        "{message}"
+    );
+    assert!(!out.join("part-00000.parquet").exists());
+}
+
 #[test]
 fn rerun_skips_finished_shards_and_redoes_changed_ones() {
     let dir = tempfile::tempdir().unwrap();

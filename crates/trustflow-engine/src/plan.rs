@@ -139,15 +139,28 @@ pub fn build(pipeline: LoadedPipeline, overrides: &Overrides) -> Result<Plan> {
             kept.push(field.as_ref().clone());
         }
     }
-    for (i, col) in spec.sink.drop_columns.iter().enumerate() {
-        if output_schema.field_with_name(col).is_err() {
-            issues.push(pipeline.issue(
-                &format!("sink.drop_columns[{i}]"),
-                format!(
-                    "no column `{col}` to drop; the output has: {}",
-                    column_names(&output_schema)
-                ),
-            ));
+    let sink_columns = [
+        ("sink.drop_columns", &spec.sink.drop_columns[..], "to drop"),
+        (
+            "sink.uncompressed_columns",
+            spec.sink
+                .uncompressed_columns
+                .as_deref()
+                .unwrap_or_default(),
+            "to leave uncompressed",
+        ),
+    ];
+    for (field, names, purpose) in sink_columns {
+        for (i, col) in names.iter().enumerate() {
+            if output_schema.field_with_name(col).is_err() {
+                issues.push(pipeline.issue(
+                    &format!("{field}[{i}]"),
+                    format!(
+                        "no column `{col}` {purpose}; the output has: {}",
+                        column_names(&output_schema)
+                    ),
+                ));
+            }
         }
     }
     if !issues.is_empty() {

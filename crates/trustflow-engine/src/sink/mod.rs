@@ -16,11 +16,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::columns::{ERROR, ERROR_STAGE};
 pub use crate::columns::{QUARANTINE_SUFFIX, output_name, quarantine_name};
@@ -122,6 +123,8 @@ pub struct ParquetSink {
     folder: OutputFolder,
     output_schema: SchemaRef,
     props: WriterProperties,
+    /// `sink.uncompressed_columns` (None: every binary column).
+    uncompressed: Option<Vec<String>>,
     row_group_bytes: usize,
     pipeline_hash: String,
     open: HashMap<usize, OpenShard>,
@@ -163,6 +166,7 @@ impl ParquetSink {
             folder,
             output_schema,
             props,
+            uncompressed: spec.uncompressed_columns.clone(),
             row_group_bytes: spec.row_group_bytes,
             pipeline_hash,
             open: HashMap::new(),
@@ -171,13 +175,34 @@ impl ParquetSink {
         }
     }
 
+    /// The writer properties of a file of `schema`: the sink's, with the columns of
+    /// `sink.uncompressed_columns` (by default the binary ones) left uncompressed.
+    fn properties(&self, schema: &SchemaRef) -> WriterProperties {
+        let plain = schema
+            .fields()
+            .iter()
+            .filter(|field| match &self.uncompressed {
+                Some(names) => names.contains(field.name()),
+                None => matches!(
+                    field.data_type(),
+                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                ),
+            });
+        plain
+            .fold(self.props.clone().into_builder(), |builder, field| {
+                let column = ColumnPath::from(field.name().as_str());
+                builder.set_column_compression(column, PqCompression::UNCOMPRESSED)
+            })
+            .build()
+    }
+
     fn writer(&self, path: &Path, schema: &SchemaRef) -> Result<ArrowWriter<File>> {
         // A shard found in a subfolder keeps it under the output folder.
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
-        ArrowWriter::try_new(file, schema.clone(), Some(self.props.clone()))
+        ArrowWriter::try_new(file, schema.clone(), Some(self.properties(schema)))
             .map_err(|e| Error::output(path, e))
     }
 

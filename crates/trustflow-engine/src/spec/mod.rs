@@ -243,6 +243,12 @@ pub struct SinkSpec {
     /// Parquet compression codec.
     #[serde(default)]
     pub compression: Compression,
+    /// Columns written without compression, whatever `compression` says. Left out:
+    /// every binary column (the images: JPEG, PNG and WebP bytes are compressed
+    /// already, so compressing them again costs CPU and saves nothing). `[]` compresses
+    /// every column. Applies to output and quarantine shards alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncompressed_columns: Option<Vec<String>>,
     /// Rows per Parquet row group at most.
     #[serde(default = "default_row_group_rows")]
     #[schemars(range(min = 1))]
