@@ -958,6 +958,7 @@ fn parse_triple(key: &str, value: &Value) -> std::result::Result<[f32; 3], Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::image::DecodedPart;
     use serde_json::json;
 
     /// The rectangle `window` of an RGB image `width` pixels wide.
@@ -968,6 +969,16 @@ mod tests {
                 pixels[start..start + window.width * 3].iter().copied()
             })
             .collect()
+    }
+
+    /// What a decoder keeping only `held` of an RGB image `width` x `height` returns.
+    fn held_part(pixels: &[u8], (width, height): (usize, usize), held: Window) -> DecodedPart {
+        DecodedPart {
+            width,
+            height,
+            held,
+            pixels: rect(pixels, width, held),
+        }
     }
 
     /// The windowed resize against a crop of the full resize (which
@@ -1014,14 +1025,8 @@ mod tests {
                     height: b + grow(h - b) - t,
                 },
             ] {
-                let part = rect(&pixels, w, held);
-                let source = ImagePart {
-                    pixels: &part,
-                    width: w,
-                    height: h,
-                    held,
-                };
-                let got = resize_rgb_window(source, nw, nh, filter, window);
+                let part = held_part(&pixels, (w, h), held);
+                let got = resize_rgb_window(part.view(), nw, nh, filter, window);
                 assert_eq!(got, want, "{w}x{h} -> {nw}x{nh}, {window:?} from {held:?}");
             }
             narrower += usize::from(reads != Window::whole(w, h));
@@ -1223,16 +1228,10 @@ mod tests {
                 ..around
             };
             for held in [reads, around] {
-                let part = rect(&pixels, w, held);
-                let source = ImagePart {
-                    pixels: &part,
-                    width: w,
-                    height: h,
-                    held,
-                };
+                let part = held_part(&pixels, (w, h), held);
                 let mut got = Vec::new();
                 let got_shape = config
-                    .preprocess_part_into(source, header, &mut got)
+                    .preprocess_part_into(part.view(), header, &mut got)
                     .unwrap();
                 assert_eq!(got_shape, shape);
                 assert!(
