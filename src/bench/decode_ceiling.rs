@@ -27,7 +27,7 @@ use trustflow_engine::stages::clip_score::ClipScoreStage;
 #[serde(deny_unknown_fields)]
 pub struct DecodeCeilingSpec {
     /// Default true.
-    #[serde(default = "yes")]
+    #[serde(default = "super::harness::yes")]
     pub enabled: bool,
     /// The stage whose per-image work is measured: a `decode` or `clip_score` stage
     /// (default: the first of them).
@@ -42,9 +42,6 @@ pub struct DecodeCeilingSpec {
     pub max_images: usize,
 }
 
-fn yes() -> bool {
-    true
-}
 fn default_seconds() -> f64 {
     5.0
 }

@@ -74,7 +74,8 @@ const CHILD_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 fn one() -> usize {
     1
 }
-fn yes() -> bool {
+/// Serde's default for the `enabled` flags of bench spec sections.
+pub(super) fn yes() -> bool {
     true
 }
 fn default_calls() -> usize {
